@@ -1,0 +1,1 @@
+"""vitkit.data (work in progress)."""

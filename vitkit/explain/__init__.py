@@ -1,0 +1,1 @@
+"""vitkit.explain (work in progress)."""

@@ -1,0 +1,110 @@
+"""The Transformer block: attention to mix tokens, an MLP to transform each token.
+
+Pre-norm residual form (as in ViT, DeiT and timm):
+
+    x = x + DropPath(LayerScale₁(Attention(LayerNorm₁(x))))
+    x = x + DropPath(LayerScale₂(MLP(LayerNorm₂(x))))
+
+Attention is the only place where tokens exchange information; the MLP acts on every token
+independently. The residual connections keep an identity path through the whole network,
+which is why attention rollout adds the identity to each layer's attention matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torchvision.ops import StochasticDepth
+
+from .attention import SelfAttention
+
+
+class Mlp(nn.Module):
+    """Position-wise feed-forward network: (B, N, D) -> (B, N, D).
+
+    ``out = fc2(GELU(fc1(x)))`` with hidden width ``hidden_features`` (usually 4 D).
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class LayerScale(nn.Module):
+    """Per-channel learnable scale γ ⊙ x, initialised small (CaiT, DeiT III): lets deep models
+    start close to the identity."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+def _drop_path(rate: float) -> nn.Module:
+    # Stochastic depth: during training, drop the whole residual branch per sample with
+    # probability `rate` and rescale the survivors by 1 / (1 - rate).
+    return StochasticDepth(rate, mode="row") if rate > 0 else nn.Identity()
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm Transformer block: (B, N, D) -> (B, N, D).
+
+    Args:
+        dim: token width D.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width as a multiple of D.
+        qkv_bias, qk_norm: see :class:`SelfAttention`.
+        init_values: LayerScale initial value; ``None`` disables LayerScale.
+        proj_drop: dropout after the attention projection and in the MLP.
+        attn_drop: dropout on the attention weights.
+        drop_path: stochastic-depth rate of this block.
+        norm_layer: normalisation layer constructor.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        init_values: float | None = None,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = SelfAttention(
+            dim,
+            num_heads=num_heads,
+            qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            norm_layer=norm_layer,
+        )
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = _drop_path(drop_path)
+
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = _drop_path(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x

@@ -1,0 +1,98 @@
+"""Patch embedding: cut the image into patches and project each one to a token.
+
+A ViT reads an image as a sequence. The image (B, C, H, W) is cut into non-overlapping
+P x P patches, and each flattened patch is mapped linearly to a D-dimensional token:
+
+    token_ij = W · vec(x[:, iP:(i+1)P, jP:(j+1)P]) + b
+
+A convolution with kernel = stride = P computes exactly this for all patches at once,
+which is how it is implemented here (and in timm, whose parameter names we keep).
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from ._utils import to_2tuple
+
+
+class PatchEmbedding(nn.Module):
+    """Image (B, C, H, W) -> patch tokens (B, H/P * W/P, D), or (B, H/P, W/P, D) with ``flatten=False``.
+
+    Args:
+        img_size: the image size the model is built for, int or (H, W).
+        patch_size: the patch size P, int or (Ph, Pw).
+        in_chans: channels of the input image.
+        embed_dim: the token width D.
+        bias: whether the projection has a bias (CLIP-style models with ``pre_norm`` have none).
+        strict_img_size: require inputs of exactly ``img_size`` (off for dynamic-size models,
+            which only need H and W divisible by the patch size).
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        bias: bool = True,
+        strict_img_size: bool = True,
+    ) -> None:
+        super().__init__()
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = to_2tuple(patch_size)
+        self.in_chans = in_chans
+        self.strict_img_size = strict_img_size
+        if self.img_size[0] % self.patch_size[0] or self.img_size[1] % self.patch_size[1]:
+            raise ValueError(
+                f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}. "
+                "Choose an img_size that is a multiple of the patch size."
+            )
+        self.proj = nn.Conv2d(
+            in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias
+        )
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patches per column and per row at ``img_size``: (H/P, W/P)."""
+        return self.grid_size_for(self.img_size)
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid_size
+        return gh * gw
+
+    def grid_size_for(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        """The patch grid of an input of size (H, W)."""
+        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ValueError that says what to change when ``x`` cannot be embedded."""
+        if x.ndim != 4:
+            raise ValueError(
+                f"Expected images of shape (B, C, H, W), got a tensor of shape {tuple(x.shape)}."
+            )
+        _, c, h, w = x.shape
+        if c != self.in_chans:
+            raise ValueError(
+                f"The model expects {self.in_chans}-channel images (in_chans={self.in_chans}) but got {c} "
+                f"channels. Convert the images (e.g. grayscale to RGB) or create the model with in_chans={c}."
+            )
+        if self.strict_img_size and (h, w) != self.img_size:
+            raise ValueError(
+                f"Input size {(h, w)} differs from the model's img_size {self.img_size}. Resize the images, "
+                f"create the model with img_size={(h, w)}, or pass dynamic_img_size=True."
+            )
+        if h % self.patch_size[0] or w % self.patch_size[1]:
+            raise ValueError(
+                f"Input size {(h, w)} is not divisible by the patch size {self.patch_size}; resize or pad it."
+            )
+
+    def forward(self, x: torch.Tensor, flatten: bool = True) -> torch.Tensor:
+        self.check_input(x)
+        x = self.proj(x)  # (B, D, H/P, W/P): one D-vector per patch
+        if flatten:
+            return rearrange(x, "b d gh gw -> b (gh gw) d")
+        return rearrange(x, "b d gh gw -> b gh gw d")

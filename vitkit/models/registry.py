@@ -1,0 +1,165 @@
+"""Named model configurations: ``create_model("vit_small_patch16_224", num_classes=10)``.
+
+Each name maps to the options of :class:`VisionTransformer`, named as timm names them, so a
+timm user finds the same model behind the same name. Any option can be overridden by keyword.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .vision_transformer import VisionTransformer
+
+_MODEL_CONFIGS: dict[str, dict[str, Any]] = {}
+
+# Normalisation most ViT checkpoints use (timm's augreg / big_vision "inception" constants).
+_INCEPTION_MEAN_STD = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+_IMAGENET_MEAN_STD = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+_CIFAR10_MEAN_STD = {"mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616)}
+
+
+def register_model(name: str, **options: Any) -> None:
+    """Register ``name`` as a :class:`VisionTransformer` with these default options.
+
+    A ``pretrained_cfg`` option (dict: mean, std, interpolation, crop_pct, input_size...) is not
+    passed to the model but attached to it as ``model.pretrained_cfg``.
+    """
+    if name in _MODEL_CONFIGS:
+        raise ValueError(f"A model named {name!r} is already registered.")
+    _MODEL_CONFIGS[name] = options
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style ``pattern`` (e.g. ``"vit_*_patch16_*"``), sorted."""
+    return sorted(n for n in _MODEL_CONFIGS if fnmatch.fnmatchcase(n, pattern))
+
+
+def model_config(name: str) -> dict[str, Any]:
+    """A copy of the default options registered for ``name``."""
+    if name not in _MODEL_CONFIGS:
+        close = fnmatch.filter(_MODEL_CONFIGS, f"*{name.split('_patch')[0]}*") or list_models()
+        raise ValueError(f"Unknown model {name!r}. Some registered models: {', '.join(close[:8])}.")
+    return dict(_MODEL_CONFIGS[name])
+
+
+def create_model(
+    name: str,
+    pretrained: str | Path | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """Build a registered model, optionally loading pretrained weights.
+
+    Args:
+        name: a name from :func:`list_models`.
+        pretrained: weights to load: a local ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` file
+            holding a vitkit or timm state dict. The model keeps the options you give; if the
+            checkpoint does not fit them the error names the keys, the shapes and the option.
+        **overrides: any :class:`VisionTransformer` option, e.g. ``num_classes=10, img_size=32``.
+
+    Returns:
+        The model, in train mode like a freshly constructed ``nn.Module``.
+    """
+    options = model_config(name)
+    pretrained_cfg = dict(options.pop("pretrained_cfg", {}))
+    options.update(overrides)
+    try:
+        model = VisionTransformer(**options)
+    except TypeError as err:  # an unknown keyword: name it and list the valid ones
+        raise TypeError(f"create_model({name!r}): {err}. Valid options: {_option_names()}.") from None
+    pretrained_cfg.setdefault("input_size", (model.patch_embed.in_chans, *model.img_size))
+    model.pretrained_cfg = pretrained_cfg
+    model.config["model_name"] = name
+    if pretrained is not None:
+        from vitkit.weights import load_pretrained
+
+        load_pretrained(model, pretrained)
+    return model
+
+
+def _option_names() -> str:
+    import inspect
+
+    return ", ".join(p for p in inspect.signature(VisionTransformer).parameters)
+
+
+def _register_defaults() -> None:
+    sizes: dict[str, dict[str, Any]] = {
+        "tiny": {"embed_dim": 192, "depth": 12, "num_heads": 3},
+        "small": {"embed_dim": 384, "depth": 12, "num_heads": 6},
+        "base": {"embed_dim": 768, "depth": 12, "num_heads": 12},
+        "large": {"embed_dim": 1024, "depth": 24, "num_heads": 16},
+        "huge": {"embed_dim": 1280, "depth": 32, "num_heads": 16},
+    }
+    imagenet = {"pretrained_cfg": {**_INCEPTION_MEAN_STD, "interpolation": "bicubic", "crop_pct": 0.9}}
+    for size, patch in [
+        ("tiny", 16),
+        ("small", 16),
+        ("small", 32),
+        ("base", 16),
+        ("base", 32),
+        ("base", 8),
+        ("large", 16),
+        ("large", 32),
+        ("huge", 14),
+    ]:
+        register_model(f"vit_{size}_patch{patch}_224", patch_size=patch, **sizes[size], **imagenet)
+    for size in ("tiny", "small", "base"):
+        register_model(f"vit_{size}_patch16_384", img_size=384, patch_size=16, **sizes[size], **imagenet)
+        # DeiT: ImageNet-1k only, ImageNet mean/std.
+        register_model(
+            f"deit_{size}_patch16_224",
+            patch_size=16,
+            **sizes[size],
+            pretrained_cfg={**_IMAGENET_MEAN_STD, "interpolation": "bicubic", "crop_pct": 0.875},
+        )
+    # Registers (Darcet et al. 2024), positions for patches only, as timm's *_reg4 models.
+    for size in ("small", "base"):
+        register_model(
+            f"vit_{size}_patch16_reg4_gap_256",
+            img_size=256,
+            patch_size=16,
+            reg_tokens=4,
+            no_embed_class=True,
+            global_pool="avg",
+            init_values=1e-5,
+            **sizes[size],
+            **imagenet,
+        )
+    # "Better plain ViT baselines" (Beyer et al. 2022): sincos positions, no class token, GAP.
+    for size in ("small", "base"):
+        register_model(
+            f"simple_vit_{size}_patch16_224",
+            patch_size=16,
+            class_token=False,
+            global_pool="avg",
+            fc_norm=False,
+            pos_embed="sincos",
+            weight_init="jax",
+            **sizes[size],
+            **imagenet,
+        )
+    # Small images (CIFAR-size, 32x32): 4x4 patches give an 8x8 grid.
+    small_images = {
+        "img_size": 32,
+        "patch_size": 4,
+        "num_classes": 10,
+        "pretrained_cfg": {**_CIFAR10_MEAN_STD, "interpolation": "bilinear", "crop_pct": 1.0},
+    }
+    register_model("vit_nano_patch4_32", embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0, **small_images)
+    register_model("vit_tiny_patch4_32", **sizes["tiny"], **small_images)
+    register_model("vit_small_patch4_32", **sizes["small"], **small_images)
+    register_model(
+        "vit_tiny_patch4_32_gap",
+        **sizes["tiny"],
+        class_token=False,
+        global_pool="avg",
+        pos_embed="sincos",
+        **small_images,
+    )
+
+
+_register_defaults()

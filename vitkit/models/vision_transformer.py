@@ -1,0 +1,391 @@
+"""The Vision Transformer (Dosovitskiy et al., 2021), assembled from the blocks in this package.
+
+    image (B, C, H, W)
+      -> PatchEmbedding                      patch tokens (B, H/P · W/P, D)
+      -> prepend [class] and register tokens (B, prefix + patches, D)
+      -> add position embeddings
+      -> depth x TransformerBlock            (B, N, D)
+      -> LayerNorm
+      -> pool: the class token, or the mean of the patch tokens
+      -> Linear head                         logits (B, num_classes)
+
+Options and parameter names follow timm's ``VisionTransformer``, so a timm checkpoint loads as
+is and ``model.state_dict()`` loads into timm. Names that appear in ``state_dict``:
+``cls_token``, ``reg_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.N.{norm1, attn.qkv,
+attn.q_norm, attn.k_norm, attn.proj, ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}``, ``norm``,
+``fc_norm``, ``head``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ._utils import to_2tuple
+from .block import TransformerBlock
+from .patch_embedding import PatchEmbedding
+from .position import resample_position_embedding, sincos_2d_position_embedding
+
+GlobalPool = Literal["token", "avg", "max", "avgmax", ""]
+_POOLS = ("token", "avg", "max", "avgmax", "")
+_POS_EMBEDS = ("learn", "sincos", "none", "")
+
+
+class VisionTransformer(nn.Module):
+    """Vision Transformer classifier: images (B, C, H, W) -> logits (B, num_classes).
+
+    Args:
+        img_size: input size, int or (H, W).
+        patch_size: patch size P, int or (Ph, Pw).
+        in_chans: image channels.
+        num_classes: classifier outputs; 0 gives a feature extractor (the head is the identity).
+        global_pool: ``'token'`` (class token), ``'avg'`` (mean of patch tokens), ``'max'``,
+            ``'avgmax'``, or ``''`` (no pooling; ``forward_head`` sees all tokens).
+        embed_dim: token width D.
+        depth: number of Transformer blocks.
+        num_heads: attention heads per block.
+        mlp_ratio: MLP hidden width / D.
+        qkv_bias: bias in the q, k, v projections.
+        qk_norm: LayerNorm on queries and keys.
+        init_values: LayerScale initial value (``None``: no LayerScale).
+        class_token: prepend a learned [class] token.
+        reg_tokens: number of register tokens ("Vision Transformers Need Registers").
+        no_embed_class: position embeddings cover the patches only, not the prefix tokens.
+        pre_norm: LayerNorm before the blocks (CLIP); removes the patch projection's bias.
+        final_norm: LayerNorm after the blocks (or after pooling, see ``fc_norm``).
+        fc_norm: put the final norm after pooling; ``None`` means "when pooling is not 'token'".
+        pos_embed: ``'learn'``, ``'sincos'`` (fixed 2-D, stored as a frozen parameter so the
+            state dict stays timm-compatible) or ``'none'``.
+        dynamic_img_size: accept any input size divisible by the patch size at run time;
+            position embeddings are resampled to the input's grid.
+        drop_rate: dropout before the head.
+        pos_drop_rate: dropout after adding position embeddings.
+        proj_drop_rate: dropout after attention/MLP projections.
+        attn_drop_rate: dropout on attention weights.
+        drop_path_rate: stochastic depth, rising linearly from 0 to this rate over the blocks.
+        weight_init: ``''`` (timm's default: truncated normal 0.02 for linear layers) or
+            ``'jax'`` (Xavier-uniform linears, LeCun-normal patch projection, zero head).
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: GlobalPool = "token",
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        init_values: float | None = None,
+        class_token: bool = True,
+        reg_tokens: int = 0,
+        no_embed_class: bool = False,
+        pre_norm: bool = False,
+        final_norm: bool = True,
+        fc_norm: bool | None = None,
+        pos_embed: str = "learn",
+        dynamic_img_size: bool = False,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        weight_init: Literal["", "jax"] = "",
+    ) -> None:
+        super().__init__()
+        if global_pool not in _POOLS:
+            raise ValueError(f"global_pool={global_pool!r} is not one of {_POOLS}.")
+        if global_pool == "token" and not class_token:
+            raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without it.")
+        if pos_embed not in _POS_EMBEDS:
+            raise ValueError(f"pos_embed={pos_embed!r} is not one of {_POS_EMBEDS}.")
+        if weight_init not in ("", "jax"):
+            raise ValueError(f"weight_init={weight_init!r} is not one of ('', 'jax').")
+        # Every constructor argument, so the model can be rebuilt (checkpoints, export, CLI).
+        self.config: dict[str, Any] = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.config["img_size"] = to_2tuple(img_size)
+        self.config["patch_size"] = to_2tuple(patch_size)
+        self.pretrained_cfg: dict[str, Any] = {}
+
+        use_fc_norm = global_pool not in ("token", "") if fc_norm is None else fc_norm
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.embed_dim = self.num_features = embed_dim
+        self.has_class_token = class_token
+        self.num_reg_tokens = reg_tokens
+        self.num_prefix_tokens = int(class_token) + reg_tokens
+        self.no_embed_class = no_embed_class
+        self.dynamic_img_size = dynamic_img_size
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbedding(
+            img_size, patch_size, in_chans, embed_dim, bias=not pre_norm, strict_img_size=not dynamic_img_size
+        )
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+
+        self.pos_embed_type = pos_embed if pos_embed in ("learn", "sincos") else "none"
+        embed_len = self.patch_embed.num_patches + (0 if no_embed_class else self.num_prefix_tokens)
+        if self.pos_embed_type == "none":
+            self.pos_embed = None
+        else:
+            self.pos_embed = nn.Parameter(
+                torch.zeros(1, embed_len, embed_dim), requires_grad=self.pos_embed_type == "learn"
+            )
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        self.norm_pre = norm_layer(embed_dim) if pre_norm else nn.Identity()
+
+        drop_path_rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.Sequential(
+            *[
+                TransformerBlock(
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    qk_norm=qk_norm,
+                    init_values=init_values,
+                    proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=rate,
+                    norm_layer=norm_layer,
+                )
+                for rate in drop_path_rates
+            ]
+        )
+        self.norm = norm_layer(embed_dim) if final_norm and not use_fc_norm else nn.Identity()
+        self.fc_norm = norm_layer(embed_dim) if final_norm and use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        self.init_weights(weight_init)
+
+    # ------------------------------------------------------------------ initialisation
+    @torch.no_grad()
+    def init_weights(self, mode: Literal["", "jax"] = "") -> None:
+        """(Re-)initialise all weights: timm's default scheme, or ``'jax'`` (big_vision)."""
+        if self.pos_embed_type == "learn":
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        elif self.pos_embed_type == "sincos":
+            self.pos_embed.copy_(self._sincos(self.patch_embed.grid_size))
+        for token in (self.cls_token, self.reg_token):
+            if token is not None:
+                nn.init.normal_(token, std=1e-6)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                if mode == "jax" and name == "head":
+                    nn.init.zeros_(module.weight)
+                    nn.init.zeros_(module.bias)
+                    continue
+                if mode == "jax":
+                    nn.init.xavier_uniform_(module.weight)
+                else:
+                    nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    if mode == "jax" and ".mlp." in f".{name}.":
+                        nn.init.normal_(module.bias, std=1e-6)
+                    else:
+                        nn.init.zeros_(module.bias)
+        if mode == "jax":  # LeCun normal on the patch projection
+            weight = self.patch_embed.proj.weight
+            fan_in = weight[0].numel()
+            nn.init.trunc_normal_(weight, std=math.sqrt(1.0 / fan_in) / 0.87962566103423978)
+            if self.patch_embed.proj.bias is not None:
+                nn.init.zeros_(self.patch_embed.proj.bias)
+
+    def _sincos(self, grid_size: tuple[int, int]) -> torch.Tensor:
+        """Fixed sin-cos table (1, embed_len, D), zeros for prefix tokens that carry a position."""
+        table = sincos_2d_position_embedding(grid_size, self.embed_dim)
+        if not self.no_embed_class and self.num_prefix_tokens:
+            table = torch.cat([torch.zeros(self.num_prefix_tokens, self.embed_dim), table])
+        return table.unsqueeze(0)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """The patch grid (rows, columns) at the model's ``img_size``."""
+        return self.patch_embed.grid_size
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return self.patch_embed.patch_size
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        return self.patch_embed.img_size
+
+    def dynamic_grid_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        """The patch grid for an input of size (H, W)."""
+        return self.patch_embed.grid_size_for(img_size)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that should not be weight-decayed: position, class and register tokens."""
+        return {"pos_embed", "cls_token", "reg_token"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: GlobalPool | None = None) -> None:
+        """Replace the head by a freshly initialised one with ``num_classes`` outputs (0: none)."""
+        if global_pool is not None:
+            if global_pool not in _POOLS:
+                raise ValueError(f"global_pool={global_pool!r} is not one of {_POOLS}.")
+            if global_pool == "token" and not self.has_class_token:
+                raise ValueError("global_pool='token' needs a class token, and this model has none.")
+            self.global_pool = global_pool
+            self.config["global_pool"] = global_pool
+        self.num_classes = num_classes
+        self.config["num_classes"] = num_classes
+        old = self.head
+        device = next(self.parameters()).device
+        self.head = (
+            nn.Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        )
+        if isinstance(self.head, nn.Linear):
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+            if isinstance(old, nn.Linear):
+                self.head.to(old.weight.dtype)
+
+    # ------------------------------------------------------------------ forward
+    def _position_embedding(self, grid: tuple[int, int]) -> torch.Tensor | None:
+        """The position embeddings for a patch grid, resampled if it is not the model's grid."""
+        if self.pos_embed is None or grid == self.grid_size:
+            return self.pos_embed
+        if self.pos_embed_type == "sincos":  # fixed: recompute exactly instead of interpolating
+            return self._sincos(grid).to(self.pos_embed)
+        prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+        return resample_position_embedding(self.pos_embed, grid, self.grid_size, prefix)
+
+    def _add_prefix_tokens_and_positions(self, patches: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, gh, gw, D) -> sequence (B, prefix + gh·gw, D) with positions added."""
+        batch, gh, gw, _ = patches.shape
+        x = rearrange(patches, "b gh gw d -> b (gh gw) d")
+        prefix = [
+            token.expand(batch, -1, -1) for token in (self.cls_token, self.reg_token) if token is not None
+        ]
+        pos_embed = self._position_embedding((gh, gw))
+        if pos_embed is None:
+            x = torch.cat([*prefix, x], dim=1)
+        elif self.no_embed_class:  # positions for patches only (DeiT III, big_vision)
+            x = torch.cat([*prefix, x + pos_embed], dim=1)
+        else:  # the original ViT: prefix tokens have position entries too
+            x = torch.cat([*prefix, x], dim=1) + pos_embed
+        return self.pos_drop(x)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x, flatten=False)
+        x = self._add_prefix_tokens_and_positions(x)
+        return self.norm_pre(x)
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> normalised tokens (B, prefix + patches, D)."""
+        x = self._embed(x)
+        for block in self.blocks:
+            x = self._run_block(block, x)
+        return self.norm(x)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N, D) -> one vector per image (B, D) following ``global_pool``."""
+        if self.global_pool == "token":
+            return x[:, 0]
+        patches = x[:, self.num_prefix_tokens :]
+        if self.global_pool == "avg":
+            return patches.mean(dim=1)
+        if self.global_pool == "max":
+            return patches.amax(dim=1)
+        if self.global_pool == "avgmax":
+            return 0.5 * (patches.amax(dim=1) + patches.mean(dim=1))
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens (B, N, D) -> logits (B, num_classes), or the pooled features with ``pre_logits``."""
+        x = self.head_drop(self.fc_norm(self.pool(x)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: Literal["NCHW", "NLC"] = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Any] | tuple[torch.Tensor, list[Any]]:
+        """The output of selected blocks, as timm's ``forward_intermediates``.
+
+        Args:
+            indices: an int n takes the last n blocks; a sequence takes those block indices
+                (negative counts from the end); ``None`` takes all.
+            return_prefix_tokens: return (patch features, prefix tokens) pairs.
+            norm: apply the final norm to each intermediate.
+            stop_early: stop after the last requested block (only with ``intermediates_only``).
+            output_fmt: ``'NCHW'`` (B, D, gh, gw) feature maps or ``'NLC'`` (B, gh·gw, D) tokens.
+            intermediates_only: return only the list of intermediates.
+
+        Returns:
+            ``intermediates`` or ``(final normalised tokens, intermediates)``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}.")
+        take = _block_indices(len(self.blocks), indices)
+        gh, gw = self.dynamic_grid_size(tuple(x.shape[-2:]))
+        last = max(take) if (stop_early and intermediates_only) else len(self.blocks) - 1
+
+        x = self._embed(x)
+        intermediates = []
+        for i, block in enumerate(self.blocks[: last + 1]):
+            x = self._run_block(block, x)
+            if i in take:
+                intermediates.append(self.norm(x) if norm else x)
+
+        outputs = []
+        for y in intermediates:
+            prefix, patches = y[:, : self.num_prefix_tokens], y[:, self.num_prefix_tokens :]
+            if output_fmt == "NCHW":
+                patches = rearrange(patches, "b (gh gw) d -> b d gh gw", gh=gh, gw=gw).contiguous()
+            outputs.append((patches, prefix) if return_prefix_tokens and self.num_prefix_tokens else patches)
+        if intermediates_only:
+            return outputs
+        return self.norm(x), outputs
+
+
+def _block_indices(depth: int, indices: int | Sequence[int] | None) -> list[int]:
+    if indices is None:
+        return list(range(depth))
+    if isinstance(indices, int):
+        if not 0 < indices <= depth:
+            raise ValueError(f"Cannot take the last {indices} blocks of a model with {depth}.")
+        return list(range(depth - indices, depth))
+    taken = []
+    for i in indices:
+        if not -depth <= i < depth:
+            raise ValueError(f"Block index {i} is out of range for a model with {depth} blocks.")
+        taken.append(i % depth)
+    return taken

@@ -1,0 +1,1 @@
+"""vitkit.training (work in progress)."""
