@@ -72,6 +72,7 @@ class VisionTransformer(nn.Module):
         drop_path_rate: stochastic depth, rising linearly from 0 to this rate over the blocks.
         weight_init: ``''`` (timm's default: truncated normal 0.02 for linear layers) or
             ``'jax'`` (Xavier-uniform linears, LeCun-normal patch projection, zero head).
+        norm_eps: epsilon of every LayerNorm (timm and torchvision use 1e-6, Hugging Face 1e-12).
     """
 
     def __init__(
@@ -102,6 +103,7 @@ class VisionTransformer(nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         weight_init: Literal["", "jax"] = "",
+        norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
         if global_pool not in _POOLS:
@@ -119,7 +121,7 @@ class VisionTransformer(nn.Module):
         self.pretrained_cfg: dict[str, Any] = {}
 
         use_fc_norm = global_pool not in ("token", "") if fc_norm is None else fc_norm
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
 
         self.num_classes = num_classes
         self.global_pool = global_pool
