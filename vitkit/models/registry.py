@@ -122,10 +122,10 @@ def _register_defaults() -> None:
             f"vit_{size}_patch16_reg4_gap_256",
             img_size=256,
             patch_size=16,
+            class_token=False,
             reg_tokens=4,
             no_embed_class=True,
             global_pool="avg",
-            init_values=1e-5,
             **sizes[size],
             **imagenet,
         )

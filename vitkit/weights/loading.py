@@ -176,6 +176,7 @@ def _adapt_to_model(state: StateDict, model: nn.Module, report: LoadReport) -> S
         model_classes = own_head_w.shape[0] if own_head_w is not None else 0
         state.pop("head.weight")
         state.pop("head.bias", None)
+        state.update({k: v for k, v in own.items() if k.startswith("head.")})  # keep the fresh head
         report.head_reset = True
         report.notes.append(
             f"classifier head not loaded: the checkpoint has {ckpt_classes} classes and the model "
@@ -212,7 +213,12 @@ def _check_fits(state: StateDict, model: nn.Module, source: str) -> None:
     lines = [f"The weights in {source} do not fit this model."]
     if wrong_shape:
         lines.append("Shapes that differ (checkpoint vs model):")
-        lines += [f"  {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong_shape[:12]]
+        shown = {}  # one line per parameter kind: blocks.0.x stands for every blocks.N.x
+        for k in sorted(wrong_shape, key=lambda k: (k.startswith("blocks."), k)):
+            shown.setdefault(re.sub(r"^blocks\.\d+\.", "blocks.*.", k), k)
+        lines += [
+            f"  {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in list(shown.values())[:12]
+        ]
     if missing:
         lines.append(f"Missing from the checkpoint ({len(missing)}): {', '.join(_abbreviate(missing))}")
     if unexpected:

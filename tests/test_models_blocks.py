@@ -1,0 +1,117 @@
+"""The building blocks: shapes, the two attention paths, and their formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from vitkit.models import LayerScale, PatchEmbedding, SelfAttention, TransformerBlock
+from vitkit.models.position import resample_position_embedding, sincos_2d_position_embedding
+
+
+def test_patch_embedding_is_a_linear_map_of_each_patch():
+    embed = PatchEmbedding(img_size=(8, 12), patch_size=4, in_chans=3, embed_dim=6)
+    x = torch.randn(2, 3, 8, 12)
+    tokens = embed(x)
+    assert tokens.shape == (2, 6, 6)  # (8/4) * (12/4) = 6 patches, raster order
+    # token of patch (row 1, col 2) equals W · vec(patch) + b
+    patch = x[:, :, 4:8, 8:12].reshape(2, -1)
+    expected = patch @ embed.proj.weight.reshape(6, -1).T + embed.proj.bias
+    torch.testing.assert_close(tokens[:, 1 * 3 + 2], expected)
+    assert embed(x, flatten=False).shape == (2, 2, 3, 6)
+
+
+def test_patch_embedding_rejects_bad_input_with_a_useful_message():
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        PatchEmbedding(img_size=30, patch_size=8)
+    embed = PatchEmbedding(img_size=16, patch_size=8, in_chans=3, embed_dim=4)
+    with pytest.raises(ValueError, match="3-channel.*got 1 channels"):
+        embed(torch.randn(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="dynamic_img_size=True"):
+        embed(torch.randn(1, 3, 24, 24))
+    dynamic = PatchEmbedding(img_size=16, patch_size=8, embed_dim=4, strict_img_size=False)
+    assert dynamic(torch.randn(1, 3, 24, 32)).shape == (1, 12, 4)
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        dynamic(torch.randn(1, 3, 20, 16))
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_fused_and_explicit_attention_agree_forward_and_backward(qk_norm):
+    attn = SelfAttention(dim=32, num_heads=4, qkv_bias=True, qk_norm=qk_norm)
+    x = torch.randn(3, 10, 32, requires_grad=True)
+
+    outputs, grads = [], []
+    for fused in (True, False):
+        attn.fused_attn = fused
+        attn.zero_grad()
+        x.grad = None
+        out = attn(x)
+        out.pow(2).sum().backward()
+        outputs.append(out.detach())
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in attn.parameters()])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+    for g_fused, g_explicit in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(g_fused, g_explicit, rtol=1e-4, atol=1e-6)
+
+
+def test_explicit_attention_is_the_textbook_formula_and_readable_by_a_hook():
+    attn = SelfAttention(dim=16, num_heads=2).eval()
+    attn.fused_attn = False
+    captured = {}
+    attn.attn_drop.register_forward_hook(lambda m, inp, out: captured.setdefault("A", inp[0]))
+    x = torch.randn(2, 5, 16)
+    out = attn(x)
+
+    qkv = attn.qkv(x).reshape(2, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)  # independent of einops
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    expected_a = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1)
+    torch.testing.assert_close(captured["A"], expected_a)
+    torch.testing.assert_close(captured["A"].sum(-1), torch.ones(2, 2, 5))
+    expected = attn.proj((expected_a @ v).transpose(1, 2).reshape(2, 5, 16))
+    torch.testing.assert_close(out, expected)
+
+
+def test_attention_rejects_width_not_divisible_by_heads():
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        SelfAttention(dim=30, num_heads=4)
+
+
+def test_block_is_pre_norm_residual_and_layerscale_scales_branches():
+    block = TransformerBlock(dim=16, num_heads=2, init_values=0.0).eval()
+    x = torch.randn(2, 7, 16)
+    # init_values=0 disables LayerScale (like timm); a tiny init keeps the block near identity
+    assert isinstance(block.ls1, nn.Identity)
+    block = TransformerBlock(dim=16, num_heads=2, init_values=1e-6).eval()
+    assert isinstance(block.ls1, LayerScale) and torch.all(block.ls1.gamma == 1e-6)
+    torch.testing.assert_close(block(x), x, atol=1e-4, rtol=0)
+    with torch.no_grad():
+        block.ls1.gamma.fill_(1.0)
+        block.ls2.gamma.fill_(1.0)
+    h = x + block.attn(block.norm1(x))
+    torch.testing.assert_close(block(x), h + block.mlp(block.norm2(h)))
+
+
+def test_sincos_table_matches_the_formula():
+    table = sincos_2d_position_embedding((2, 3), dim=8)
+    assert table.shape == (6, 8)
+    omega = 1.0 / 10000 ** (torch.arange(2) / 1.0)
+    row, col = 1, 2  # token index 1*3 + 2 = 5
+    expected = torch.cat(
+        [torch.sin(col * omega), torch.cos(col * omega), torch.sin(row * omega), torch.cos(row * omega)]
+    )
+    torch.testing.assert_close(table[5], expected.float())
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d_position_embedding((2, 2), dim=6)
+
+
+def test_resampling_positions_keeps_prefix_and_is_identity_on_same_grid():
+    pos = torch.randn(1, 1 + 4 * 4, 8)
+    assert resample_position_embedding(pos, (4, 4), (4, 4), 1) is pos
+    resized = resample_position_embedding(pos, (6, 2), (4, 4), num_prefix_tokens=1)
+    assert resized.shape == (1, 1 + 12, 8)
+    torch.testing.assert_close(resized[:, :1], pos[:, :1])
+    constant = torch.ones(1, 16, 8)  # a constant field stays constant under bicubic resampling
+    torch.testing.assert_close(resample_position_embedding(constant, (7, 5), (4, 4)), torch.ones(1, 35, 8))
+    with pytest.raises(ValueError, match="prefix tokens needs"):
+        resample_position_embedding(pos, (2, 2), (3, 3), 1)

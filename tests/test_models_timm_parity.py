@@ -1,0 +1,167 @@
+"""Weight compatibility with timm by construction: same names, same shapes, same logits.
+
+A timm VisionTransformer with random weights is saved to a file, loaded through
+``vitkit.create_model(..., pretrained=path)``, and must give timm's logits; vitkit's state
+dict loaded into timm must give vitkit's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+import vitkit
+from vitkit.weights import CheckpointMismatchError, load_pretrained
+
+BASE = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3, "num_classes": 7}
+
+OPTION_SETS = {
+    "class_token": {},
+    "avg_pool_no_class_token": {"class_token": False, "global_pool": "avg"},
+    "registers": {"reg_tokens": 4},
+    "registers_no_embed_class": {"reg_tokens": 2, "no_embed_class": True, "global_pool": "avg"},
+    "qk_norm_layerscale": {"qk_norm": True, "init_values": 1e-2},
+    "non_square": {"img_size": (32, 48)},
+    "pre_norm_no_qkv_bias": {"pre_norm": True, "qkv_bias": False},
+    "mlp_ratio_and_fc_norm": {"mlp_ratio": 2.0, "fc_norm": True},
+}
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _randomise(model: torch.nn.Module) -> None:
+    # timm's init leaves norms at 1/0 and tokens near 0: perturb everything so parity is meaningful
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+
+
+def _input(options: dict) -> torch.Tensor:
+    size = options.get("img_size", BASE["img_size"])
+    h, w = (size, size) if isinstance(size, int) else size
+    return torch.randn(3, 3, h, w)
+
+
+@pytest.mark.parametrize("name", list(OPTION_SETS))
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_timm_checkpoint_loads_and_reproduces_logits(name, suffix, tmp_path):
+    options = {**BASE, **OPTION_SETS[name]}
+    reference = TimmViT(**options).eval()
+    _randomise(reference)
+    path = tmp_path / f"timm{suffix}"
+    if suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    else:
+        torch.save({"state_dict": reference.state_dict()}, path)  # wrapped, as training scripts do
+
+    model = vitkit.create_model("vit_tiny_patch16_224", pretrained=path, **options).eval()
+    x = _input(options)
+    with torch.no_grad():
+        assert _relative_error(model(x), reference(x)) < 1e-5
+
+
+@pytest.mark.parametrize("name", list(OPTION_SETS))
+def test_vitkit_state_dict_loads_into_timm(name):
+    options = {**BASE, **OPTION_SETS[name]}
+    model = vitkit.create_model("vit_tiny_patch16_224", **options).eval()
+    _randomise(model)
+    reference = TimmViT(**options).eval()
+    reference.load_state_dict(model.state_dict(), strict=True)
+    x = _input(options)
+    with torch.no_grad():
+        assert _relative_error(reference(x), model(x)) < 1e-5
+
+
+def test_sincos_model_runs_in_timm_as_learned_positions():
+    options = {**BASE, "class_token": False, "global_pool": "avg"}
+    model = vitkit.create_model("vit_tiny_patch16_224", pos_embed="sincos", **options).eval()
+    reference = TimmViT(**options).eval()
+    reference.load_state_dict(model.state_dict())
+    x = _input(options)
+    with torch.no_grad():
+        assert _relative_error(reference(x), model(x)) < 1e-5
+
+
+def test_dynamic_size_matches_timm():
+    options = {**BASE, "dynamic_img_size": True}
+    reference = TimmViT(**options).eval()
+    _randomise(reference)
+    model = vitkit.create_model("vit_tiny_patch16_224", **options).eval()
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 3, 48, 64)  # a 6x8 grid from a 4x4 table
+    with torch.no_grad():
+        assert _relative_error(model(x), reference(x)) < 1e-5
+
+
+def test_forward_intermediates_match_timm():
+    options = {**BASE, "reg_tokens": 1}
+    reference = TimmViT(**options).eval()
+    _randomise(reference)
+    model = vitkit.create_model("vit_tiny_patch16_224", **options).eval()
+    model.load_state_dict(reference.state_dict())
+    x = _input(options)
+    with torch.no_grad():
+        ours = model.forward_intermediates(x, indices=[0, 1], norm=True, intermediates_only=True)
+        theirs = reference.forward_intermediates(x, indices=[0, 1], norm=True, intermediates_only=True)
+    for a, b in zip(ours, theirs, strict=True):
+        assert _relative_error(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(set(vitkit.list_models()) & set(timm.list_models())))
+def test_names_shared_with_timm_build_the_same_model(name):
+    # one block is enough to check every default option (pooling, tokens, norms, sizes)
+    reference = timm.create_model(name, pretrained=False, depth=1, num_classes=1000).eval()
+    _randomise(reference)
+    model = vitkit.create_model(name, depth=1, num_classes=1000).eval()
+    model.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(1, 3, *model.img_size)
+    with torch.no_grad():
+        assert _relative_error(model(x), reference(x)) < 1e-5
+
+
+def test_mismatched_checkpoint_names_keys_shapes_and_options(tmp_path):
+    reference = TimmViT(**{**BASE, "embed_dim": 96, "qk_norm": True})
+    path = tmp_path / "wide.safetensors"
+    save_file(reference.state_dict(), str(path))
+    with pytest.raises(CheckpointMismatchError) as info:
+        vitkit.create_model("vit_tiny_patch16_224", pretrained=path, **BASE)
+    message = str(info.value)
+    assert str(path) in message
+    assert "patch_embed.proj.weight: (96, 3, 8, 8) vs (48, 3, 8, 8)" in message
+    assert "embed_dim (checkpoint: 96, model: 48)" in message
+    assert "qk_norm (checkpoint: True, model: False)" in message
+    assert "blocks.*.attn.q_norm.weight" in message
+
+    no_cls = TimmViT(**{**BASE, "class_token": False, "global_pool": "avg"})
+    with pytest.raises(CheckpointMismatchError, match=r"class_token \(checkpoint: False, model: True\)"):
+        load_pretrained(vitkit.create_model("vit_tiny_patch16_224", **BASE), no_cls.state_dict())
+
+
+def test_new_class_count_and_resolution_are_adapted_not_errors():
+    reference = TimmViT(**BASE)
+    model = vitkit.create_model("vit_tiny_patch16_224", **{**BASE, "num_classes": 3, "img_size": 48})
+    head_before = model.head.weight.clone()
+    report = load_pretrained(model, reference.state_dict())
+    assert report.head_reset and report.pos_embed_resampled == ((4, 4), (6, 6))
+    torch.testing.assert_close(model.head.weight, head_before)
+    torch.testing.assert_close(model.blocks[0].attn.qkv.weight, reference.blocks[0].attn.qkv.weight)
+    assert model(torch.randn(1, 3, 48, 48)).shape == (1, 3)
+
+
+def test_unreadable_files_get_clear_errors(tmp_path):
+    model = vitkit.create_model("vit_tiny_patch16_224", **BASE)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        load_pretrained(model, tmp_path / "missing.pth")
+    bad = tmp_path / "weights.txt"
+    bad.write_text("not weights")
+    with pytest.raises(ValueError, match="Unsupported weights file"):
+        load_pretrained(model, bad)
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="Could not read"):
+        load_pretrained(model, corrupt)
