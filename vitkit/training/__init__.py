@@ -1,1 +1,31 @@
-"""vitkit.training (work in progress)."""
+"""Training with Lightning: the :class:`ImageClassifier` module, callbacks and the CLI.
+
+Public surface: :class:`ImageClassifier`, :func:`load_classifier`, :func:`parameter_groups`,
+:func:`warmup_cosine`, :class:`NonFiniteLossError`, the callbacks, and :func:`cli_main`
+(imported lazily because it pulls in the data package).
+"""
+
+from .callbacks import AtomicCheckpointIO, ImagesPerSecond, PredictionWriter, RNGStateCheckpoint, RunArtifacts
+from .module import ImageClassifier, NonFiniteLossError, load_classifier, parameter_groups, warmup_cosine
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "ImageClassifier",
+    "ImagesPerSecond",
+    "NonFiniteLossError",
+    "PredictionWriter",
+    "RNGStateCheckpoint",
+    "RunArtifacts",
+    "cli_main",
+    "load_classifier",
+    "parameter_groups",
+    "warmup_cosine",
+]
+
+
+def __getattr__(name: str):
+    if name == "cli_main":
+        from .cli import cli_main
+
+        return cli_main
+    raise AttributeError(name)

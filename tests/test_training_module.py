@@ -1,0 +1,229 @@
+"""The LightningModule: loss, optimiser groups, schedule, NaN guard, resume, artifacts."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from typing import ClassVar
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from vitkit.training import (
+    AtomicCheckpointIO,
+    ImageClassifier,
+    NonFiniteLossError,
+    RNGStateCheckpoint,
+    RunArtifacts,
+    load_classifier,
+    parameter_groups,
+    warmup_cosine,
+)
+
+TINY = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "drop_path_rate": 0.1}
+
+
+class QuadrantData(L.LightningDataModule):
+    """Class k = a bright square in quadrant k of a noisy 16x16 image."""
+
+    classes: ClassVar[list[str]] = ["top_left", "top_right", "bottom_left", "bottom_right"]
+    num_classes = 4
+    batch_size = 16
+
+    def __init__(self, n: int = 512, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, 3, 16, 16, generator=g) * 0.1
+        y = torch.arange(n) % 4
+        for i, label in enumerate(y.tolist()):
+            r, c = divmod(label, 2)
+            x[i, :, r * 8 : r * 8 + 8, c * 8 : c * 8 + 8] += 1.0
+        self.train_set = TensorDataset(x[: n * 3 // 4], y[: n * 3 // 4])
+        self.val_set = TensorDataset(x[n * 3 // 4 :], y[n * 3 // 4 :])
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=32)
+
+    def test_dataloader(self):
+        return self.val_dataloader()
+
+
+def _module(**kwargs) -> ImageClassifier:
+    return ImageClassifier(
+        model_name="vit_tiny_patch4_32", model_options=TINY, classes=QuadrantData.classes, lr=3e-3, **kwargs
+    )
+
+
+def _trainer(tmp_path, **kwargs) -> L.Trainer:
+    defaults = dict(
+        default_root_dir=tmp_path,
+        max_epochs=2,
+        accelerator="cpu",
+        logger=L.pytorch.loggers.CSVLogger(tmp_path, name="", version=""),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[RNGStateCheckpoint()],
+        plugins=[AtomicCheckpointIO()],
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def test_soft_target_loss_is_cross_entropy_with_the_mixed_labels():
+    module = _module()
+    logits = torch.randn(4, 4)
+    hard = torch.tensor([0, 1, 2, 3])
+    soft = torch.nn.functional.one_hot(hard, 4).float()
+    torch.testing.assert_close(module.compute_loss(logits, soft), module.compute_loss(logits, hard))
+    mixed = 0.7 * soft + 0.3 * soft.roll(1, 0)
+    expected = 0.7 * torch.nn.functional.cross_entropy(
+        logits, hard
+    ) + 0.3 * torch.nn.functional.cross_entropy(logits, hard.roll(1, 0))
+    torch.testing.assert_close(module.compute_loss(logits, mixed), expected)
+    smoothed = _module(label_smoothing=0.1).compute_loss(logits, hard)
+    assert not torch.allclose(smoothed, module.compute_loss(logits, hard))
+
+
+def test_weight_decay_only_on_weight_matrices_and_layer_decay_scales():
+    module = _module()
+    groups = parameter_groups(module.model, weight_decay=0.05)
+    decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["param_names"]}
+    plain = {n for g in groups if g["weight_decay"] == 0 for n in g["param_names"]}
+    assert "blocks.0.attn.qkv.weight" in decayed and "head.weight" in decayed
+    assert {"pos_embed", "cls_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"} <= plain
+    all_names = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    assert decayed | plain == all_names and not decayed & plain
+
+    groups = parameter_groups(module.model, 0.05, layer_decay=0.5)
+    scale = {n: g["lr_scale"] for g in groups for n in g["param_names"]}
+    assert scale["head.weight"] == 1.0
+    assert scale["blocks.1.mlp.fc1.weight"] == 0.5
+    assert scale["blocks.0.mlp.fc1.weight"] == 0.25
+    assert scale["patch_embed.proj.weight"] == scale["cls_token"] == 0.125
+
+
+def test_warmup_then_cosine_schedule():
+    schedule = warmup_cosine(warmup=10, total=110, min_ratio=0.1)
+    assert schedule(0) == pytest.approx(1 / 11)
+    assert schedule(9) == pytest.approx(10 / 11)
+    assert schedule(10) == pytest.approx(1.0)
+    assert schedule(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert schedule(110) == pytest.approx(0.1)
+    values = [schedule(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in itertools.pairwise(values))
+
+
+def test_linear_probe_freezes_everything_but_the_head():
+    module = _module(freeze="linear_probe")
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    assert trainable == {"head.weight", "head.bias"}
+    with pytest.raises(ValueError, match="freeze='all'"):
+        _module(freeze="all")
+
+
+def test_fit_learns_and_writes_run_artifacts(tmp_path):
+    data = QuadrantData()
+    module = _module()
+    trainer = _trainer(tmp_path, max_epochs=4, callbacks=[RNGStateCheckpoint(), RunArtifacts()])
+    trainer.fit(module, datamodule=data)
+    assert trainer.callback_metrics["val/acc1"] > 0.6  # chance is 0.25
+    assert (tmp_path / "plots" / "loss.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "accuracy.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "confusion_val.png").stat().st_size > 0
+    summary = json.loads((tmp_path / "summary_val.json").read_text())
+    assert summary["val/acc1"] == pytest.approx(float(trainer.callback_metrics["val/acc1"]))
+
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["classes"]) == QuadrantData.classes
+        torch.testing.assert_close(f.get_tensor("head.weight"), module.model.head.weight.detach())
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+    data = QuadrantData()
+    data.train_set.tensors[0][:] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 0 .*lr"):
+        _trainer(tmp_path).fit(_module(), datamodule=data)
+
+
+class StopAfterEpoch(L.Callback):
+    """Simulates an interruption: the run (planned for more epochs) stops after ``epoch``."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
+    def run(folder, callbacks=(), ckpt_path=None):
+        L.seed_everything(0)
+        module = _module()
+        trainer = _trainer(folder, max_epochs=3, callbacks=[RNGStateCheckpoint(), *callbacks])
+        trainer.fit(module, datamodule=QuadrantData(), ckpt_path=ckpt_path)
+        return module, trainer
+
+    straight, _ = run(tmp_path / "straight")
+    _, interrupted = run(tmp_path / "resumed", callbacks=[StopAfterEpoch(0)])
+    assert interrupted.current_epoch == 1
+    checkpoint = tmp_path / "resumed" / "interrupted.ckpt"
+    interrupted.save_checkpoint(checkpoint)
+    resumed, trainer = run(tmp_path / "resumed", ckpt_path=checkpoint)
+    assert trainer.current_epoch == 3
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_without_rng_state_the_resumed_run_differs(tmp_path):
+    # the RNG callback is what makes resume exact: dropout/drop-path and shuffling draw from it
+    def run(folder, callbacks, ckpt_path=None):
+        L.seed_everything(0)
+        module = _module()
+        trainer = _trainer(folder, max_epochs=2, callbacks=list(callbacks))
+        trainer.fit(module, datamodule=QuadrantData(), ckpt_path=ckpt_path)
+        return module
+
+    straight = run(tmp_path / "a", [])
+    L.seed_everything(0)
+    first = _trainer(tmp_path / "b", max_epochs=2, callbacks=[StopAfterEpoch(0)])
+    first.fit(_module(), datamodule=QuadrantData())
+    first.save_checkpoint(tmp_path / "b.ckpt")
+    resumed = run(tmp_path / "b", [], ckpt_path=tmp_path / "b.ckpt")
+    assert not torch.allclose(straight.model.cls_token, resumed.model.cls_token)
+
+
+def test_load_classifier_restores_classes_and_predictions(tmp_path):
+    module = _module()
+    trainer = _trainer(tmp_path, max_epochs=1)
+    trainer.fit(module, datamodule=QuadrantData())
+    path = tmp_path / "final.ckpt"
+    trainer.save_checkpoint(path)
+    restored = load_classifier(path)
+    assert restored.classes == QuadrantData.classes
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(restored(x), module.eval()(x))
+
+
+def test_atomic_checkpoint_never_leaves_a_half_written_file(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # killed while writing
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]

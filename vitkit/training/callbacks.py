@@ -1,0 +1,206 @@
+"""Callbacks and plugins that make runs resumable, observable and shareable.
+
+* :class:`RNGStateCheckpoint`: puts the Python, NumPy and torch RNG states in every checkpoint
+  and restores them on resume (Lightning's checkpoints do not hold them), so a resumed run
+  draws the same augmentations and dropout masks as an uninterrupted one.
+* :class:`AtomicCheckpointIO`: writes a checkpoint to a temporary file and renames it into
+  place, so a killed process never leaves a half-written ``last.ckpt``.
+* :class:`ImagesPerSecond`: images/s in the progress bar and the logs.
+* :class:`RunArtifacts`: at the end of fit/test, the loss/accuracy curves and the confusion
+  matrix as PNGs, a summary table, and the weights as ``model.safetensors``.
+* :class:`PredictionWriter`: class names and probabilities of ``vitkit predict`` to CSV/JSON.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+
+
+class RNGStateCheckpoint(Callback):
+    """Save and restore every random number generator with the checkpoint."""
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state = {
+            "python": random.getstate(),
+            # plain types and tensors only, so checkpoints load with torch.load(weights_only=True)
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        random.setstate(state_dict["python"])
+        kind, keys, pos, has_gauss, gauss = state_dict["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        torch.set_rng_state(state_dict["torch"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to ``<name>.tmp-XXXX`` in the same folder, fsync, then ``os.replace`` into place."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+class ImagesPerSecond(Callback):
+    """Log training throughput (images/s over the last ``window`` batches) to the progress bar."""
+
+    def __init__(self, window: int = 20) -> None:
+        self.window = window
+        self._times: list[float] = []
+        self._sizes: list[int] = []
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int
+    ) -> None:
+        self._times.append(time.perf_counter())
+        self._sizes.append(int(batch[0].shape[0]) * trainer.world_size)
+        del self._times[: -self.window - 1], self._sizes[: -self.window - 1]
+        if len(self._times) > 1:
+            elapsed = self._times[-1] - self._times[0]
+            rate = sum(self._sizes[:-1]) / max(elapsed, 1e-9)
+            pl_module.log("img_per_s", rate, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._times.clear()
+        self._sizes.clear()
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    """The folder of this run: the logger's folder, else the trainer's root folder."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+class RunArtifacts(Callback):
+    """Write plots, a summary and exported weights into the run folder after fit and test."""
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and not trainer.sanity_checking:
+            self._write(trainer, pl_module, "val")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._write(trainer, pl_module, "test")
+
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from .plots import plot_confusion_matrix, plot_curves
+
+        folder = run_dir(trainer)
+        plots = folder / "plots"
+        plots.mkdir(parents=True, exist_ok=True)
+        metrics_csv = _find_metrics_csv(folder)
+        written = []
+        if metrics_csv is not None and stage == "val":
+            written += plot_curves(metrics_csv, plots)
+        matrix = getattr(pl_module, "last_confusion", {}).get(stage)
+        if matrix is not None:
+            path = plots / f"confusion_{stage}.png"
+            plot_confusion_matrix(matrix, pl_module.classes, path)
+            written.append(path)
+        summary = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
+        summary = {k: v for k, v in summary.items() if "/acc_" not in k}
+        if stage == "val":
+            weights = folder / "model.safetensors"
+            _export_weights(pl_module, weights)
+            summary["weights"] = str(weights)
+        (folder / f"summary_{stage}.json").write_text(json.dumps(summary, indent=2))
+        print(_summary_table(stage, summary, written))
+
+
+def _find_metrics_csv(folder: Path) -> Path | None:
+    candidates = sorted(folder.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
+    return candidates[-1] if candidates else None
+
+
+def _export_weights(pl_module: L.LightningModule, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    model = pl_module.model
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    metadata = {
+        "format": "vitkit",
+        "config": json.dumps(getattr(model, "config", {}), default=list),
+        "pretrained_cfg": json.dumps(getattr(model, "pretrained_cfg", {}), default=list),
+        "classes": json.dumps(list(getattr(pl_module, "classes", []))),
+    }
+    save_file(state, str(path), metadata=metadata)
+
+
+def _summary_table(stage: str, summary: dict[str, Any], plots: list[Path]) -> str:
+    lines = [f"\n{stage} summary", "-" * 40]
+    for key, value in summary.items():
+        lines.append(f"{key:<24} {value:.4f}" if isinstance(value, float) else f"{key:<24} {value}")
+    lines += [f"plot                     {p}" for p in plots]
+    return "\n".join(lines)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Write ``vitkit predict`` results (path, predicted class, probability, top-k) to CSV and JSON."""
+
+    def __init__(self, output: str = "predictions", top_k: int = 5) -> None:
+        super().__init__(write_interval="epoch")
+        self.output = output
+        self.top_k = top_k
+
+    def write_on_epoch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any, batch_indices: Any
+    ) -> None:
+        classes = list(getattr(pl_module, "classes", []))
+        rows = []
+        for batch in predictions:
+            probs, meta = batch["probs"].cpu(), batch["meta"]
+            top = probs.topk(min(self.top_k, probs.shape[1]), dim=1)
+            for i in range(probs.shape[0]):
+                name = meta[i] if meta is not None and not isinstance(meta, torch.Tensor) else str(len(rows))
+                labels = [classes[j] if j < len(classes) else str(j) for j in top.indices[i].tolist()]
+                rows.append(
+                    {
+                        "path": str(name),
+                        "prediction": labels[0],
+                        "probability": round(top.values[i, 0].item(), 6),
+                        "top_k": dict(
+                            zip(labels, [round(v, 6) for v in top.values[i].tolist()], strict=True)
+                        ),
+                    }
+                )
+        out = Path(self.output)
+        if not out.is_absolute():
+            out = run_dir(trainer) / out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+        with out.with_suffix(".csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "prediction", "probability"])
+            writer.writerows([r["path"], r["prediction"], r["probability"]] for r in rows)
+        print(f"Wrote {len(rows)} predictions to {out.with_suffix('.csv')} and {out.with_suffix('.json')}")

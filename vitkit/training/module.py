@@ -1,0 +1,291 @@
+"""The LightningModule that trains any vitkit model as an image classifier.
+
+It owns the model, the loss, the metrics and the optimiser/schedule; the data come from a
+LightningDataModule and everything around the loop (checkpoints, logging, EMA, precision,
+devices) from the Lightning Trainer and callbacks.
+
+Optimisation follows the ViT/DeiT recipes: AdamW, weight decay on weight matrices only (not on
+norms, biases, position/class/register tokens), optional layer-wise LR decay, linear warmup per
+step then cosine decay to ``min_lr``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from vitkit.models import create_model
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite: training stops instead of continuing on garbage."""
+
+
+class ImageClassifier(L.LightningModule):
+    """Train, validate, test and predict with a vitkit Vision Transformer.
+
+    Args:
+        model_name: a name from :func:`vitkit.list_models`.
+        model_options: options overriding the registered ones (e.g. ``{"depth": 6}``).
+        pretrained: weights to start from (a file, as accepted by ``create_model``).
+        num_classes: classifier outputs; taken from the data module when linked by the CLI.
+        classes: the class names, stored in checkpoints so predictions map back to names.
+        lr: peak learning rate (after warmup), for ``lr_batch_size`` images per step if set.
+        lr_batch_size: if set, the LR is scaled linearly: ``lr * global_batch / lr_batch_size``
+            (DeiT: ``5e-4 * batch / 512``).
+        min_lr: LR at the end of the cosine decay.
+        weight_decay: AdamW decoupled weight decay, applied to weight matrices only.
+        betas: AdamW betas.
+        warmup_epochs: linear warmup length in epochs (converted to steps) ...
+        warmup_steps: ... or in optimiser steps (takes precedence when > 0).
+        layer_decay: layer-wise LR decay factor (e.g. 0.65 for fine-tuning); ``None``: off.
+        label_smoothing: for the cross-entropy loss with hard labels.
+        loss: ``'ce'`` (softmax cross-entropy) or ``'bce'`` (sigmoid binary cross-entropy on
+            one-hot/soft targets, as in DeiT III).
+        freeze: ``'none'``, ``'linear_probe'`` (train the head only) or ``'backbone_until:N'``
+            (freeze the stem and the first N blocks).
+        fused_optimizer: use the fused/foreach AdamW implementation where available.
+        compile: wrap the model in ``torch.compile``.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "vit_tiny_patch4_32",
+        model_options: dict[str, Any] | None = None,
+        pretrained: str | None = None,
+        num_classes: int | None = None,
+        classes: list[str] | None = None,
+        lr: float = 1e-3,
+        lr_batch_size: int | None = None,
+        min_lr: float = 1e-5,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_epochs: float = 1.0,
+        warmup_steps: int = 0,
+        layer_decay: float | None = None,
+        label_smoothing: float = 0.0,
+        loss: Literal["ce", "bce"] = "ce",
+        freeze: str = "none",
+        fused_optimizer: bool = True,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        options = dict(model_options or {})
+        if num_classes is None and classes:
+            num_classes = len(classes)
+        if num_classes is not None:
+            options["num_classes"] = num_classes
+        self.model = create_model(model_name, pretrained=pretrained, **options)
+        self.num_classes = self.model.num_classes
+        if classes is not None and len(classes) != self.num_classes:
+            raise ValueError(f"{len(classes)} class names given for a model with {self.num_classes} classes.")
+        self.classes = list(classes) if classes else [str(i) for i in range(self.num_classes)]
+        _apply_freeze(self.model, freeze)
+        self._forward_model: nn.Module = torch.compile(self.model) if compile else self.model
+
+        top_k = (1, 5) if self.num_classes > 5 else (1,)
+        metrics = MetricCollection(
+            {f"acc{k}": MulticlassAccuracy(self.num_classes, top_k=k, average="micro") for k in top_k}
+        )
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        self.val_confusion = MulticlassConfusionMatrix(self.num_classes)
+        self.test_confusion = MulticlassConfusionMatrix(self.num_classes)
+        self.last_confusion: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ forward and loss
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._forward_model(images)
+
+    def compute_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy for int labels (with label smoothing) or soft targets (mixup/cutmix)."""
+        logits = logits.float()
+        if self.hparams.loss == "bce":
+            if targets.ndim == 1:
+                targets = F.one_hot(targets, self.num_classes).float()
+            return F.binary_cross_entropy_with_logits(logits, targets)
+        if targets.ndim == 1:
+            return F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+        return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()  # soft targets
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, targets = batch[0], batch[1]
+        loss = self.compute_loss(self(images), targets)
+        if not torch.isfinite(loss):
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else float("nan")
+            raise NonFiniteLossError(
+                f"The training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}, "
+                f"batch {batch_idx}, lr {lr:.3g}). Training stopped so it does not continue on garbage. "
+                "Try a lower --model.lr, a longer warmup, --trainer.gradient_clip_val 1.0, or "
+                "bf16-mixed instead of 16-mixed precision; check the inputs for NaNs."
+            )
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=images.shape[0])
+        return loss
+
+    def _evaluate(self, batch: Any, metrics: MetricCollection, confusion: nn.Module, stage: str) -> None:
+        images, targets = batch[0], batch[1]
+        logits = self(images)
+        loss = self.compute_loss(logits, targets)
+        labels = targets if targets.ndim == 1 else targets.argmax(dim=-1)
+        metrics.update(logits, labels)
+        confusion.update(logits, labels)
+        self.log(
+            f"{stage}/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=images.shape[0]
+        )
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, self.val_confusion, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, self.test_confusion, "test")
+
+    def _end_epoch(self, metrics: MetricCollection, confusion: MulticlassConfusionMatrix, stage: str) -> None:
+        self.log_dict(metrics.compute(), prog_bar=True, sync_dist=True)  # torchmetrics syncs across ranks
+        matrix = confusion.compute()
+        per_class = matrix.diag() / matrix.sum(dim=1).clamp(min=1)
+        for name, acc in zip(self.classes, per_class.tolist(), strict=True):
+            self.log(f"{stage}/acc_{name}", acc, sync_dist=False)
+        self.last_confusion[stage] = matrix.cpu()
+        metrics.reset()
+        confusion.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_epoch(self.val_metrics, self.val_confusion, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_epoch(self.test_metrics, self.test_confusion, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        images = batch[0] if isinstance(batch, list | tuple) else batch
+        extra = batch[1] if isinstance(batch, list | tuple) and len(batch) > 1 else None
+        return {"probs": self(images).float().softmax(dim=-1), "meta": extra}
+
+    # ------------------------------------------------------------------ optimisation
+    def effective_lr(self) -> float:
+        """The peak LR after optional linear scaling by the global batch size."""
+        lr = self.hparams.lr
+        if self.hparams.lr_batch_size and self.trainer is not None:
+            batch = _global_batch_size(self.trainer)
+            if batch:
+                lr = lr * batch / self.hparams.lr_batch_size
+        return lr
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        lr = self.effective_lr()
+        groups = parameter_groups(self.model, self.hparams.weight_decay, self.hparams.layer_decay)
+        for group in groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        use_fused = self.hparams.fused_optimizer and all(
+            p.device.type in ("cuda", "cpu") for g in groups for p in g["params"]
+        )
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(self.hparams.betas), fused=use_fused or None)
+
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        if self.hparams.warmup_steps > 0:
+            warmup = self.hparams.warmup_steps
+        else:
+            steps_per_epoch = total / max(self.trainer.max_epochs or 1, 1)
+            warmup = round(self.hparams.warmup_epochs * steps_per_epoch)
+        schedule = warmup_cosine(warmup, total, min_ratio=self.hparams.min_lr / max(lr, 1e-12))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class _WarmupCosine:
+    """LR multiplier: linear from ~0 to 1 over ``warmup`` steps, then cosine to ``min_ratio``."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float) -> None:
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        progress = min((step - self.warmup) / max(self.total - self.warmup, 1), 1.0)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.0) -> _WarmupCosine:
+    """A picklable LR-multiplier function for ``LambdaLR``: linear warmup, then cosine decay."""
+    return _WarmupCosine(warmup, total, min_ratio)
+
+
+def parameter_groups(
+    model: nn.Module, weight_decay: float, layer_decay: float | None = None
+) -> list[dict[str, Any]]:
+    """AdamW parameter groups: decay only weight matrices; optional layer-wise LR decay.
+
+    Norm weights, biases and the ``no_weight_decay()`` tokens (position, class, register) get no
+    weight decay. With ``layer_decay`` d, block i of L gets ``lr_scale = d ** (L + 1 - (i + 1))``:
+    the stem (patch embedding, tokens) d^(L+1), the head 1.
+    """
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    depth = len(getattr(model, "blocks", []))
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim <= 1 or name in skip or name.endswith(".bias")
+        layer = _layer_id(name, depth) if layer_decay is not None else depth + 1
+        key = (layer, no_decay)
+        if key not in groups:
+            scale = layer_decay ** (depth + 1 - layer) if layer_decay is not None else 1.0
+            groups[key] = {
+                "params": [],
+                "param_names": [],
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                "lr_scale": scale,
+            }
+        groups[key]["params"].append(param)
+        groups[key]["param_names"].append(name)
+    return list(groups.values())
+
+
+def _layer_id(name: str, depth: int) -> int:
+    if name.startswith(("cls_token", "reg_token", "pos_embed", "patch_embed", "norm_pre")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def _apply_freeze(model: nn.Module, strategy: str) -> None:
+    if strategy in ("none", "full", ""):
+        return
+    if strategy == "linear_probe":
+        for name, param in model.named_parameters():
+            param.requires_grad = name.startswith(("head.", "fc_norm."))
+        return
+    if strategy.startswith("backbone_until:"):
+        n = int(strategy.split(":", 1)[1])
+        for name, param in model.named_parameters():
+            if _layer_id(name, len(model.blocks)) <= n:
+                param.requires_grad = False
+        return
+    raise ValueError(f"freeze={strategy!r}: use 'none', 'linear_probe' or 'backbone_until:N'.")
+
+
+def _global_batch_size(trainer: L.Trainer) -> int | None:
+    datamodule = getattr(trainer, "datamodule", None)
+    batch = getattr(datamodule, "batch_size", None)
+    if batch is None:
+        return None
+    return int(batch) * trainer.world_size * trainer.accumulate_grad_batches
+
+
+def load_classifier(checkpoint: str | Path, map_location: str = "cpu") -> ImageClassifier:
+    """Load a trained :class:`ImageClassifier` from a vitkit ``.ckpt`` file (no pretrained re-download)."""
+    ckpt = torch.load(checkpoint, map_location=map_location, weights_only=False)
+    hparams = dict(ckpt.get("hyper_parameters", {}))
+    hparams["pretrained"] = None
+    module = ImageClassifier(**hparams)
+    module.load_state_dict(ckpt["state_dict"])
+    return module.eval()
