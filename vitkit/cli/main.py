@@ -1,4 +1,13 @@
-"""Entry point of the ``vitkit`` command: dispatches to one sub-command per job."""
+"""Entry point of the ``vitkit`` command: one sub-command per job.
+
+vitkit quickstart                  train on the embedded synthetic-shapes data (no download)
+vitkit fit|validate|test|predict   LightningCLI driven by YAML recipes (--config NAME_OR_FILE)
+vitkit data synth OUT              write the synthetic shapes dataset with object masks
+vitkit explain ...                 attention heatmaps and their faithfulness metrics
+vitkit recipes                     list the shipped recipes
+vitkit models [PATTERN]            list the registered models
+vitkit demo                        build a model, run it on an embedded image, print it
+"""
 
 from __future__ import annotations
 
@@ -6,8 +15,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+_LIGHTNING = ("fit", "validate", "test", "predict")
+_USAGE = __doc__.split("\n\n", 1)[1]
 
-def _demo(args: argparse.Namespace) -> int:
+
+def _demo(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vitkit demo", description="Run a model on an embedded image.")
+    parser.add_argument("--model", default="vit_tiny_patch4_32", help="a name from `vitkit models`")
+    args = parser.parse_args(argv)
+
     import torch
 
     import vitkit
@@ -27,27 +43,70 @@ def _demo(args: argparse.Namespace) -> int:
         f"\n{args.model}: {params / 1e6:.2f} M parameters, patch grid {model.grid_size}, "
         f"{model.num_prefix_tokens} prefix token(s)"
     )
-    print(
-        f"input {tuple(image.shape)} -> logits {tuple(logits.shape)}; "
-        f"top class {logits.argmax(-1).item()} (untrained weights)"
-    )
+    print(f"input {tuple(image.shape)} -> logits {tuple(logits.shape)} (untrained weights)")
     return 0
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vitkit", description="Vision Transformers: train, fine-tune, explain."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="build a model, run it on an embedded image, print its structure")
-    demo.add_argument("--model", default="vit_tiny_patch4_32", help="a name from vitkit.list_models()")
-    demo.set_defaults(func=_demo)
-    return parser
+def _models(argv: list[str]) -> int:
+    import vitkit
+
+    for name in vitkit.list_models(argv[0] if argv else "*"):
+        print(name)
+    return 0
+
+
+def _recipes(argv: list[str]) -> int:
+    from vitkit.training.cli import RECIPES_DIR, list_recipes
+
+    for name in list_recipes():
+        first = (RECIPES_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+        print(f"{name:<28} {first}")
+    return 0
+
+
+def _quickstart(argv: list[str]) -> int:
+    from vitkit.training.quickstart import quickstart
+
+    return quickstart(argv)
+
+
+def _data(argv: list[str]) -> int:
+    from vitkit.data.cli import data_main
+
+    return data_main(argv)
+
+
+def _explain(argv: list[str]) -> int:
+    from vitkit.explain.cli import explain_main
+
+    return explain_main(argv)
+
+
+_COMMANDS = {
+    "quickstart": _quickstart,
+    "demo": _demo,
+    "models": _models,
+    "recipes": _recipes,
+    "data": _data,
+    "explain": _explain,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
-    return args.func(args)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(f"usage: vitkit COMMAND [options]\n\n{_USAGE}\n`vitkit COMMAND --help` explains each command.")
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command in _LIGHTNING:
+        from vitkit.training.cli import cli_main
+
+        cli_main([command, *rest])
+        return 0
+    if command not in _COMMANDS:
+        print(f"vitkit: unknown command {command!r}. Commands: {', '.join([*_LIGHTNING, *_COMMANDS])}.")
+        return 2
+    return _COMMANDS[command](rest)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,7 @@
+"""``python -m vitkit.cli ...`` (used by torchrun, which launches modules)."""
+
+import sys
+
+from vitkit.cli import main
+
+sys.exit(main())
