@@ -56,7 +56,7 @@ def _models(argv: list[str]) -> int:
 
 
 def _recipes(argv: list[str]) -> int:
-    from vitkit.training.cli import RECIPES_DIR, list_recipes
+    from vitkit.training.recipes import RECIPES_DIR, list_recipes
 
     for name in list_recipes():
         first = (RECIPES_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
