@@ -1,0 +1,51 @@
+"""Run by test_training_ddp.py as a real script: Lightning's DDP launcher re-executes it per rank.
+
+Usage: python ddp_script.py OUT_DIR [CKPT_TO_RESUME]
+Trains a tiny ViT with strategy='ddp' on 2 CPU processes (gloo), then each rank writes its
+final weights to OUT_DIR/rank<r>.pt; rank 0's checkpoint is OUT_DIR/checkpoints/last.ckpt.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_training_module import QuadrantData, _module
+
+from vitkit.training import AtomicCheckpointIO, RNGStateCheckpoint
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    resume = sys.argv[2] if len(sys.argv) > 2 else None
+    L.seed_everything(0)
+    module = _module()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=2 if resume else 1,
+        default_root_dir=out,
+        logger=L.pytorch.loggers.CSVLogger(out, name="", version=""),
+        callbacks=[RNGStateCheckpoint(), L.pytorch.callbacks.ModelCheckpoint(save_last=True)],
+        plugins=[AtomicCheckpointIO()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=QuadrantData(n=256), ckpt_path=resume)
+    state = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+    torch.save(
+        {"weights": state, "step": trainer.global_step, "world": trainer.world_size},
+        out / f"rank{trainer.global_rank}{'_resumed' if resume else ''}.pt",
+    )
+    if trainer.global_rank == 0:
+        val = float(trainer.callback_metrics["val/acc1"])
+        (out / f"val_acc{'_resumed' if resume else ''}.txt").write_text(str(val))
+
+
+if __name__ == "__main__":
+    main()
