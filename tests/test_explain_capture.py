@@ -1,0 +1,183 @@
+"""Capturing attention: exact weights, only the requested layers, every token layout and backend."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from vitkit.explain import AttentionRecorder, TokenLayout, attention_maps, token_layout
+from vitkit.models import VisionTransformer
+
+TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 5}
+
+
+def _explicit_attention(model, images, qkv_of):
+    """softmax(q kᵀ / √d) recomputed by hand from each block's normalised input."""
+    inputs = {}
+    hooks = [
+        block.norm1.register_forward_hook(lambda m, a, out, i=i: inputs.__setitem__(i, out))
+        for i, block in enumerate(model.blocks)
+    ]
+    with torch.no_grad():
+        model.eval()(images)
+    for h in hooks:
+        h.remove()
+    expected = {}
+    for i, block in enumerate(model.blocks):
+        q, k = qkv_of(block.attn, inputs[i])
+        expected[i] = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1)
+    return expected
+
+
+def _qk(attn, x):
+    b, n, d = x.shape
+    qkv = (x @ attn.qkv.weight.T + attn.qkv.bias).reshape(b, n, 3, attn.num_heads, d // attn.num_heads)
+    q, k, _ = qkv.permute(2, 0, 3, 1, 4)
+    return attn.q_norm(q), attn.k_norm(k)
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"reg_tokens": 4, "qk_norm": True}, {"class_token": False, "global_pool": "avg"}]
+)
+def test_attention_maps_equal_the_explicit_formula_on_vitkit(options):
+    model = VisionTransformer(**TINY, **options)
+    images = torch.randn(2, 3, 32, 32)
+    maps = attention_maps(model, images)
+    expected = _explicit_attention(model, images, _qk)
+    n = model.num_prefix_tokens + 16
+    assert sorted(maps) == [0, 1]
+    for i in (0, 1):
+        assert maps[i].shape == (2, 2, n, n)
+        torch.testing.assert_close(maps[i], expected[i], rtol=1e-5, atol=1e-6)
+    assert all(block.attn.fused_attn for block in model.blocks)
+
+
+def test_attention_maps_on_timm_with_fused_attention_left_on():
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=5, reg_tokens=2, qk_norm=True
+    )
+    for block in model.blocks:
+        block.attn.fused_attn = True
+    images = torch.randn(2, 3, 32, 32)
+    maps = attention_maps(model, images, layers=[-1, 3])
+    assert sorted(maps) == [3, 11]
+    expected = _explicit_attention(model, images, _qk)
+    for i in (3, 11):
+        torch.testing.assert_close(maps[i], expected[i], rtol=1e-5, atol=1e-6)
+    assert all(block.attn.fused_attn for block in model.blocks)  # restored
+
+
+def test_only_requested_layers_take_the_slow_path_and_are_kept():
+    model = VisionTransformer(**{**TINY, "depth": 3}).eval()
+    calls = {i: 0 for i in range(3)}
+    for i, block in enumerate(model.blocks):
+        block.attn.attn_drop.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+    with AttentionRecorder(model, layers=[1]) as recorder:
+        assert [b.attn.fused_attn for b in model.blocks] == [True, False, True]
+        model(torch.randn(1, 3, 32, 32))
+    assert calls == {0: 0, 1: 1, 2: 0}  # layers 0 and 2 never materialised A
+    assert list(recorder.attentions) == [1]
+    assert [b.attn.fused_attn for b in model.blocks] == [True, True, True]
+
+
+def test_recorder_gradients_are_keyed_by_their_own_layer_and_settings_are_restored():
+    model = VisionTransformer(**TINY).eval()
+    model.set_grad_checkpointing(True)
+    images = torch.randn(2, 3, 32, 32)
+    with AttentionRecorder(model, gradients=True) as recorder:
+        assert not model.grad_checkpointing
+        model(images)[:, 2].sum().backward()
+    assert model.grad_checkpointing
+    # the same gradients by autograd.grad with respect to each captured tensor
+    with AttentionRecorder(model) as second:
+        logits = model(images)
+    grads = torch.autograd.grad(logits[:, 2].sum(), [second.attentions[0], second.attentions[1]])
+    for i in (0, 1):
+        torch.testing.assert_close(recorder.gradients[i], grads[i])
+    assert not torch.allclose(recorder.gradients[0], recorder.gradients[1])
+
+
+def test_recorder_restores_the_model_after_an_error():
+    model = VisionTransformer(**TINY)
+    with pytest.raises(ValueError), AttentionRecorder(model):
+        model(torch.randn(1, 3, 24, 24))  # wrong size: the model raises
+    assert all(block.attn.fused_attn for block in model.blocks)
+    assert all(not block.attn.attn_drop._forward_pre_hooks for block in model.blocks)
+
+
+def test_token_layouts_of_vitkit_and_timm_models():
+    cls = token_layout(VisionTransformer(**TINY), (32, 32))
+    assert cls == TokenLayout(grid=(4, 4), num_prefix_tokens=1, cls_index=0)
+    assert cls.query_indices() == [0]
+    reg = token_layout(VisionTransformer(**TINY, reg_tokens=4, global_pool="avg"), (32, 32))
+    assert (reg.num_prefix_tokens, reg.reg_indices, reg.pooling) == (5, (1, 2, 3, 4), "patches")
+    assert reg.query_indices() == list(range(5, 21))
+    assert reg.labels()[:6] == ["CLS", "REG0", "REG1", "REG2", "REG3", "(0,0)"]
+    gap = token_layout(VisionTransformer(**TINY, class_token=False, global_pool="avg"), (32, 32))
+    assert (gap.cls_index, gap.num_prefix_tokens) == (None, 0)
+    with pytest.raises(ValueError, match="no class token"):
+        gap.query_indices("cls")
+    wide = token_layout(VisionTransformer(**{**TINY, "img_size": (32, 48)}), (32, 48))
+    assert wide.grid == (4, 6)
+    dynamic = token_layout(VisionTransformer(**TINY, dynamic_img_size=True), torch.zeros(1, 3, 24, 40))
+    assert dynamic.grid == (3, 5)
+
+    deit = timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, num_classes=5)
+    layout = token_layout(deit, (32, 32))
+    assert (layout.cls_index, layout.dist_index, layout.query_indices()) == (0, 1, [0, 1])
+    assert layout.labels()[:3] == ["CLS", "DIST", "(0,0)"]
+    treg = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, reg_tokens=3, dynamic_img_size=True, num_classes=5
+    )
+    layout = token_layout(treg, (24, 40))
+    assert (layout.grid, layout.reg_indices) == ((3, 5), (1, 2, 3))
+    maps = attention_maps(treg, torch.randn(1, 3, 24, 40), layers=0)
+    assert maps[0].shape == (1, 3, 4 + 15, 4 + 15)
+
+
+def test_hugging_face_vit_attention_is_read_layer_by_layer():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=5,
+    )
+    model = transformers.ViTForImageClassification(config).eval()
+    before = model.config._attn_implementation
+    images = torch.randn(2, 3, 32, 32)
+    inputs = {}
+    layers = [m for m in model.modules() if type(m).__name__ == "ViTLayer"]
+    for i, layer in enumerate(layers):
+        layer.layernorm_before.register_forward_hook(lambda m, a, out, i=i: inputs.__setitem__(i, out))
+    maps = attention_maps(model, images, layers=[1])
+    assert list(maps) == [1]
+    attn = layers[1].attention
+    q = attn.q_proj(inputs[1]).unflatten(-1, (2, 16)).transpose(1, 2)
+    k = attn.k_proj(inputs[1]).unflatten(-1, (2, 16)).transpose(1, 2)
+    expected = torch.softmax(q @ k.transpose(-2, -1) / 4.0, dim=-1)
+    torch.testing.assert_close(maps[1], expected.detach(), rtol=1e-5, atol=1e-6)
+    assert model.config._attn_implementation == before
+    assert layers[1].attention.config is model.config
+    assert token_layout(model, images).grid == (4, 4)
+
+
+def test_torchvision_vit_attention_weights():
+    from torchvision.models import VisionTransformer as TVViT
+
+    model = TVViT(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64).eval()
+    images = torch.randn(2, 3, 32, 32)
+    inputs = {}
+    layer = model.encoder.layers[0]
+    layer.ln_1.register_forward_hook(lambda m, a, out: inputs.__setitem__(0, out))
+    maps = attention_maps(model, images, layers=0)
+    w, b = layer.self_attention.in_proj_weight, layer.self_attention.in_proj_bias
+    q, k, _ = (inputs[0] @ w.T + b).unflatten(-1, (3, 2, 16)).permute(2, 0, 3, 1, 4)
+    expected = torch.softmax(q @ k.transpose(-2, -1) / 4.0, dim=-1)
+    torch.testing.assert_close(maps[0], expected.detach(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="gradients cannot be read"):
+        AttentionRecorder(model, gradients=True)
