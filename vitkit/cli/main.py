@@ -76,6 +76,12 @@ def _data(argv: list[str]) -> int:
     return data_main(argv)
 
 
+def _bench(argv: list[str]) -> int:
+    from vitkit.bench import bench_main
+
+    return bench_main(argv)
+
+
 def _explain(argv: list[str]) -> int:
     from vitkit.explain.cli import explain_main
 
@@ -89,6 +95,7 @@ _COMMANDS = {
     "recipes": _recipes,
     "data": _data,
     "explain": _explain,
+    "bench": _bench,
 }
 
 

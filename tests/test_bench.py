@@ -1,0 +1,38 @@
+"""The benchmark harness: the timm twin is the same model, FLOPs are counted right."""
+
+from __future__ import annotations
+
+import torch
+from conftest import TINY
+
+import vitkit
+from vitkit.bench import compare, count_flops, format_table, timm_twin
+
+
+def test_timm_twin_has_the_same_weights_and_logits():
+    for extra in ({}, {"class_token": False, "global_pool": "avg", "pos_embed": "sincos", "reg_tokens": 2}):
+        model = vitkit.create_model("vit_tiny_patch4_32", **{**TINY, **extra}).eval()
+        twin = timm_twin(model).eval()
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(twin(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_flop_count_of_a_linear_layer_is_2_m_n_k():
+    layer = torch.nn.Linear(64, 32)
+    x = torch.randn(8, 64)
+    assert count_flops(lambda: layer(x)) == 2 * 8 * 64 * 32
+
+
+def test_compare_reports_both_libraries_and_a_ratio():
+    results = compare("vit_tiny_patch4_32", batch_size=2, rounds=1, iters=1, warmup=1, **TINY)
+    assert {(r.library, r.mode) for r in results} == {
+        (lib, m) for lib in ("vitkit", "timm") for m in ("train", "infer")
+    }
+    train = {r.library: r for r in results if r.mode == "train"}
+    # same architecture, so the counted FLOPs agree; training is about 3x inference
+    assert train["vitkit"].flops_per_image == train["timm"].flops_per_image
+    infer = next(r for r in results if r.mode == "infer" and r.library == "vitkit")
+    assert 2.5 < train["vitkit"].flops_per_image / infer.flops_per_image < 3.5
+    assert all(r.images_per_s > 0 and r.mfu is None for r in results)  # no MFU without a GPU peak
+    table = format_table(results)
+    assert table.count("\n") == 3 and "| train | fp32 |" in table

@@ -1,0 +1,242 @@
+"""Model speed: vitkit against the same timm model, in one process, alternating.
+
+For a model name and input size it measures training-step and inference throughput (images/s),
+FLOPs per image (counted with ``torch.utils.flop_counter``, not guessed), peak memory, and on a
+GPU the model FLOPs utilisation: MFU = images/s x training FLOPs per image / device peak.
+
+The two models get the same weights and the same inputs, and are timed in alternating rounds so
+that a shared, noisy machine slows both alike; the ratio is the number to read.
+
+    python -m vitkit.bench --model vit_tiny_patch4_32 --batch-size 128 --precision fp32 bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import timm
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import vitkit
+
+# Dense bf16 peak FLOP/s by device name (vendor datasheets, no sparsity).
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}
+
+_TIMM_IGNORES = ("model_name", "weight_init", "norm_eps", "pos_embed")
+
+
+@dataclass
+class SpeedResult:
+    library: str
+    mode: str
+    precision: str
+    images_per_s: float
+    flops_per_image: float
+    peak_memory_mb: float | None
+    mfu: float | None
+
+
+def timm_twin(model: nn.Module) -> nn.Module:
+    """The timm ``VisionTransformer`` with the same options and weights as a vitkit model."""
+    options = {k: v for k, v in model.config.items() if k not in _TIMM_IGNORES}
+    options["pos_embed"] = "learn" if model.pos_embed is not None else "none"  # sincos tables load as weights
+    twin = timm.models.vision_transformer.VisionTransformer(**options)
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=x.device.type in ("cuda", "cpu"))
+
+    def step() -> None:
+        with _autocast(x.device, precision):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _infer_fn(model: nn.Module, x: torch.Tensor, precision: str) -> Callable[[], None]:
+    @torch.inference_mode()
+    def step() -> None:
+        with _autocast(x.device, precision):
+            model(x)
+
+    return step
+
+
+def count_flops(step: Callable[[], None]) -> float:
+    """FLOPs of one call of ``step`` (matmuls, convolutions, attention), counted by torch."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(step: Callable[[], None], iters: int, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    _sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def _peak_tflops(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def compare(
+    model_name: str,
+    batch_size: int = 64,
+    precisions: Sequence[str] = ("fp32",),
+    modes: Sequence[str] = ("train", "infer"),
+    device: str = "cpu",
+    fused_attn: bool = True,
+    compile: bool = False,
+    rounds: int = 5,
+    iters: int = 5,
+    warmup: int = 3,
+    peak_tflops: float | None = None,
+    **model_options,
+) -> list[SpeedResult]:
+    """Time vitkit and its timm twin, alternating ``rounds`` times; median images/s per setting."""
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    ours = vitkit.create_model(model_name, **model_options).to(dev)
+    theirs = timm_twin(ours.cpu()).to(dev)
+    ours.to(dev)
+    for module in ours.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = fused_attn
+    models = {"vitkit": ours, "timm": theirs}
+    if compile:
+        models = {k: torch.compile(m) for k, m in models.items()}
+    x = torch.randn(batch_size, ours.patch_embed.in_chans, *ours.img_size, device=dev)
+    y = torch.randint(0, max(ours.num_classes, 1), (batch_size,), device=dev)
+    peak = _peak_tflops(dev, peak_tflops)
+
+    results = []
+    for precision in precisions:
+        for mode in modes:
+            steps = {}
+            for name, model in models.items():
+                model.train(mode == "train")
+                steps[name] = (
+                    _train_step_fn(model, x, y, precision)
+                    if mode == "train"
+                    else _infer_fn(model, x, precision)
+                )
+            flops = {name: count_flops(step) / batch_size for name, step in steps.items()}
+            for step in steps.values():
+                for _ in range(warmup):
+                    step()
+            times: dict[str, list[float]] = {name: [] for name in steps}
+            for _ in range(rounds):
+                for name, step in steps.items():
+                    times[name].append(_time(step, iters, dev))
+            for name in steps:
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                    steps[name]()
+                    memory = torch.cuda.max_memory_allocated(dev) / 2**20
+                else:
+                    memory = None
+                rate = batch_size / statistics.median(times[name])
+                mfu = rate * flops[name] / (peak * 1e12) if peak and mode == "train" else None
+                results.append(SpeedResult(name, mode, precision, rate, flops[name], memory, mfu))
+    return results
+
+
+def format_table(results: list[SpeedResult]) -> str:
+    """A markdown table with one row per (mode, precision) and the vitkit/timm ratio."""
+    lines = [
+        "| mode | precision | vitkit img/s | timm img/s | ratio | GFLOPs/img | vitkit MFU "
+        "| peak MB (vitkit/timm) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    keyed = {(r.library, r.mode, r.precision): r for r in results}
+    for mode, precision in dict.fromkeys((r.mode, r.precision) for r in results):
+        ours, theirs = keyed[("vitkit", mode, precision)], keyed[("timm", mode, precision)]
+        mfu = f"{ours.mfu:.1%}" if ours.mfu is not None else "n/a"
+        memory = (
+            f"{ours.peak_memory_mb:.0f} / {theirs.peak_memory_mb:.0f}"
+            if ours.peak_memory_mb is not None
+            else "n/a"
+        )
+        lines.append(
+            f"| {mode} | {precision} | {ours.images_per_s:.1f} | {theirs.images_per_s:.1f} | "
+            f"{ours.images_per_s / theirs.images_per_s:.3f} | {ours.flops_per_image / 1e9:.3f} | {mfu} "
+            f"| {memory} |"
+        )
+    return "\n".join(lines)
+
+
+def bench_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vitkit bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="vit_tiny_patch4_32")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    parser.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--explicit-attn", action="store_true", help="time the explicit softmax path")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="device peak for MFU (default: by name)"
+    )
+    parser.add_argument("--json", action="store_true", help="print raw results as JSON too")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = compare(
+        args.model,
+        batch_size=args.batch_size,
+        precisions=args.precision,
+        modes=args.modes,
+        device=args.device,
+        fused_attn=not args.explicit_attn,
+        compile=args.compile,
+        rounds=args.rounds,
+        iters=args.iters,
+        peak_tflops=args.peak_tflops,
+    )
+    device = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU x{torch.get_num_threads()}"
+    )
+    print(
+        f"{args.model}, batch {args.batch_size}, {device}, torch {torch.__version__}, timm {timm.__version__}"
+    )
+    print(format_table(results))
+    if args.json:
+        import json
+
+        print(json.dumps([asdict(r) for r in results], indent=2))
+    return 0
