@@ -1,0 +1,288 @@
+"""Saliency methods against independent straightforward implementations, batched, any layout."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from vitkit.explain import (
+    METHODS,
+    AttentionRecorder,
+    attention_maps,
+    explain,
+    gradient_rollout,
+    input_gradient,
+    raw_attention,
+    relevance,
+    rollout,
+)
+from vitkit.models import VisionTransformer
+
+TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 5}
+LAYOUTS = {
+    "cls": {},
+    "registers": {"reg_tokens": 4},
+    "no_cls": {"class_token": False, "global_pool": "avg"},
+}
+
+
+def _model(name: str, **extra) -> VisionTransformer:
+    torch.manual_seed(1)
+    model = VisionTransformer(**{**TINY, "depth": 3, **LAYOUTS[name], **extra}).eval()
+    # sharper than the init's near-uniform attention, so the maps are far from trivial
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(20)
+    return model
+
+
+# ------------------------------------------------------------------ straightforward references
+def _reference_rollout(attns, prefix, has_cls, grid, head_fusion="mean", discard_ratio=0.0, start=0):
+    """Per image, loop over layers, heads and entries: the textbook recipe written out."""
+    batch, heads, n, _ = attns[0].shape
+    maps = []
+    for b in range(batch):
+        joint = torch.eye(n, dtype=torch.float64)
+        for layer in range(start, len(attns)):
+            per_head = [attns[layer][b, h].double() for h in range(heads)]
+            if head_fusion == "mean":
+                fused = sum(per_head) / heads
+            elif head_fusion == "max":
+                fused = torch.stack(per_head).max(0).values
+            else:
+                fused = torch.stack(per_head).min(0).values
+            if discard_ratio:
+                candidates = [
+                    (fused[i, j].item(), i, j)
+                    for i in range(n)
+                    for j in range(n)
+                    if not (has_cls and (i == 0 or j == 0))
+                ]
+                candidates.sort()
+                for _, i, j in candidates[: int(discard_ratio * len(candidates))]:
+                    fused[i, j] = 0.0
+            mixed = fused + torch.eye(n, dtype=torch.float64)
+            for i in range(n):
+                mixed[i] = mixed[i] / mixed[i].sum()
+            joint = mixed @ joint
+        row = joint[0] if has_cls else joint[prefix:].mean(0)
+        patches = row[prefix:]
+        maps.append((patches / patches.sum()).reshape(grid))
+    return torch.stack(maps).float()
+
+
+def _attention_and_gradients_by_backward(model, images, target):
+    """A and ∂logit/∂A per layer, via the recorder and an ordinary backward pass, image by image."""
+    attns, grads = [], []
+    for b in range(images.shape[0]):
+        with AttentionRecorder(model, gradients=True) as rec:
+            logits = model(images[b : b + 1])
+            logits[0, int(target[b])].backward()
+        attns.append([rec.attentions[i].detach()[0] for i in range(len(model.blocks))])
+        grads.append([rec.gradients[i][0] for i in range(len(model.blocks))])
+    return attns, grads
+
+
+# ------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"head_fusion": "max", "discard_ratio": 0.5},
+        {"head_fusion": "min", "start_layer": 1},
+        {"discard_ratio": 0.9, "start_layer": -2},
+    ],
+)
+def test_rollout_equals_a_straightforward_implementation(layout, options):
+    model = _model(layout)
+    images = torch.randn(3, 3, 32, 32)
+    attns = attention_maps(model, images)
+    start = options.get("start_layer", 0) % 3
+    expected = _reference_rollout(
+        [attns[i] for i in range(3)],
+        prefix=model.num_prefix_tokens,
+        has_cls=model.has_class_token,
+        grid=(4, 4),
+        head_fusion=options.get("head_fusion", "mean"),
+        discard_ratio=options.get("discard_ratio", 0.0),
+        start=start,
+    )
+    result = rollout(model, images, **options)
+    assert result.shape == (3, 4, 4)
+    torch.testing.assert_close(result, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_rollout_with_mean_fusion_is_the_papers_half_attention_half_identity():
+    model = _model("cls")
+    images = torch.randn(2, 3, 32, 32)
+    attns = attention_maps(model, images)
+    joint = torch.eye(17).expand(2, 17, 17)
+    for i in range(3):
+        joint = (0.5 * attns[i].mean(1) + 0.5 * torch.eye(17)) @ joint
+    expected = joint[:, 0, 1:] / joint[:, 0, 1:].sum(-1, keepdim=True)
+    torch.testing.assert_close(rollout(model, images).flatten(1), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_relevance_equals_the_chefer_formula(layout):
+    model = _model(layout)
+    images = torch.randn(3, 3, 32, 32)
+    target = torch.tensor([0, 3, 4])
+    attns, grads = _attention_and_gradients_by_backward(model, images, target)
+    prefix = model.num_prefix_tokens
+    expected = []
+    for b in range(3):
+        rel = torch.eye(prefix + 16)
+        for a, g in zip(attns[b], grads[b], strict=True):
+            a_bar = sum((g[h] * a[h]).clamp(min=0) for h in range(a.shape[0])) / a.shape[0]
+            rel = rel + a_bar @ rel
+        row = rel[0, prefix:] if model.has_class_token else rel[prefix:, prefix:].mean(0)
+        expected.append((row / row.sum()).reshape(4, 4))
+    result = relevance(model, images, target)
+    torch.testing.assert_close(result, torch.stack(expected), rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_rollout_pairs_each_gradient_with_its_own_layer_and_depends_on_the_target():
+    model = _model("registers")
+    images = torch.randn(2, 3, 32, 32)
+    target = torch.tensor([1, 2])
+    attns, grads = _attention_and_gradients_by_backward(model, images, target)
+    weighted = [
+        torch.stack([a * g for a, g in zip(attns[b], grads[b], strict=True)]) for b in range(2)
+    ]  # per image: (layers, heads, N, N)
+    clamped = [w.mean(1, keepdim=True).clamp(min=0) for w in weighted]
+    expected = _reference_rollout(
+        [torch.stack([clamped[b][i] for b in range(2)]) for i in range(3)], 5, True, (4, 4)
+    )
+    torch.testing.assert_close(gradient_rollout(model, images, target), expected, rtol=1e-4, atol=1e-6)
+    # gradients paired with the wrong layers (the classic bug) give a different map
+    swapped = [
+        torch.stack(
+            [torch.stack([a * g for a, g in zip(attns[b], grads[b][::-1], strict=True)]) for b in range(2)]
+        )
+    ]
+    wrong = _reference_rollout(
+        [swapped[0][:, i].mean(1, keepdim=True).clamp(min=0) for i in range(3)], 5, True, (4, 4)
+    )
+    assert not torch.allclose(wrong, expected, atol=1e-4)
+    # class-specific: another target, another map
+    other = gradient_rollout(model, images, target=torch.tensor([3, 4]))
+    assert not torch.allclose(other, expected, atol=1e-4)
+    assert torch.equal(
+        gradient_rollout(model, images), gradient_rollout(model, images, model(images).argmax(-1))
+    )
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_batch_of_three_equals_three_batches_of_one_for_every_method(layout):
+    model = _model(layout)
+    images = torch.randn(3, 3, 32, 32)
+    for name in METHODS:
+        options = {"n_samples": 3} if name == "smoothgrad" else {}
+        batched = explain(model, images, name, **options)
+        single = torch.cat([explain(model, images[i : i + 1], name, **options) for i in range(3)])
+        assert batched.shape == (3, 4, 4), name
+        torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-6, msg=name)
+        assert torch.allclose(batched.sum((1, 2)), torch.ones(3), atol=1e-5), name
+        assert (batched >= 0).all(), name
+
+
+def test_raw_attention_reads_the_query_rows_per_head_or_fused():
+    model = _model("registers")
+    images = torch.randn(2, 3, 32, 32)
+    attn = attention_maps(model, images, layers=1)[1]
+    per_head = raw_attention(model, images, layer=1, head_fusion=None)
+    row = attn[:, :, 0, 5:]
+    torch.testing.assert_close(per_head.flatten(2), row / row.sum(-1, keepdim=True))
+    fused = raw_attention(model, images, layer=1, head_fusion="max")
+    expected = attn.amax(1)[:, 0, 5:]
+    torch.testing.assert_close(fused.flatten(1), expected / expected.sum(-1, keepdim=True))
+    gap = _model("no_cls")
+    attn = attention_maps(gap, images, layers=-1)[2]
+    expected = attn.mean(1)[:, :, :].mean(1)
+    torch.testing.assert_close(
+        raw_attention(gap, images).flatten(1), expected / expected.sum(-1, keepdim=True)
+    )
+    with pytest.raises(ValueError, match="no class token"):
+        raw_attention(gap, images, query="cls")
+
+
+def test_non_square_and_dynamic_grids():
+    wide = _model("registers", img_size=(32, 48))
+    dynamic = _model("cls", dynamic_img_size=True)
+    for model, size, grid in [(wide, (32, 48), (4, 6)), (dynamic, (24, 40), (3, 5))]:
+        images = torch.randn(2, 3, *size)
+        for name in METHODS:
+            options = {"n_samples": 2} if name == "smoothgrad" else {}
+            result = explain(model, images, name, **options)
+            assert result.shape == (2, *grid), name
+            single = explain(model, images[1:], name, **options)
+            torch.testing.assert_close(result[1:], single, rtol=1e-4, atol=1e-6, msg=name)
+    timm_model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5, dynamic_img_size=True
+    ).eval()
+    result = relevance(timm_model, torch.randn(2, 3, 24, 40))
+    assert result.shape == (2, 3, 5)
+
+
+def test_timm_distilled_model_reads_class_and_distillation_rows():
+    from timm.models.deit import VisionTransformerDistilled
+
+    model = VisionTransformerDistilled(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5
+    ).eval()
+    images = torch.randn(2, 3, 32, 32)
+    attn = attention_maps(model, images, layers=-1)[1].mean(1)
+    expected = attn[:, :2, 2:].mean(1)
+    torch.testing.assert_close(
+        raw_attention(model, images).flatten(1), expected / expected.sum(-1, keepdim=True)
+    )
+    for name in ("rollout", "relevance", "gradient_rollout"):
+        assert explain(model, images, name).shape == (2, 4, 4)
+
+
+def test_input_gradient_variants_match_autograd():
+    model = _model("cls")
+    images = torch.randn(2, 3, 32, 32, requires_grad=True)
+    target = torch.tensor([1, 4])
+    logits = model(images)
+    (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), images)
+    images = images.detach()
+
+    pixels = grad.abs().amax(1)
+    result = input_gradient(model, images, target, pixel=True)
+    torch.testing.assert_close(result, pixels / pixels.sum((1, 2), keepdim=True))
+    patches = pixels.unflatten(1, (4, 8)).unflatten(3, (4, 8)).sum((2, 4))
+    torch.testing.assert_close(
+        input_gradient(model, images, target), patches / patches.sum((1, 2), keepdim=True)
+    )
+
+    gxi = (grad * images).sum(1).abs()
+    result = input_gradient(model, images, target, method="grad_x_input", pixel=True)
+    torch.testing.assert_close(result, gxi / gxi.sum((1, 2), keepdim=True))
+
+    smooth = input_gradient(model, images, target, method="smoothgrad", n_samples=4, pixel=True)
+    assert smooth.shape == (2, 32, 32)
+    assert not torch.allclose(smooth, input_gradient(model, images, target, pixel=True), atol=1e-4)
+    same_seed = input_gradient(model, images, target, method="smoothgrad", n_samples=4, pixel=True)
+    torch.testing.assert_close(smooth, same_seed)
+
+
+def test_methods_leave_the_model_as_they_found_it():
+    model = _model("cls").train()
+    params = {n: p.clone() for n, p in model.named_parameters()}
+    for name in METHODS:
+        explain(model, torch.randn(1, 3, 32, 32), name, **({"n_samples": 2} if name == "smoothgrad" else {}))
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+    assert all(block.attn.fused_attn for block in model.blocks)
+
+
+def test_methods_work_inside_inference_mode():
+    model = _model("cls")
+    with torch.inference_mode():
+        images = torch.randn(1, 3, 32, 32)
+        assert relevance(model, images).shape == (1, 4, 4)
