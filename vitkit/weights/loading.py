@@ -1,10 +1,12 @@
-"""Read weight files and load them into a vitkit model, with errors that say what to change.
+"""Load checkpoints into vitkit models, adapting what fine-tuning changes on purpose.
 
-vitkit models use timm's parameter names, so a timm state dict needs no conversion. Loading
-still adapts what a user changes on purpose when fine-tuning:
+vitkit models use timm's parameter names; other layouts are converted on reading (see
+:mod:`vitkit.weights.checkpoint`). Loading then adapts what a user changes on purpose:
 
 * a different class count: the checkpoint's head is dropped and the model keeps its fresh one;
-* a different image size (patch grid): position embeddings are resampled bicubically.
+* a different image size (patch grid): position embeddings are resampled bicubically, from the
+  checkpoint's grid (square, or the non-square grid its config records, or ``old_grid``);
+* a different patch size: the patch-embedding kernel is resampled FlexiViT-style.
 
 Anything else that does not fit raises :class:`CheckpointMismatchError`, naming the keys, their
 shapes, and the model option that most likely differs.
@@ -13,24 +15,24 @@ shapes, and the model option that most likely differs.
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
+from vitkit.models import VisionTransformer, list_models
 from vitkit.models.position import resample_position_embedding
+
+from .checkpoint import Checkpoint, read_checkpoint
+from .convert import StateDict
+from .resample import infer_grid, resample_patch_embed
 
 logger = logging.getLogger("vitkit")
 
-StateDict = dict[str, torch.Tensor]
-
-_CONTAINER_KEYS = ("state_dict", "model", "module", "model_state", "state_dict_ema", "model_ema")
-_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
+Source = str | Path | Mapping[str, Any] | Checkpoint
 
 
 class CheckpointMismatchError(ValueError):
@@ -39,135 +41,149 @@ class CheckpointMismatchError(ValueError):
 
 @dataclass
 class LoadReport:
-    """What :func:`load_pretrained` did besides copying tensors."""
+    """What :func:`load_pretrained` did besides copying tensors.
+
+    Attributes:
+        source: the checkpoint, for messages.
+        format: the layout it was stored in (``'timm'``, ``'hf'``, ``'torchvision'``, ...).
+        head_reset: the head was not loaded (another class count); the model keeps its own.
+        pos_embed_resampled: ``(old grid, new grid)`` when position embeddings were resampled.
+        patch_embed_resampled: ``(old patch size, new patch size)`` when the kernel was resampled.
+        pretrained_cfg: the checkpoint's preprocessing (mean, std, interpolation, crop_pct,
+            crop_mode), with ``input_size`` set to the model's; empty if the source has none.
+        label_names: the class names of the loaded head, when the checkpoint has them.
+        checkpoint_options: the architecture options the checkpoint determines.
+        notes: human-readable lines about all of the above (also logged at INFO).
+    """
 
     source: str
+    format: str = "timm"
     head_reset: bool = False
     pos_embed_resampled: tuple[tuple[int, int], tuple[int, int]] | None = None
+    patch_embed_resampled: tuple[tuple[int, int], tuple[int, int]] | None = None
+    pretrained_cfg: dict[str, Any] = field(default_factory=dict)
+    label_names: list[str] | None = None
+    checkpoint_options: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
-# ---------------------------------------------------------------------------- reading files
-def read_state_dict(path: str | Path) -> StateDict:
-    """Read a state dict from ``.safetensors`` or a torch file (``.pth .pt .bin .ckpt``).
-
-    Torch files are loaded with ``weights_only=True`` (no code runs from the file). A dict that
-    wraps the weights under ``state_dict`` / ``model`` / ``module`` is unwrapped, and a
-    ``module.`` prefix (DataParallel/DDP) is stripped.
-    """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"Checkpoint file not found: {path}")
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; pass the weights file inside it.")
-    name = path.name.lower()
-    if name.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(str(path), device="cpu")
-    elif name.endswith(_TORCH_SUFFIXES):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # corrupt file, or pickled objects that are not plain tensors
-            raise ValueError(
-                f"Could not read {path} as a PyTorch weights file ({type(err).__name__}: {err}). "
-                "If it holds pickled Python objects, re-save just the state_dict() of the model."
-            ) from err
-    else:
-        raise ValueError(
-            f"Unsupported weights file {path}: expected .safetensors or one of {', '.join(_TORCH_SUFFIXES)}."
-        )
-    return unwrap_state_dict(state, str(path))
-
-
-def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> StateDict:
-    """Find the tensor dict inside a checkpoint and strip DataParallel's ``module.`` prefix."""
-    while isinstance(obj, Mapping) and not _is_tensor_dict(obj):
-        inner = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
-            raise ValueError(
-                f"{source}: no weights found. Expected a state dict, or a dict holding one under one of "
-                f"{_CONTAINER_KEYS}; found keys {sorted(obj)[:10]}."
-            )
-        obj = inner
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{source}: expected a dict of tensors, got {type(obj).__name__}.")
-    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if state and all(k.startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-    return state
-
-
-def _is_tensor_dict(obj: Mapping) -> bool:
-    return bool(obj) and sum(isinstance(v, torch.Tensor) for v in obj.values()) >= max(1, len(obj) // 2)
-
-
-# ---------------------------------------------------------------------------- inspecting
-def infer_vit_options(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """Read the architecture options that the shapes of a timm-layout state dict reveal.
-
-    Returns a subset of the :class:`~vitkit.models.VisionTransformer` options: ``embed_dim``,
-    ``in_chans``, ``patch_size``, ``depth``, ``mlp_ratio``, ``qkv_bias``, ``qk_norm``,
-    ``init_values`` (presence only), ``class_token``, ``reg_tokens``, ``pre_norm``, ``fc_norm``,
-    ``num_classes``, ``pos_embed`` and, when qk_norm reveals the head width, ``num_heads``.
-    """
-    options: dict[str, Any] = {}
-    proj = state.get("patch_embed.proj.weight")
-    if proj is not None:
-        options["embed_dim"], options["in_chans"] = int(proj.shape[0]), int(proj.shape[1])
-        options["patch_size"] = (int(proj.shape[2]), int(proj.shape[3]))
-    block_ids = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
-    options["depth"] = max(block_ids) + 1 if block_ids else 0
-    fc1 = state.get("blocks.0.mlp.fc1.weight")
-    if fc1 is not None:
-        options["mlp_ratio"] = fc1.shape[0] / fc1.shape[1]
-    if block_ids:
-        options["qkv_bias"] = "blocks.0.attn.qkv.bias" in state
-        options["qk_norm"] = "blocks.0.attn.q_norm.weight" in state
-        options["init_values"] = "blocks.0.ls1.gamma" in state
-        if options["qk_norm"] and "embed_dim" in options:
-            options["num_heads"] = options["embed_dim"] // int(state["blocks.0.attn.q_norm.weight"].shape[0])
-    options["class_token"] = "cls_token" in state
-    options["reg_tokens"] = int(state["reg_token"].shape[1]) if "reg_token" in state else 0
-    options["pre_norm"] = "norm_pre.weight" in state
-    options["fc_norm"] = "fc_norm.weight" in state
-    head = state.get("head.weight")
-    options["num_classes"] = int(head.shape[0]) if head is not None else 0
-    options["pos_embed"] = "learn" if "pos_embed" in state else "none"
-    return options
-
-
 # ---------------------------------------------------------------------------- loading
-def load_pretrained(model: nn.Module, source: str | Path | Mapping[str, torch.Tensor]) -> LoadReport:
+def load_pretrained(
+    model: nn.Module,
+    source: Source,
+    *,
+    old_grid: tuple[int, int] | None = None,
+    set_pretrained_cfg: bool = True,
+) -> LoadReport:
     """Load weights into a vitkit :class:`~vitkit.models.VisionTransformer`.
 
     Args:
-        model: the model, built with the options you want (class count and image size may
-            differ from the checkpoint's; everything else must match).
-        source: a weights file path, or a state dict.
+        model: the model, built with the options you want (class count, image size and patch
+            size may differ from the checkpoint's; everything else must match).
+        source: a file, folder, hub name (``timm:...``, ``hf:...``, ``torchvision:...``), state
+            dict or :class:`~vitkit.weights.Checkpoint`; see :func:`read_checkpoint`.
+        old_grid: the checkpoint's patch grid (rows, columns), needed only to resample a
+            non-square position table whose source does not record its grid.
+        set_pretrained_cfg: update ``model.pretrained_cfg`` with the checkpoint's preprocessing.
 
     Returns:
-        A :class:`LoadReport` saying whether the head was reset or positions were resampled.
+        A :class:`LoadReport`: what was adapted, and the checkpoint's preprocessing.
 
     Raises:
         CheckpointMismatchError: the checkpoint does not fit the model; the message lists the
             keys and shapes and names the option to change.
     """
-    if isinstance(source, Mapping):
-        state, name = unwrap_state_dict(source), "state dict"
-    else:
-        state, name = read_state_dict(source), str(source)
-    report = LoadReport(source=name)
-    state = _adapt_to_model(dict(state), model, report)
-    _check_fits(state, model, name)
+    ckpt = read_checkpoint(source)
+    report = LoadReport(
+        source=ckpt.source, format=ckpt.format, checkpoint_options=dict(ckpt.options), notes=list(ckpt.notes)
+    )
+    option_hints = _metadata_hints(ckpt.options, model, report)
+    state = _adapt_to_model(dict(ckpt.state_dict), model, ckpt.options, report, old_grid)
+    _check_fits(state, model, ckpt.source, ckpt.options, option_hints)
     model.load_state_dict(state, strict=True)
+
+    if ckpt.pretrained_cfg:
+        cfg = dict(ckpt.pretrained_cfg)
+        in_chans = getattr(getattr(model, "patch_embed", None), "in_chans", 3)
+        img_size = getattr(model, "img_size", None)
+        if img_size is not None:
+            cfg["input_size"] = (in_chans, *img_size)
+        report.pretrained_cfg = cfg
+    if (
+        ckpt.label_names
+        and not report.head_reset
+        and len(ckpt.label_names) == getattr(model, "num_classes", -1)
+    ):
+        report.label_names = list(ckpt.label_names)
+    if set_pretrained_cfg:
+        current = dict(getattr(model, "pretrained_cfg", None) or {})
+        current.update(report.pretrained_cfg)
+        if report.label_names:
+            current["label_names"] = report.label_names
+        model.pretrained_cfg = current
     for note in report.notes:
-        logger.info("%s: %s", name, note)
+        logger.info("%s: %s", ckpt.source, note)
     return report
 
 
-def _adapt_to_model(state: StateDict, model: nn.Module, report: LoadReport) -> StateDict:
-    """Drop a head of another class count; resample position embeddings to the model's grid."""
+def model_from_checkpoint(
+    source: Source,
+    *,
+    old_grid: tuple[int, int] | None = None,
+    return_report: bool = False,
+    **overrides: Any,
+) -> VisionTransformer | tuple[VisionTransformer, LoadReport]:
+    """Build the model a checkpoint describes and load it: no model name needed.
+
+    The architecture is read off the weights and any config that comes with them (see
+    :meth:`Checkpoint.model_options`); ``overrides`` change options on purpose, e.g.
+    ``num_classes=10`` (new head), ``img_size=384`` (resampled positions), ``patch_size=8``
+    (resampled patch kernel), ``drop_path_rate=0.1``.
+
+    Args:
+        source: anything :func:`read_checkpoint` accepts.
+        old_grid: see :func:`load_pretrained`.
+        return_report: also return the :class:`LoadReport`.
+        **overrides: :class:`~vitkit.models.VisionTransformer` options.
+
+    Returns:
+        The model (train mode, ``model.pretrained_cfg`` from the checkpoint), or
+        ``(model, report)`` with ``return_report=True``.
+    """
+    ckpt = read_checkpoint(source)
+    options = ckpt.model_options()
+    if "img_size" not in options and "img_size" not in overrides:
+        if "pos_embed" not in ckpt.state_dict and ckpt.pretrained_cfg.get("input_size"):
+            options["img_size"] = tuple(ckpt.pretrained_cfg["input_size"][1:])
+        elif "pos_embed" not in ckpt.state_dict:
+            options["img_size"] = 224
+        else:
+            n = ckpt.state_dict["pos_embed"].shape[1]
+            raise CheckpointMismatchError(
+                f"The grid of {ckpt.source} is not recorded and its {n}-entry position table is not "
+                "square: pass img_size=(H, W) (and old_grid=(rows, columns) if it differs)."
+            )
+    options.update(overrides)
+    try:
+        model = VisionTransformer(**options)
+    except TypeError as err:
+        raise TypeError(f"model_from_checkpoint: {err}.") from None
+    if ckpt.model_name in list_models():
+        model.config["model_name"] = ckpt.model_name
+    model.pretrained_cfg = {"input_size": (model.patch_embed.in_chans, *model.img_size)}
+    report = load_pretrained(model, ckpt, old_grid=old_grid)
+    return (model, report) if return_report else model
+
+
+# ---------------------------------------------------------------------------- adapting
+def _adapt_to_model(
+    state: StateDict,
+    model: nn.Module,
+    ckpt_options: Mapping[str, Any],
+    report: LoadReport,
+    old_grid: tuple[int, int] | None,
+) -> StateDict:
+    """Drop a head of another class count; resample the patch kernel and the position table."""
     own = model.state_dict()
     head_w = state.get("head.weight")
     own_head_w = own.get("head.weight")
@@ -182,33 +198,120 @@ def _adapt_to_model(state: StateDict, model: nn.Module, report: LoadReport) -> S
             f"classifier head not loaded: the checkpoint has {ckpt_classes} classes and the model "
             f"{model_classes}; the model keeps its freshly initialised head."
         )
+    elif head_w is None and own_head_w is not None:
+        state.update({k: v for k, v in own.items() if k.startswith("head.")})
+        report.head_reset = True
+        report.notes.append(
+            "the checkpoint has no classifier head; the model keeps its freshly initialised one."
+        )
+
+    kernel, own_kernel = state.get("patch_embed.proj.weight"), own.get("patch_embed.proj.weight")
+    if (
+        kernel is not None
+        and own_kernel is not None
+        and kernel.shape[:2] == own_kernel.shape[:2]
+        and kernel.shape[2:] != own_kernel.shape[2:]
+    ):
+        old, new = tuple(kernel.shape[2:]), tuple(own_kernel.shape[2:])
+        state["patch_embed.proj.weight"] = resample_patch_embed(kernel, new)
+        report.patch_embed_resampled = (old, new)
+        report.notes.append(f"patch-embedding kernel resampled from {old} to {new} patches (FlexiViT pinv).")
 
     pos, own_pos = state.get("pos_embed"), own.get("pos_embed")
-    if (
-        pos is not None
-        and own_pos is not None
-        and pos.shape != own_pos.shape
-        and pos.shape[-1] == own_pos.shape[-1]
-    ):
-        prefix = 0 if model.no_embed_class else model.num_prefix_tokens
-        old_patches = pos.shape[1] - prefix
-        side = math.isqrt(max(old_patches, 0))
-        if old_patches > 0 and side * side == old_patches:
-            new_grid = model.grid_size
-            state["pos_embed"] = resample_position_embedding(pos, new_grid, (side, side), prefix)
-            report.pos_embed_resampled = ((side, side), tuple(new_grid))
-            report.notes.append(f"position embeddings resampled from a {side}x{side} grid to {new_grid}.")
+    if pos is None or own_pos is None or pos.shape[-1] != own_pos.shape[-1]:
+        return state
+    ckpt_nec = ckpt_options.get("no_embed_class")
+    if model.num_prefix_tokens and ckpt_nec is not None and ckpt_nec != model.no_embed_class:
+        return state  # reported as a mismatch of no_embed_class
+    same_tokens = ckpt_options.get("class_token") == model.has_class_token and ckpt_options.get(
+        "reg_tokens"
+    ) == getattr(model, "num_reg_tokens", 0)
+    if not same_tokens:
+        return state  # reported as a mismatch of class_token / reg_tokens
+    prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+    patches = pos.shape[1] - prefix
+    hint = tuple(old_grid) if old_grid is not None else _checkpoint_grid(ckpt_options)
+    new_grid = tuple(model.grid_size)
+    if pos.shape == own_pos.shape and (hint is None or hint == new_grid):
+        return state
+    if old_grid is not None and old_grid[0] * old_grid[1] != patches:
+        raise CheckpointMismatchError(
+            f"old_grid={tuple(old_grid)} has {old_grid[0] * old_grid[1]} positions, but the position table "
+            f"of {report.source} has {patches} patch entries."
+        )
+    grid = infer_grid(patches, hint, aspect_like=new_grid)
+    if grid is None:
+        raise CheckpointMismatchError(
+            f"The position table of {report.source} has {patches} patch entries, which is no square grid and "
+            f"no grid with the aspect ratio of the model's {new_grid}: pass old_grid=(rows, columns)."
+        )
+    if grid != new_grid:
+        if (
+            getattr(model, "pos_embed_type", "learn") == "sincos"
+            and ckpt_options.get("pos_embed") == "sincos"
+        ):
+            state["pos_embed"] = own_pos  # fixed table: the model's own is exact at its grid
+        else:
+            state["pos_embed"] = resample_position_embedding(pos, new_grid, grid, prefix)
+        report.pos_embed_resampled = (tuple(grid), new_grid)
+        report.notes.append(f"position embeddings resampled from a {grid[0]}x{grid[1]} grid to {new_grid}.")
     return state
 
 
-def _check_fits(state: StateDict, model: nn.Module, source: str) -> None:
+def _checkpoint_grid(options: Mapping[str, Any]) -> tuple[int, int] | None:
+    img, patch = options.get("img_size"), options.get("patch_size")
+    if img is None or patch is None:
+        return None
+    img = (img, img) if isinstance(img, int) else tuple(img)
+    patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    return img[0] // patch[0], img[1] // patch[1]
+
+
+# ---------------------------------------------------------------------------- checking
+def _metadata_hints(ckpt: Mapping[str, Any], model: nn.Module, report: LoadReport) -> list[str]:
+    """Options that shapes cannot show but the checkpoint's config records."""
+    config = getattr(model, "config", {})
+    hints = []
+    heads = ckpt.get("num_heads")
+    model_heads = config.get("num_heads")
+    if heads is not None and model_heads is not None and heads != model_heads:
+        hints.append(f"num_heads (checkpoint: {heads}, model: {model_heads})")
+    nec = ckpt.get("no_embed_class")
+    if (
+        nec is not None
+        and getattr(model, "num_prefix_tokens", 0)
+        and getattr(model, "pos_embed", None) is not None
+        and nec != getattr(model, "no_embed_class", nec)
+    ):
+        hints.append(
+            f"no_embed_class (checkpoint: {nec}, model: {model.no_embed_class}; whether the class/register "
+            "tokens have position embeddings)"
+        )
+    eps, model_eps = ckpt.get("norm_eps"), config.get("norm_eps")
+    if eps is not None and model_eps is not None and float(eps) != float(model_eps):
+        note = (
+            f"LayerNorm epsilon differs (checkpoint: {eps:g}, model: {model_eps:g}): outputs differ slightly "
+            f"from the source's; build the model with norm_eps={eps:g} to reproduce them exactly."
+        )
+        report.notes.append(note)
+        logger.warning("%s: %s", report.source, note)
+    pool, model_pool = ckpt.get("global_pool"), config.get("global_pool")
+    if pool is not None and model_pool is not None and pool != model_pool:
+        report.notes.append(
+            f"the checkpoint was trained with global_pool={pool!r}; the model uses {model_pool!r}."
+        )
+    return hints
+
+
+def _check_fits(
+    state: StateDict, model: nn.Module, source: str, ckpt_opts: Mapping[str, Any], extra_hints: list[str]
+) -> None:
     own = model.state_dict()
     missing = sorted(k for k in own if k not in state)
     unexpected = sorted(k for k in state if k not in own)
     wrong_shape = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
-    if not (missing or unexpected or wrong_shape):
+    if not (missing or unexpected or wrong_shape or extra_hints):
         return
-    ckpt_opts = infer_vit_options(state)
     model_opts = getattr(model, "config", {})
     lines = [f"The weights in {source} do not fit this model."]
     if wrong_shape:
@@ -223,7 +326,8 @@ def _check_fits(state: StateDict, model: nn.Module, source: str) -> None:
         lines.append(f"Missing from the checkpoint ({len(missing)}): {', '.join(_abbreviate(missing))}")
     if unexpected:
         lines.append(f"Not in the model ({len(unexpected)}): {', '.join(_abbreviate(unexpected))}")
-    hints = _option_hints(ckpt_opts, model_opts, missing + unexpected + wrong_shape)
+    hints = _option_hints(dict(ckpt_opts), model_opts, missing + unexpected + wrong_shape)
+    hints += [h for h in extra_hints if h.split(" ")[0] not in {x.split(" ")[0] for x in hints}]
     if hints:
         lines.append("Probably differs: " + "; ".join(hints) + ".")
     raise CheckpointMismatchError("\n".join(lines))
@@ -240,10 +344,11 @@ def _abbreviate(keys: list[str]) -> list[str]:
 
 def _option_hints(ckpt: dict[str, Any], model: dict[str, Any], keys: list[str]) -> list[str]:
     hints = []
+    if not keys:
+        return hints
 
-    def differs(option: str, model_value: Any | None = None) -> None:
-        have = model.get(option) if model_value is None else model_value
-        want = ckpt.get(option)
+    def differs(option: str) -> None:
+        have, want = model.get(option), ckpt.get(option)
         if want is not None and have is not None and want != have:
             hints.append(f"{option} (checkpoint: {want!r}, model: {have!r})")
 
@@ -252,12 +357,12 @@ def _option_hints(ckpt: dict[str, Any], model: dict[str, Any], keys: list[str]) 
         model["patch_size"] = tuple(model["patch_size"])
     if "init_values" in model:  # the checkpoint only tells whether LayerScale is there
         model["init_values"] = bool(model["init_values"])
+    ckpt["init_values"] = bool(ckpt.get("init_values")) if "init_values" in ckpt else None
     if "fc_norm" in model and model.get("fc_norm") is None:
         model["fc_norm"] = model.get("global_pool") not in ("token", "")
     for option in (
         "embed_dim",
         "in_chans",
-        "patch_size",
         "depth",
         "mlp_ratio",
         "qkv_bias",
@@ -266,12 +371,14 @@ def _option_hints(ckpt: dict[str, Any], model: dict[str, Any], keys: list[str]) 
         "class_token",
         "reg_tokens",
         "pre_norm",
+        "final_norm",
         "num_heads",
     ):
         differs(option)
     if (
         ckpt.get("fc_norm") is not None
         and model.get("fc_norm") is not None
+        and ckpt.get("final_norm", True)
         and ckpt["fc_norm"] != model["fc_norm"]
     ):
         hints.append(

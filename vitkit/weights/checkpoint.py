@@ -1,0 +1,789 @@
+"""Read any supported ViT checkpoint into one form: a :class:`Checkpoint`.
+
+A :class:`Checkpoint` holds the weights in vitkit's layout plus what the source says about
+them: the architecture options it reveals (from tensor shapes, and from configs when there are
+any) and the preprocessing the weights were trained with. :func:`read_checkpoint` accepts
+
+* a local file: ``.safetensors`` (vitkit/timm, or Hugging Face), ``.pth .pt .bin .ckpt``
+  (a plain state dict, one wrapped under ``state_dict``/``model``/``module``, a vitkit Lightning
+  checkpoint, a torchvision or Hugging Face state dict) or a Google/big_vision ``.npz``;
+* a folder: as written by Hugging Face ``save_pretrained`` (``config.json`` + weights +
+  ``preprocessor_config.json``), by timm's ``save_for_hf``/``push_to_hf_hub`` (``config.json``
+  with ``architecture``) or by :func:`vitkit.weights.save`;
+* hub names: ``timm:<model>[.<tag>]`` (timm's download and cache), ``hf:<repo id>[@revision]``
+  (huggingface_hub's cache) and ``torchvision:<builder>[.<WEIGHTS>]`` (torch.hub's cache). All of
+  them work offline (``HF_HUB_OFFLINE=1``) when the files are already in the cache;
+* a state dict (or a dict wrapping one), or a :class:`Checkpoint`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitkit.models import VisionTransformer, list_models, model_config
+from vitkit.models._utils import to_2tuple
+
+from . import preprocessing as prep
+from .convert import StateDict, UnsupportedCheckpointError, npz_to_vitkit, to_vitkit
+
+logger = logging.getLogger("vitkit")
+
+_CONTAINER_KEYS = ("state_dict", "model", "module", "model_state", "state_dict_ema", "model_ema")
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
+_VIT_OPTIONS = tuple(inspect.signature(VisionTransformer).parameters)
+_METADATA_KEY = "vitkit"  # safetensors metadata entry written by vitkit.weights.save
+
+
+@dataclass
+class Checkpoint:
+    """Weights in vitkit layout, with what their source says about architecture and preprocessing.
+
+    Attributes:
+        state_dict: tensors under vitkit's (= timm's) parameter names.
+        source: where they came from (path or hub name), for messages.
+        format: the layout they were stored in: ``'vitkit'``, ``'timm'``, ``'lightning'``,
+            ``'hf'``, ``'torchvision'`` or ``'big_vision'``.
+        options: :class:`~vitkit.models.VisionTransformer` options the checkpoint determines:
+            from shapes (embed_dim, depth, patch_size, tokens, ...) and, when the source has a
+            config, the rest (num_heads, img_size, norm_eps, global_pool, ...).
+        pretrained_cfg: preprocessing (mean, std, interpolation, crop_pct, crop_mode,
+            input_size); empty when the source does not say.
+        model_name: the source's model name, when it has one.
+        label_names: class names of the checkpoint's head, when known.
+        notes: what the conversion dropped or assumed.
+    """
+
+    state_dict: StateDict
+    source: str
+    format: str
+    options: dict[str, Any] = field(default_factory=dict)
+    pretrained_cfg: dict[str, Any] = field(default_factory=dict)
+    model_name: str | None = None
+    label_names: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def model_options(self) -> dict[str, Any]:
+        """Constructor options for a model that fits these weights.
+
+        Options a plain state dict cannot tell are filled in and noted: ``num_heads`` (a
+        registered model of the same width and depth, else 64-wide heads), ``global_pool``
+        (the class token if there is one and no ``fc_norm``, else the patch average).
+        """
+        opts = {k: v for k, v in self.options.items() if k in _VIT_OPTIONS}
+        if opts.get("init_values") is True:
+            opts["init_values"] = 1e-5  # LayerScale is there; its value comes with the weights
+        elif opts.get("init_values") is False:
+            opts["init_values"] = None
+        if "num_heads" not in opts and "embed_dim" in opts:
+            opts["num_heads"] = guess_num_heads(opts["embed_dim"], opts.get("depth"))
+            note = (
+                f"num_heads is not stored in {self.source}; using {opts['num_heads']} "
+                f"(head width {opts['embed_dim'] // opts['num_heads']}). Pass num_heads=... if that is wrong."
+            )
+            self.notes.append(note)
+            logger.warning(note)
+        if "img_size" not in opts and "pos_embed" in self.state_dict and "patch_size" in opts:
+            prefix = int(opts.get("class_token", False)) + int(opts.get("reg_tokens", 0))
+            guess = guess_grid_options(self.state_dict["pos_embed"], prefix, opts["patch_size"])
+            if "no_embed_class" in opts:
+                guess.pop("no_embed_class", None)
+            opts.update(guess)
+        if "global_pool" not in opts:
+            token = opts.get("class_token", True) and not opts.get("fc_norm", False)
+            opts["global_pool"] = "token" if token else "avg"
+        return opts
+
+
+# ---------------------------------------------------------------------------- entry point
+def read_checkpoint(source: str | Path | Mapping[str, Any] | Checkpoint) -> Checkpoint:
+    """Read weights from any supported source into a :class:`Checkpoint` (see the module doc).
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: a file of an unknown type or one that cannot be read.
+        UnsupportedCheckpointError: weights of a ViT variant vitkit cannot represent.
+    """
+    if isinstance(source, Checkpoint):
+        return source
+    if isinstance(source, Mapping):
+        return _from_mapping(source, "state dict")
+    text = str(source)
+    for scheme, reader in (("timm:", _from_timm_hub), ("hf:", _from_hf_hub), ("torchvision:", _from_tv_hub)):
+        if text.startswith(scheme):
+            return reader(text[len(scheme) :])
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"Checkpoint file not found: {path}")
+    if path.is_dir():
+        return _from_folder(path, str(path))
+    return _from_file(path, str(path))
+
+
+def read_state_dict(path: str | Path) -> StateDict:
+    """Read the raw tensors of a ``.safetensors`` or torch file, unwrapped, names unchanged.
+
+    Torch files are loaded with ``weights_only=True`` (no code runs from the file). A dict that
+    wraps the weights under ``state_dict`` / ``model`` / ``module`` is unwrapped, and a
+    ``module.`` prefix (DataParallel/DDP) is stripped. Use :func:`read_checkpoint` to also
+    convert other layouts to vitkit's names.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"Checkpoint file not found: {path}")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; pass the weights file inside it.")
+    name = path.name.lower()
+    if name.endswith(".safetensors"):
+        return _read_safetensors(path)[0]
+    if name.endswith(_TORCH_SUFFIXES):
+        return unwrap_state_dict(_torch_load(path), str(path))
+    raise ValueError(
+        f"Unsupported weights file {path}: expected .safetensors, .npz or one of "
+        f"{', '.join(_TORCH_SUFFIXES)}."
+    )
+
+
+def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> StateDict:
+    """Find the tensor dict inside a checkpoint and strip DataParallel's ``module.`` prefix."""
+    while isinstance(obj, Mapping) and not _is_tensor_dict(obj):
+        inner = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            raise ValueError(
+                f"{source}: no weights found. Expected a state dict, or a dict holding one under one of "
+                f"{_CONTAINER_KEYS}; found keys {sorted(obj)[:10]}."
+            )
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{source}: expected a dict of tensors, got {type(obj).__name__}.")
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if state and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def _is_tensor_dict(obj: Mapping) -> bool:
+    return bool(obj) and sum(isinstance(v, torch.Tensor) for v in obj.values()) >= max(1, len(obj) // 2)
+
+
+# ---------------------------------------------------------------------------- architecture options
+def infer_vit_options(
+    state: Mapping[str, torch.Tensor], known: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Read the architecture options a vitkit-layout state dict reveals, completed by ``known``.
+
+    From shapes: ``embed_dim``, ``in_chans``, ``patch_size``, ``depth``, ``mlp_ratio``,
+    ``qkv_bias``, ``qk_norm``, ``init_values`` (presence only, unless ``known`` has the value),
+    ``class_token``, ``reg_tokens``, ``pre_norm``, ``final_norm``, ``fc_norm``, ``num_classes``,
+    ``pos_embed``; ``num_heads`` when qk_norm reveals the head width. ``img_size`` and
+    ``no_embed_class`` only when ``known`` has an image size that fits the position table
+    (shapes alone do not determine a grid; :meth:`Checkpoint.model_options` guesses one).
+
+    Args:
+        state: weights in vitkit layout.
+        known: options a config already gives (e.g. Hugging Face's ``num_heads`` and
+            ``img_size``); shapes win where both say something, and a known ``img_size`` that
+            does not fit the position table is dropped.
+    """
+    known = {k: v for k, v in (known or {}).items() if v is not None}
+    options: dict[str, Any] = {}
+    proj = state.get("patch_embed.proj.weight")
+    if proj is not None:
+        options["embed_dim"], options["in_chans"] = int(proj.shape[0]), int(proj.shape[1])
+        options["patch_size"] = (int(proj.shape[2]), int(proj.shape[3]))
+    block_ids = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
+    options["depth"] = max(block_ids) + 1 if block_ids else 0
+    fc1 = state.get("blocks.0.mlp.fc1.weight")
+    if fc1 is not None:
+        options["mlp_ratio"] = fc1.shape[0] / fc1.shape[1]
+    if block_ids:
+        options["qkv_bias"] = "blocks.0.attn.qkv.bias" in state
+        options["qk_norm"] = "blocks.0.attn.q_norm.weight" in state
+        has_ls = "blocks.0.ls1.gamma" in state
+        options["init_values"] = (known.get("init_values") or True) if has_ls else False
+        if options["qk_norm"] and "embed_dim" in options:
+            options["num_heads"] = options["embed_dim"] // int(state["blocks.0.attn.q_norm.weight"].shape[0])
+    options["class_token"] = "cls_token" in state
+    options["reg_tokens"] = int(state["reg_token"].shape[1]) if "reg_token" in state else 0
+    options["pre_norm"] = "norm_pre.weight" in state
+    options["final_norm"] = "norm.weight" in state or "fc_norm.weight" in state
+    options["fc_norm"] = "fc_norm.weight" in state if options["final_norm"] else known.get("fc_norm", False)
+    head = state.get("head.weight")
+    options["num_classes"] = int(head.shape[0]) if head is not None else 0
+    has_pos = "pos_embed" in state
+    options["pos_embed"] = (
+        ("sincos" if known.get("pos_embed") == "sincos" else "learn") if has_pos else "none"
+    )
+    if has_pos and "patch_size" in options:
+        options.update(_grid_options(state["pos_embed"], options, known))
+
+    merged = {k: v for k, v in known.items() if k not in options}
+    merged.update(options)
+    if merged.get("img_size", 0) is None:
+        merged.pop("img_size")  # the config's size does not fit the position table
+    return merged
+
+
+def _grid_options(pos: torch.Tensor, options: dict[str, Any], known: dict[str, Any]) -> dict[str, Any]:
+    """``img_size`` and ``no_embed_class`` when a known image size fits the position table.
+
+    Shapes alone do not determine the grid (25 entries may be 5x5 patches, or 4x6 patches and
+    a class token), so without a config nothing is returned and callers decide:
+    :meth:`Checkpoint.model_options` guesses a square grid, the loader uses the model's.
+    """
+    if "img_size" not in known:
+        return {}
+    n = int(pos.shape[1])
+    prefix = int(options["class_token"]) + options["reg_tokens"]
+    size, patch = to_2tuple(known["img_size"]), options["patch_size"]
+    patches = (size[0] // patch[0]) * (size[1] // patch[1])
+    if prefix == 0:
+        return {"img_size": size} if n == patches else {"img_size": None}
+    choices = [nec for nec in (False, True) if n == patches + (0 if nec else prefix)]
+    if "no_embed_class" in known:
+        choices = [c for c in choices if c == bool(known["no_embed_class"])]
+    if not choices:
+        return {"img_size": None}  # the config's size does not fit the position table
+    return {"img_size": size, "no_embed_class": choices[0]}
+
+
+def guess_grid_options(
+    pos: torch.Tensor, num_prefix_tokens: int, patch_size: tuple[int, int]
+) -> dict[str, Any]:
+    """A guess of ``img_size`` and ``no_embed_class`` from the length of a position table alone:
+    a square grid of patches, with positions for the prefix tokens if that makes it square."""
+    n = int(pos.shape[1])
+    candidates = [(False, n)] if num_prefix_tokens == 0 else [(False, n - num_prefix_tokens), (True, n)]
+    for no_embed_class, patches in candidates:
+        side = math.isqrt(max(patches, 0))
+        if patches > 0 and side * side == patches:
+            out: dict[str, Any] = {"img_size": (side * patch_size[0], side * patch_size[1])}
+            if num_prefix_tokens:
+                out["no_embed_class"] = no_embed_class
+            return out
+    return {}
+
+
+def guess_num_heads(embed_dim: int, depth: int | None = None) -> int:
+    """Heads for a checkpoint that does not say: a registered model of the same width (and depth),
+    else 64-wide heads (the ViT/DeiT/timm convention), else one head."""
+    same_width = []
+    for name in list_models():
+        cfg = model_config(name)
+        if cfg.get("embed_dim") == embed_dim:
+            same_width.append(cfg)
+    for cfg in sorted(same_width, key=lambda c: c.get("depth") != depth):
+        if embed_dim % cfg["num_heads"] == 0:
+            return int(cfg["num_heads"])
+    return embed_dim // 64 if embed_dim % 64 == 0 else 1
+
+
+# ---------------------------------------------------------------------------- files
+def _from_file(path: Path, source: str) -> Checkpoint:
+    name = path.name.lower()
+    if name.endswith(".npz"):
+        return _from_npz(path, source)
+    if name.endswith(".safetensors"):
+        state, metadata = _read_safetensors(path)
+        return _from_mapping(state, source, metadata=metadata, filename=path.name)
+    if name.endswith(_TORCH_SUFFIXES):
+        return _from_mapping(_torch_load(path), source, filename=path.name)
+    raise ValueError(
+        f"Unsupported weights file {path}: expected .safetensors, .npz or one of "
+        f"{', '.join(_TORCH_SUFFIXES)}."
+    )
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt file, or pickled objects that are not plain tensors
+        raise ValueError(
+            f"Could not read {path} as a PyTorch weights file ({type(err).__name__}: {err}). "
+            "If it holds pickled Python objects, re-save just the state_dict() of the model."
+        ) from err
+
+
+def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as err:
+        raise ValueError(f"Could not read {path} as safetensors ({type(err).__name__}: {err}).") from err
+    return state, metadata
+
+
+def _from_npz(path: Path, source: str) -> Checkpoint:
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as err:
+        raise ValueError(f"Could not read {path} as .npz ({type(err).__name__}: {err}).") from err
+    state, known, notes = npz_to_vitkit(arrays)
+    return _finish(state, source, "big_vision", known, pretrained_cfg={}, notes=notes)
+
+
+def _from_mapping(
+    obj: Mapping[str, Any],
+    source: str,
+    metadata: Mapping[str, str] | None = None,
+    filename: str | None = None,
+) -> Checkpoint:
+    known: dict[str, Any] = {}
+    pretrained_cfg: dict[str, Any] = {}
+    model_name = label_names = None
+    lightning = False
+    meta = _vitkit_metadata(metadata, obj)
+    if isinstance(obj, Mapping) and isinstance(obj.get("hyper_parameters"), Mapping):
+        lightning = True
+        known, pretrained_cfg, model_name, label_names = _lightning_hparams(obj["hyper_parameters"])
+    if meta:
+        config = dict(meta.get("config") or {})
+        model_name = config.pop("model_name", None) or meta.get("model_name") or model_name
+        known.update(config)
+        pretrained_cfg = prep.clean_pretrained_cfg(meta.get("pretrained_cfg")) or pretrained_cfg
+        label_names = meta.get("label_names") or label_names
+
+    state, fmt, notes = to_vitkit(unwrap_state_dict(obj, source))
+    if fmt == "hf":
+        known = {**_HF_DEFAULTS, **known}
+    elif fmt == "torchvision":
+        known = {**_TV_DEFAULTS, **known}
+        tv = _torchvision_weights_for_file(filename) if filename else None
+        if tv is not None:  # a file downloaded from torchvision: its weights enum knows the rest
+            pretrained_cfg = prep.from_torchvision_weights(tv)
+            label_names = list(tv.meta["categories"])
+            known.update(_tv_builder_options(tv, state))
+    elif meta:
+        fmt = "vitkit"
+    elif lightning:
+        fmt = "lightning"
+    ckpt = _finish(state, source, fmt, known, pretrained_cfg, notes, model_name, label_names)
+    if not ckpt.pretrained_cfg:
+        img = ckpt.options.get("img_size")
+        if fmt == "hf":
+            ckpt.pretrained_cfg = prep.hf_default(img, ckpt.options.get("in_chans", 3))
+            ckpt.notes.append("no preprocessor config: assuming ViTImageProcessor's defaults (mean/std 0.5).")
+        elif fmt == "torchvision":
+            ckpt.pretrained_cfg = prep.torchvision_default(img[0] if img else 224)
+            ckpt.notes.append(
+                "assuming torchvision's ImageNet preset (ImageNet mean/std, resize 256 / crop 224)."
+            )
+    return ckpt
+
+
+def _finish(
+    state: StateDict,
+    source: str,
+    fmt: str,
+    known: Mapping[str, Any],
+    pretrained_cfg: Mapping[str, Any],
+    notes: list[str],
+    model_name: str | None = None,
+    label_names: list[str] | None = None,
+) -> Checkpoint:
+    known = {k: v for k, v in known.items() if k in _VIT_OPTIONS}
+    options = infer_vit_options(state, known)
+    if label_names is not None and len(label_names) != options.get("num_classes"):
+        label_names = None
+    return Checkpoint(
+        state_dict=state,
+        source=source,
+        format=fmt,
+        options=options,
+        pretrained_cfg=prep.clean_pretrained_cfg(pretrained_cfg),
+        model_name=model_name,
+        label_names=list(label_names) if label_names else None,
+        notes=list(notes),
+    )
+
+
+def _vitkit_metadata(metadata: Mapping[str, str] | None, obj: Any) -> dict[str, Any] | None:
+    if metadata and _METADATA_KEY in metadata:
+        return json.loads(metadata[_METADATA_KEY])
+    if isinstance(obj, Mapping) and isinstance(obj.get(_METADATA_KEY), Mapping):
+        return dict(obj[_METADATA_KEY])  # e.g. checkpoint["vitkit"] = {"config": ..., "pretrained_cfg": ...}
+    return None
+
+
+def _lightning_hparams(hp: Mapping[str, Any]) -> tuple[dict, dict, str | None, list[str] | None]:
+    """Options of a vitkit ``ImageClassifier`` checkpoint: registry defaults + model_options."""
+    name = hp.get("model_name")
+    known: dict[str, Any] = {}
+    pretrained_cfg: dict[str, Any] = {}
+    if isinstance(name, str) and name in list_models():
+        known = model_config(name)
+        pretrained_cfg = dict(known.pop("pretrained_cfg", {}))
+    known.update(hp.get("model_options") or {})
+    if hp.get("num_classes") is not None:
+        known["num_classes"] = hp["num_classes"]
+    classes = hp.get("classes")
+    return known, pretrained_cfg, name, list(classes) if classes else None
+
+
+# ---------------------------------------------------------------------------- folders
+_HF_DEFAULTS = {
+    "class_token": True,
+    "reg_tokens": 0,
+    "no_embed_class": False,
+    "global_pool": "token",
+    "fc_norm": False,
+    "norm_eps": 1e-12,
+}
+_TV_DEFAULTS = {"no_embed_class": False, "global_pool": "token", "fc_norm": False, "norm_eps": 1e-6}
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
+def _from_folder(path: Path, source: str) -> Checkpoint:
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else None
+    if config is not None and "architecture" in config:
+        return _from_timm_folder(path, config, source)
+    if config is not None and "model_type" in config:
+        return _from_hf_folder(path, config, source)
+    weights = [path / n for n in _WEIGHT_FILES if (path / n).is_file()]
+    if not weights:
+        weights = sorted(
+            p for p in path.iterdir() if p.suffix in (".safetensors", ".pth", ".pt", ".bin", ".npz")
+        )
+    if not weights:
+        raise FileNotFoundError(
+            f"{path}: no config.json and no weights file (.safetensors, .pth, .bin, .npz)."
+        )
+    return _from_file(weights[0], source)
+
+
+def _read_weights_in(path: Path) -> tuple[StateDict, dict[str, str]]:
+    """The weights of a hub-style folder: single file or sharded with an index."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            if name.endswith(".safetensors"):
+                return _read_safetensors(path / name)
+            return unwrap_state_dict(_torch_load(path / name), str(path / name)), {}
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index).is_file():
+            shards = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
+            state: StateDict = {}
+            for shard in shards:
+                file = path / shard
+                state.update(
+                    _read_safetensors(file)[0] if shard.endswith(".safetensors") else _torch_load(file)
+                )
+            return state, {}
+    raise FileNotFoundError(f"{path}: no model.safetensors, pytorch_model.bin or sharded index found.")
+
+
+def _from_hf_folder(path: Path, config: Mapping[str, Any], source: str) -> Checkpoint:
+    known = hf_config_options(config)
+    state, _ = _read_weights_in(path)
+    processor_file = path / "preprocessor_config.json"
+    ckpt = _from_mapping(state, source)
+    ckpt.options = infer_vit_options(ckpt.state_dict, known)
+    if processor_file.is_file():
+        ckpt.pretrained_cfg = prep.from_hf_processor(
+            json.loads(processor_file.read_text()), known.get("in_chans", 3)
+        )
+        ckpt.notes = [n for n in ckpt.notes if "no preprocessor config" not in n]
+    id2label = config.get("id2label") or {}
+    labels = [id2label.get(str(i), id2label.get(i)) for i in range(len(id2label))]
+    if labels and None not in labels and not all(re.fullmatch(r"LABEL_\d+", str(x)) for x in labels):
+        ckpt.label_names = labels if len(labels) == ckpt.options.get("num_classes") else None
+    ckpt.model_name = config.get("_name_or_path") or None
+    return ckpt
+
+
+def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    """VisionTransformer options from a Hugging Face ViT ``config.json``."""
+    model_type = config.get("model_type")
+    if model_type != "vit":
+        raise UnsupportedCheckpointError(
+            f"Hugging Face model_type {model_type!r} is not supported: vitkit reads 'vit' models "
+            "(ViTModel, ViTForImageClassification)."
+        )
+    act = config.get("hidden_act", "gelu")
+    if act != "gelu":
+        raise UnsupportedCheckpointError(
+            f"hidden_act={act!r}: vitkit's MLP uses the exact GELU ('gelu'), so these logits would differ."
+        )
+    hidden = int(config.get("hidden_size", 768))
+    return {
+        **_HF_DEFAULTS,
+        "img_size": to_2tuple(config.get("image_size", 224)),
+        "patch_size": to_2tuple(config.get("patch_size", 16)),
+        "in_chans": int(config.get("num_channels", 3)),
+        "embed_dim": hidden,
+        "depth": int(config.get("num_hidden_layers", 12)),
+        "num_heads": int(config.get("num_attention_heads", 12)),
+        "mlp_ratio": int(config.get("intermediate_size", 4 * hidden)) / hidden,
+        "qkv_bias": bool(config.get("qkv_bias", True)),
+        "norm_eps": float(config.get("layer_norm_eps", 1e-12)),
+    }
+
+
+def _from_timm_folder(path: Path, config: Mapping[str, Any], source: str) -> Checkpoint:
+    """A folder in timm's hub layout: ``config.json`` (architecture, model_args, pretrained_cfg)."""
+    arch = config["architecture"]
+    model_args = dict(config.get("model_args") or {})
+    if config.get("num_classes") is not None:
+        model_args.setdefault("num_classes", config["num_classes"])
+    if config.get("global_pool"):
+        model_args.setdefault("global_pool", config["global_pool"])
+    known: dict[str, Any] = {}
+    if arch in list_models():
+        known = model_config(arch)
+        known.pop("pretrained_cfg", None)
+    known.update(timm_architecture_options(arch, model_args) or {})
+    known.update({k: v for k, v in model_args.items() if k in _VIT_OPTIONS})
+    state, metadata = _read_weights_in(path)
+    pretrained_cfg = dict(config.get("pretrained_cfg") or {})
+    ckpt = _from_mapping(state, source, metadata=metadata)
+    meta_known = ckpt.options if ckpt.format == "vitkit" else {}
+    ckpt.options = infer_vit_options(ckpt.state_dict, {**known, **meta_known})
+    if ckpt.format != "vitkit":
+        ckpt.format = "timm"
+    ckpt.pretrained_cfg = prep.clean_pretrained_cfg(pretrained_cfg) or ckpt.pretrained_cfg
+    labels = config.get("label_names") or pretrained_cfg.get("label_names")
+    if isinstance(labels, list) and len(labels) == ckpt.options.get("num_classes"):
+        ckpt.label_names = [str(x) for x in labels]
+    ckpt.model_name = arch
+    return ckpt
+
+
+# ---------------------------------------------------------------------------- timm models
+def timm_model_options(model: nn.Module) -> dict[str, Any]:
+    """vitkit options of a timm ``VisionTransformer`` instance (raises for variants vitkit lacks)."""
+    from timm.models.vision_transformer import Attention, Block, Mlp
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    if not isinstance(model, TimmViT):
+        raise UnsupportedCheckpointError(
+            f"timm model {type(model).__name__} is not a timm VisionTransformer; vitkit only reads those."
+        )
+    block = model.blocks[0] if len(model.blocks) else None
+    problems = []
+    if getattr(model, "attn_pool", None) is not None:
+        problems.append("an attention-pooling head (global_pool='map')")
+    embed = model.patch_embed
+    if not isinstance(getattr(embed, "proj", None), nn.Conv2d) or not isinstance(
+        getattr(embed, "norm", nn.Identity()), nn.Identity
+    ):
+        problems.append("a patch embedding other than one Conv2d (hybrid stem or embedding norm)")
+    if getattr(embed, "dynamic_img_pad", False):
+        problems.append("dynamic_img_pad")
+    if block is not None:
+        if type(block) is not Block:
+            problems.append(f"{type(block).__name__} blocks")
+        if type(block.attn) is not Attention or not isinstance(
+            getattr(block.attn, "norm", nn.Identity()), nn.Identity
+        ):
+            problems.append(f"{type(block.attn).__name__} attention")
+        if type(block.mlp) is not Mlp or not isinstance(
+            getattr(block.mlp, "norm", nn.Identity()), nn.Identity
+        ):
+            problems.append(f"{type(block.mlp).__name__} MLP")
+        act = getattr(block.mlp, "act", None)
+        if not (isinstance(act, nn.GELU) and act.approximate == "none"):
+            problems.append(f"activation {act!r} (vitkit uses the exact GELU)")
+    norms = [m for m in model.modules() if isinstance(m, nn.Module) and "norm" in type(m).__name__.lower()]
+    if any(not isinstance(m, nn.LayerNorm) for m in norms):
+        problems.append("norms other than LayerNorm")
+    if problems:
+        raise UnsupportedCheckpointError(
+            f"timm model {model.pretrained_cfg.get('architecture', type(model).__name__)} uses "
+            + ", ".join(problems)
+            + ", which vitkit's VisionTransformer does not have."
+        )
+    layer_norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    options: dict[str, Any] = {
+        "img_size": tuple(embed.img_size),
+        "patch_size": tuple(embed.patch_size),
+        "in_chans": int(embed.proj.in_channels),
+        "num_classes": int(model.num_classes),
+        "global_pool": model.global_pool,
+        "embed_dim": int(model.embed_dim),
+        "depth": len(model.blocks),
+        "class_token": model.cls_token is not None,
+        "reg_tokens": int(getattr(model, "num_reg_tokens", 0)),
+        "no_embed_class": bool(model.no_embed_class),
+        "pre_norm": not isinstance(model.norm_pre, nn.Identity),
+        "final_norm": not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
+        "fc_norm": not isinstance(model.fc_norm, nn.Identity),
+        "dynamic_img_size": bool(getattr(model, "dynamic_img_size", False)),
+    }
+    if layer_norms:
+        options["norm_eps"] = float(layer_norms[0].eps)
+    if block is not None:
+        options.update(
+            num_heads=int(block.attn.num_heads),
+            mlp_ratio=block.mlp.fc1.out_features / model.embed_dim,
+            qkv_bias=block.attn.qkv.bias is not None,
+            qk_norm=not isinstance(block.attn.q_norm, nn.Identity),
+            init_values=1e-5 if hasattr(block.ls1, "gamma") else None,
+        )
+    return options
+
+
+def timm_architecture_options(
+    arch: str, model_args: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """Options of a timm architecture, built on the meta device (no memory, no weights); ``None``
+    when timm does not know the name or cannot build it there."""
+    try:
+        import timm
+
+        if not timm.is_model(arch):
+            return None
+        with torch.device("meta"):
+            model = timm.create_model(arch, pretrained=False, **dict(model_args or {}))
+    except Exception as err:  # an unknown architecture argument, a model that cannot be built on meta
+        logger.debug("timm could not build %s on the meta device: %s", arch, err)
+        return None
+    return timm_model_options(model)
+
+
+# ---------------------------------------------------------------------------- hubs
+def _from_timm_hub(spec: str) -> Checkpoint:
+    """``timm:<model>[.<tag>]``: timm downloads (or finds in its cache) and converts the weights."""
+    import timm
+
+    name = spec.split(".", 1)[0]
+    if not timm.is_model(name):
+        raise ValueError(f"timm does not know the model {name!r} (timm:{spec}).")
+    arch_options = timm_architecture_options(name)  # fail before downloading for unsupported variants
+    if arch_options is None:
+        logger.debug("timm:%s could not be checked before downloading", spec)
+    try:
+        model = timm.create_model(spec, pretrained=True)
+    except Exception as err:
+        raise RuntimeError(
+            f"timm could not load pretrained weights for {spec!r} ({type(err).__name__}: {err}). Offline, "
+            "the weights must already be in the Hugging Face cache (HF_HUB_CACHE) or in torch.hub's "
+            "(TORCH_HOME)."
+        ) from err
+    options = timm_model_options(model)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    cfg = dict(model.pretrained_cfg)
+    labels = cfg.get("label_names")
+    return _finish(
+        state,
+        f"timm:{spec}",
+        "timm",
+        options,
+        cfg,
+        notes=[],
+        model_name=name,
+        label_names=list(labels) if isinstance(labels, (list, tuple)) else None,
+    )
+
+
+def _from_hf_hub(spec: str) -> Checkpoint:
+    """``hf:<repo id>[@revision]``: huggingface_hub downloads (or finds in its cache) the files."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    repo_id, _, revision = spec.partition("@")
+
+    def fetch(filename: str) -> Path | None:
+        try:
+            return Path(hf_hub_download(repo_id, filename, revision=revision or None))
+        except EntryNotFoundError:  # not in the repo (online) or not in the cache (offline)
+            return None
+
+    try:
+        config = fetch("config.json")
+        if config is not None:
+            fetch("preprocessor_config.json")
+        weights = None
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (weights := fetch(name)) is not None:
+                break
+        if weights is None and (index := fetch("model.safetensors.index.json")) is not None:
+            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+                weights = fetch(shard)
+    except Exception as err:
+        raise RuntimeError(
+            f"Could not get {repo_id!r} from the Hugging Face hub or its local cache ({type(err).__name__}: "
+            f"{err}). Offline (HF_HUB_OFFLINE=1), the files must already be in the cache (HF_HUB_CACHE)."
+        ) from err
+    if weights is None:
+        raise FileNotFoundError(
+            f"hf:{spec}: no model.safetensors or pytorch_model.bin in the repo (or, offline, in the cache)."
+        )
+    ckpt = _from_folder(weights.parent, f"hf:{spec}")
+    ckpt.model_name = repo_id
+    return ckpt
+
+
+def _from_tv_hub(spec: str) -> Checkpoint:
+    """``torchvision:vit_b_16[.IMAGENET1K_V1]`` or ``torchvision:ViT_B_16_Weights.IMAGENET1K_V1``."""
+    import torchvision.models as tvm
+
+    name, _, tag = spec.partition(".")
+    try:
+        if name.endswith("_Weights"):
+            weights = tvm.get_weight(spec)
+        else:
+            enum = tvm.get_model_weights(name)
+            weights = enum[tag] if tag else enum.DEFAULT
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"torchvision has no weights {spec!r} ({err}).") from err
+    try:
+        raw = weights.get_state_dict(progress=False, weights_only=True)
+    except Exception as err:
+        raise RuntimeError(
+            f"Could not get {weights} from torchvision or torch.hub's cache ({type(err).__name__}: {err}). "
+            "Offline, the file must already be in $TORCH_HOME/hub/checkpoints."
+        ) from err
+    ckpt = _from_mapping(raw, f"torchvision:{spec}")
+    extra = _tv_builder_options(weights, ckpt.state_dict)
+    ckpt.options = infer_vit_options(ckpt.state_dict, {**ckpt.options, **extra})
+    ckpt.pretrained_cfg = prep.from_torchvision_weights(weights)
+    ckpt.notes = [n for n in ckpt.notes if "torchvision's ImageNet preset" not in n]
+    categories = weights.meta.get("categories")
+    if categories and len(categories) == ckpt.options.get("num_classes"):
+        ckpt.label_names = list(categories)
+    ckpt.model_name = name if not name.endswith("_Weights") else None
+    return ckpt
+
+
+def _torchvision_weights_for_file(filename: str) -> Any | None:
+    """The torchvision weights enum whose download has this file name (e.g. vit_b_16-c867db91.pth)."""
+    import torchvision.models as tvm
+
+    for builder in tvm.list_models(module=tvm, include="vit_*"):
+        for weights in tvm.get_model_weights(builder):
+            if Path(weights.url).name == filename:
+                return weights
+    return None
+
+
+def _tv_builder_options(weights: Any, state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """num_heads from the torchvision builder of ``weights``, if its width matches the weights."""
+    import torchvision.models as tvm
+
+    builder = next(
+        (b for b in tvm.list_models(module=tvm, include="vit_*") if weights in tvm.get_model_weights(b)), None
+    )
+    proj = state.get("patch_embed.proj.weight")
+    if builder is None or proj is None:
+        return {}
+    with torch.device("meta"):
+        model = tvm.get_model_builder(builder)(weights=None)
+    if model.hidden_dim != proj.shape[0]:
+        return {}
+    return {"num_heads": int(model.encoder.layers[0].num_heads)}

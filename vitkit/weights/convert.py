@@ -1,0 +1,403 @@
+"""Convert ViT weights between vitkit's parameter names (= timm's) and other libraries' layouts.
+
+Every layout stores the same computation under different names and shapes:
+
+=====================  ==========================================  =====================================
+vitkit / timm          Hugging Face ``ViTModel``                    torchvision ``VisionTransformer``
+=====================  ==========================================  =====================================
+``cls_token``          ``embeddings.cls_token``                     ``class_token``
+``pos_embed``          ``embeddings.position_embeddings``           ``encoder.pos_embedding``
+``patch_embed.proj``   ``embeddings.patch_embeddings.projection``   ``conv_proj``
+``blocks.N.norm1``     ``encoder.layer.N.layernorm_before``         ``encoder.layers.encoder_layer_N.ln_1``
+``blocks.N.attn.qkv``  ``...attention.attention.{query,key,value}`` ``...self_attention.in_proj_*``
+``blocks.N.attn.proj`` ``...attention.output.dense``                ``...self_attention.out_proj``
+``blocks.N.norm2``     ``...layernorm_after``                       ``...ln_2``
+``blocks.N.mlp.fc1``   ``...intermediate.dense``                    ``...mlp.0``
+``blocks.N.mlp.fc2``   ``...output.dense``                          ``...mlp.3``
+``norm``               ``layernorm``                                ``encoder.ln``
+``head``               ``classifier`` (outside the ``vit.`` prefix)  ``heads.head``
+=====================  ==========================================  =====================================
+
+Google's JAX checkpoints (``.npz``, the original ViT release and big_vision) store kernels
+transposed (``(in, out)``, convolutions ``(H, W, C_in, C_out)``) and q/k/v per head
+(``(D, heads, head_dim)``); :func:`npz_to_vitkit` reshapes them.
+
+All functions are pure: they take and return dicts of tensors.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+StateDict = dict[str, torch.Tensor]
+
+FORMATS = ("timm", "hf", "torchvision")
+"""Layouts :func:`detect_format` tells apart from the keys (``.npz`` files are read separately)."""
+
+# A key that only one layout has, as it appears after any wrapper prefix ("module.", "model.", ...).
+_ANCHORS = {
+    "timm": "patch_embed.proj.weight",
+    "hf": "embeddings.patch_embeddings.projection.weight",
+    "torchvision": "conv_proj.weight",
+}
+
+
+class UnsupportedCheckpointError(ValueError):
+    """The checkpoint holds a ViT variant that vitkit's VisionTransformer cannot represent."""
+
+
+# ---------------------------------------------------------------------------- detection
+def detect_format(state: Mapping[str, Any]) -> tuple[str, str]:
+    """Guess the layout of a state dict from its keys.
+
+    Returns:
+        ``(format, prefix)``: one of :data:`FORMATS`, and the wrapper prefix in front of the
+        model's own keys (``""``, ``"module."``, ``"model."`` for a Lightning checkpoint, ...).
+        For Hugging Face the prefix excludes ``vit.``, which is part of the layout.
+
+    Raises:
+        UnsupportedCheckpointError: no known ViT layout matches.
+    """
+    found: list[tuple[int, str, str]] = []
+    for fmt, anchor in _ANCHORS.items():
+        for key in state:
+            if key == anchor or key.endswith("." + anchor):
+                prefix = key[: len(key) - len(anchor)]
+                if fmt == "hf" and prefix.endswith("vit."):
+                    prefix = prefix[: -len("vit.")]
+                found.append((len(prefix), fmt, prefix))
+    if not found:
+        sample = ", ".join(sorted(state)[:8])
+        raise UnsupportedCheckpointError(
+            "Not a Vision Transformer checkpoint vitkit can read: no patch embedding found "
+            f"(looked for {', '.join(repr(a) for a in _ANCHORS.values())}). First keys: {sample}."
+        )
+    _, fmt, prefix = min(found)  # the outermost model wins (e.g. "model." over "_forward_model.")
+    return fmt, prefix
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
+    """Keep the entries under ``prefix``, without it (other entries belong to other modules)."""
+    if not prefix:
+        return dict(state)
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, str, list[str]]:
+    """Detect the layout of ``state`` and convert it to vitkit's names.
+
+    Returns:
+        ``(state dict in vitkit layout, format, notes)``; notes say what was dropped and why.
+    """
+    fmt, prefix = detect_format(state)
+    inner = strip_prefix(state, prefix)
+    notes = []
+    if prefix:
+        notes.append(f"weights found under the prefix {prefix!r}.")
+    if fmt == "hf":
+        converted, more = hf_to_vitkit(inner)
+    elif fmt == "torchvision":
+        converted, more = torchvision_to_vitkit(inner)
+    else:
+        converted, more = _drop_timm_extras(inner)
+    return converted, fmt, notes + more
+
+
+def _drop_timm_extras(state: StateDict) -> tuple[StateDict, list[str]]:
+    """timm-layout checkpoints sometimes carry tensors that are not part of the classifier."""
+    notes = []
+    extras = [k for k in state if k == "mask_token" or k.startswith(("decoder", "mask_token"))]
+    if extras:
+        notes.append(f"dropped {len(extras)} pre-training tensors (mask token / MAE decoder).")
+    return {k: v for k, v in state.items() if k not in extras}, notes
+
+
+# ---------------------------------------------------------------------------- Hugging Face
+_HF_RENAMES = [
+    (r"embeddings\.cls_token", "cls_token"),
+    (r"embeddings\.position_embeddings", "pos_embed"),
+    (r"embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    # transformers < 5 names (also what ``save_pretrained`` writes)
+    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"blocks.\1.attn.proj."),
+    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.", r"blocks.\1.mlp.fc1."),
+    (r"encoder\.layer\.(\d+)\.output\.dense\.", r"blocks.\1.mlp.fc2."),
+    (r"encoder\.layer\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
+    (r"encoder\.layer\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
+    # transformers >= 5 module names (a ``torch.save(model.state_dict())`` of a v5 model)
+    (r"layers\.(\d+)\.attention\.o_proj\.", r"blocks.\1.attn.proj."),
+    (r"layers\.(\d+)\.mlp\.fc([12])\.", r"blocks.\1.mlp.fc\2."),
+    (r"layers\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
+    (r"layers\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
+    (r"layernorm\.", "norm."),
+    (r"classifier\.", "head."),
+]
+_HF_QKV = [
+    re.compile(r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)"),
+    re.compile(r"layers\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)"),
+]
+_QKV_ORDER = {"query": 0, "key": 1, "value": 2, "q": 0, "k": 1, "v": 2}
+
+
+def hf_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
+    """Hugging Face ``ViTModel`` / ``ViTForImageClassification`` weights -> vitkit names.
+
+    Accepts the ``vit.``-prefixed keys of the classifier and the bare keys of ``ViTModel``, in
+    the layout ``save_pretrained`` writes and in transformers 5's module names. Query, key and
+    value projections are concatenated into ``attn.qkv``. The ``ViTModel`` pooler (dense + tanh
+    on the class token, unused by the classifier) and the masked-image-modelling ``mask_token``
+    have no vitkit counterpart and are dropped with a note.
+
+    Keys it does not recognise are kept as they are, so the loader reports them.
+    """
+    out: StateDict = {}
+    qkv: dict[tuple[int, str], list[torch.Tensor | None]] = {}
+    notes = []
+    dropped = []
+    for key, value in state.items():
+        name = key.removeprefix("vit.")
+        if name.startswith("pooler.") or name == "embeddings.mask_token":
+            dropped.append(name)
+            continue
+        match = next((m for p in _HF_QKV if (m := p.fullmatch(name))), None)
+        if match:
+            block, part, kind = match.groups()
+            qkv.setdefault((int(block), kind), [None, None, None])[_QKV_ORDER[part]] = value
+            continue
+        for pattern, replacement in _HF_RENAMES:
+            new, n = re.subn(f"^{pattern}", replacement, name)
+            if n:
+                out[new] = value
+                break
+        else:
+            out[key] = value
+    for (block, kind), parts in sorted(qkv.items()):
+        if any(p is None for p in parts):
+            raise UnsupportedCheckpointError(
+                f"Hugging Face checkpoint: block {block} lacks one of query/key/value {kind}."
+            )
+        out[f"blocks.{block}.attn.qkv.{kind}"] = torch.cat(parts, dim=0)  # type: ignore[arg-type]
+    if any(d.startswith("pooler.") for d in dropped):
+        notes.append(
+            "dropped the ViTModel pooler (dense + tanh on the class token): the ViT classifier does "
+            "not use it; vitkit's features are the normalised tokens (forward_features)."
+        )
+    if "embeddings.mask_token" in dropped:
+        notes.append("dropped the masked-image-modelling mask_token.")
+    return out, notes
+
+
+def vitkit_to_hf(state: Mapping[str, torch.Tensor], with_head: bool = True) -> StateDict:
+    """vitkit weights -> the layout ``ViTForImageClassification.save_pretrained`` writes.
+
+    Only the original ViT's parameters have a Hugging Face counterpart (class token, learned
+    positions including the class token's, no registers, no LayerScale, no q/k norm, final norm
+    before class-token pooling); :func:`vitkit.weights.save` checks the model options first.
+    """
+    renames = [
+        (r"cls_token", "vit.embeddings.cls_token"),
+        (r"pos_embed", "vit.embeddings.position_embeddings"),
+        (r"patch_embed\.proj\.", "vit.embeddings.patch_embeddings.projection."),
+        (r"blocks\.(\d+)\.norm1\.", r"vit.encoder.layer.\1.layernorm_before."),
+        (r"blocks\.(\d+)\.norm2\.", r"vit.encoder.layer.\1.layernorm_after."),
+        (r"blocks\.(\d+)\.attn\.proj\.", r"vit.encoder.layer.\1.attention.output.dense."),
+        (r"blocks\.(\d+)\.mlp\.fc1\.", r"vit.encoder.layer.\1.intermediate.dense."),
+        (r"blocks\.(\d+)\.mlp\.fc2\.", r"vit.encoder.layer.\1.output.dense."),
+        (r"norm\.", "vit.layernorm."),
+        (r"head\.", "classifier."),
+    ]
+    out: StateDict = {}
+    for key, value in state.items():
+        match = re.fullmatch(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", key)
+        if match:
+            block, kind = match.groups()
+            for part, chunk in zip(("query", "key", "value"), value.chunk(3, dim=0), strict=True):
+                out[f"vit.encoder.layer.{block}.attention.attention.{part}.{kind}"] = chunk.contiguous()
+            continue
+        if key.startswith("head.") and not with_head:
+            continue
+        for pattern, replacement in renames:
+            new, n = re.subn(f"^{pattern}", replacement, key)
+            if n:
+                out[new] = value.contiguous()
+                break
+        else:
+            raise UnsupportedCheckpointError(f"{key} has no Hugging Face ViT counterpart.")
+    return out
+
+
+# ---------------------------------------------------------------------------- torchvision
+_TV_RENAMES = [
+    (r"class_token", "cls_token"),
+    (r"conv_proj\.", "patch_embed.proj."),
+    (r"encoder\.pos_embedding", "pos_embed"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.ln_1\.", r"blocks.\1.norm1."),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.ln_2\.", r"blocks.\1.norm2."),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.in_proj_weight", r"blocks.\1.attn.qkv.weight"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.in_proj_bias", r"blocks.\1.attn.qkv.bias"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.out_proj\.", r"blocks.\1.attn.proj."),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.(?:0|linear_1)\.", r"blocks.\1.mlp.fc1."),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.(?:3|linear_2)\.", r"blocks.\1.mlp.fc2."),
+    (r"encoder\.ln\.", "norm."),
+    (r"heads\.head\.", "head."),
+]
+
+
+def torchvision_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
+    """torchvision ``vit_b_16``-style weights -> vitkit names.
+
+    ``nn.MultiheadAttention`` already stores q, k, v stacked in that order, like timm's ``qkv``.
+    A representation layer (``heads.pre_logits``, torchvision's ``representation_size``) has no
+    vitkit counterpart: it is dropped together with the head it feeds, so the model keeps a fresh
+    head (fine-tuning); a conv stem (``conv_proj.conv_*``) is unsupported.
+    """
+    notes = []
+    if any(k.startswith("conv_proj.conv_") for k in state):
+        raise UnsupportedCheckpointError(
+            "torchvision ViT with a convolutional stem (conv_stem_configs) is not supported by vitkit."
+        )
+    has_pre_logits = any(k.startswith("heads.pre_logits.") for k in state)
+    out: StateDict = {}
+    for key, value in state.items():
+        if has_pre_logits and key.startswith("heads."):
+            continue
+        for pattern, replacement in _TV_RENAMES:
+            new, n = re.subn(f"^{pattern}", replacement, key)
+            if n:
+                out[new] = value
+                break
+        else:
+            out[key] = value
+    if has_pre_logits:
+        notes.append(
+            "dropped the representation layer (heads.pre_logits) and the head it feeds: vitkit has no "
+            "pre-logits layer; the model keeps a freshly initialised head."
+        )
+    return out, notes
+
+
+# ---------------------------------------------------------------------------- Google / big_vision npz
+_NPZ_PREFIXES = ("", "opt/target/", "params/", "params/img/")
+
+
+def npz_to_vitkit(arrays: Mapping[str, np.ndarray]) -> tuple[StateDict, dict[str, Any], list[str]]:
+    """Google ViT ``.npz`` weights (original release or big_vision) -> vitkit names.
+
+    Handles the original ``vision_transformer`` layout (``Transformer/posembed_input``,
+    ``MultiHeadDotProductAttention_1``, ``MlpBlock_3``, position entries for the class token
+    too) and big_vision's (``params/`` prefix, top-level ``pos_embedding`` for the patches only,
+    ``MultiHeadDotProductAttention_0``, ``MlpBlock_0``, per-block or scanned ``encoderblock``).
+
+    Returns:
+        ``(state dict, options, notes)``; options are what the file reveals beyond shapes:
+        ``num_heads``, ``no_embed_class``, ``global_pool``, ``fc_norm`` and ``norm_eps``.
+
+    Raises:
+        UnsupportedCheckpointError: hybrid (ResNet) stems, attention-pooling (MAP) heads,
+            bfloat16 arrays, or no ViT found.
+    """
+    prefix = next((p for p in _NPZ_PREFIXES if f"{p}embedding/kernel" in arrays), None)
+    if prefix is None:
+        raise UnsupportedCheckpointError(
+            "Not a Google/big_vision ViT .npz: no 'embedding/kernel' (also looked under "
+            f"{', '.join(repr(p) for p in _NPZ_PREFIXES[1:])}). First keys: {', '.join(sorted(arrays)[:8])}."
+        )
+    w = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+    if any(k.startswith(("conv_root", "block1/")) for k in w):
+        raise UnsupportedCheckpointError("Hybrid ResNet-ViT .npz checkpoints are not supported by vitkit.")
+    if any(k.startswith("MAPHead_0/") for k in w):
+        raise UnsupportedCheckpointError(
+            "This .npz has an attention-pooling (MAP) head, which vitkit's VisionTransformer does not have."
+        )
+    for k, v in w.items():
+        if v.dtype.kind not in "fiu":
+            raise UnsupportedCheckpointError(
+                f"{k} has dtype {v.dtype} (bfloat16 saved by JAX?): convert the .npz to float32 first."
+            )
+    scanned = "Transformer/encoderblock/LayerNorm_0/scale" in w
+
+    def t(name: str, idx: int | None = None, transpose: bool = True) -> torch.Tensor:
+        x = np.asarray(w[name])
+        if idx is not None:
+            x = x[idx]
+        if x.ndim == 4 and x.shape[0] == x.shape[1] == x.shape[2] == 1:
+            x = x.reshape(-1)
+        if transpose:
+            x = {
+                4: lambda a: a.transpose(3, 2, 0, 1),
+                3: lambda a: a.transpose(2, 0, 1),
+                2: lambda a: a.T,
+            }.get(x.ndim, lambda a: a)(x)
+        return torch.from_numpy(np.ascontiguousarray(x)).float()
+
+    out: StateDict = {}
+    notes: list[str] = []
+    kernel = t("embedding/kernel")
+    if kernel.ndim != 4:
+        raise UnsupportedCheckpointError(f"embedding/kernel has {kernel.ndim} dims; expected a 4-d conv.")
+    out["patch_embed.proj.weight"] = kernel
+    out["patch_embed.proj.bias"] = t("embedding/bias")
+    has_cls = "cls" in w
+    if has_cls:
+        out["cls_token"] = t("cls", transpose=False)
+    pos_key = "pos_embedding" if "pos_embedding" in w else "Transformer/posembed_input/pos_embedding"
+    if pos_key in w:
+        pos = t(pos_key, transpose=False)
+        out["pos_embed"] = pos.reshape(1, -1, pos.shape[-1])
+
+    if scanned:
+        depth = int(w["Transformer/encoderblock/LayerNorm_0/scale"].shape[0])
+    else:
+        depth = len({m.group(1) for k in w if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))})
+    first = "Transformer/encoderblock/" if scanned else "Transformer/encoderblock_0/"
+    if f"{first}MultiHeadDotProductAttention_1/query/kernel" in w:  # the original release
+        mha, mlp, ln2 = ("MultiHeadDotProductAttention_1", "MlpBlock_3", "LayerNorm_2")
+    else:  # big_vision
+        mha, mlp, ln2 = ("MultiHeadDotProductAttention_0", "MlpBlock_0", "LayerNorm_1")
+    num_heads = None
+    for i in range(depth):
+        bp, idx = ("Transformer/encoderblock/", i) if scanned else (f"Transformer/encoderblock_{i}/", None)
+        out[f"blocks.{i}.norm1.weight"] = t(f"{bp}LayerNorm_0/scale", idx)
+        out[f"blocks.{i}.norm1.bias"] = t(f"{bp}LayerNorm_0/bias", idx)
+        q, k, v = (t(f"{bp}{mha}/{n}/kernel", idx, transpose=False) for n in ("query", "key", "value"))
+        num_heads = int(q.shape[1])
+        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([x.flatten(1).T for x in (q, k, v)])
+        if f"{bp}{mha}/query/bias" in w:
+            out[f"blocks.{i}.attn.qkv.bias"] = torch.cat(
+                [
+                    t(f"{bp}{mha}/{n}/bias", idx, transpose=False).reshape(-1)
+                    for n in ("query", "key", "value")
+                ]
+            )
+        out[f"blocks.{i}.attn.proj.weight"] = t(f"{bp}{mha}/out/kernel", idx).flatten(1)
+        out[f"blocks.{i}.attn.proj.bias"] = t(f"{bp}{mha}/out/bias", idx)
+        out[f"blocks.{i}.norm2.weight"] = t(f"{bp}{ln2}/scale", idx)
+        out[f"blocks.{i}.norm2.bias"] = t(f"{bp}{ln2}/bias", idx)
+        for r in range(2):
+            out[f"blocks.{i}.mlp.fc{r + 1}.weight"] = t(f"{bp}{mlp}/Dense_{r}/kernel", idx)
+            out[f"blocks.{i}.mlp.fc{r + 1}.bias"] = t(f"{bp}{mlp}/Dense_{r}/bias", idx)
+    if "Transformer/encoder_norm/scale" in w:
+        out["norm.weight"] = t("Transformer/encoder_norm/scale")
+        out["norm.bias"] = t("Transformer/encoder_norm/bias")
+    if "pre_logits/kernel" in w:
+        notes.append(
+            "dropped the representation layer (pre_logits) and the head it feeds: vitkit has no "
+            "pre-logits layer; the model keeps a freshly initialised head."
+        )
+    elif "head/kernel" in w:
+        out["head.weight"] = t("head/kernel")
+        out["head.bias"] = t("head/bias")
+
+    options: dict[str, Any] = {
+        "num_heads": num_heads,
+        # big_vision adds positions to the patches before prepending the class token
+        "no_embed_class": bool("pos_embedding" in w and has_cls),
+        "global_pool": "token" if has_cls else "avg",
+        "fc_norm": False,  # the encoder norm comes before pooling in both code bases
+        "norm_eps": 1e-6,
+    }
+    return out, options, notes
