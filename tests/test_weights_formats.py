@@ -1,0 +1,367 @@
+"""Every supported layout loads and reproduces the source library's logits.
+
+Random tiny models from timm, transformers and torchvision are saved in their native formats,
+read back through vitkit (with the architecture inferred from the files) and must give the
+same outputs (relative error < 1e-5 in float32).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer as TimmViT
+from torchvision.models.vision_transformer import VisionTransformer as TvViT
+
+import vitkit
+from vitkit.weights import (
+    CheckpointMismatchError,
+    UnsupportedCheckpointError,
+    load_pretrained,
+    model_from_checkpoint,
+    read_checkpoint,
+)
+
+transformers = pytest.importorskip("transformers")
+
+TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 5}
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def randomise(model: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def hf_config(**overrides):
+    options = dict(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        num_labels=5,
+    )
+    options.update(overrides)
+    return transformers.ViTConfig(**options)
+
+
+# ---------------------------------------------------------------------------- Hugging Face
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"image_size": [32, 48], "qkv_bias": False}, {"layer_norm_eps": 1e-6, "patch_size": 16}],
+    ids=["default", "non_square_no_qkv_bias", "eps_1e-6_patch16"],
+)
+def test_hf_folder_reproduces_vit_for_image_classification(overrides, tmp_path):
+    config = hf_config(**overrides, id2label={i: f"class{i}" for i in range(5)})
+    reference = randomise(transformers.ViTForImageClassification(config))
+    reference.save_pretrained(tmp_path)
+    transformers.ViTImageProcessor(
+        image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6], resample=3, size={"height": 32, "width": 48}
+    ).save_pretrained(tmp_path)
+
+    model, report = model_from_checkpoint(tmp_path, return_report=True)
+    model.eval()
+    size = config.image_size if isinstance(config.image_size, list) else [32, 32]
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        assert relative_error(model(x), reference(pixel_values=x).logits) < 1e-5
+    assert report.format == "hf"
+    assert model.config["num_heads"] == 4  # from config.json: no shape says it
+    assert model.config["norm_eps"] == config.layer_norm_eps
+    assert model.config["qkv_bias"] == config.qkv_bias
+    assert model.pretrained_cfg["mean"] == (0.1, 0.2, 0.3)
+    assert model.pretrained_cfg["interpolation"] == "bicubic"
+    assert model.pretrained_cfg["crop_mode"] == "squash"
+    assert model.pretrained_cfg["label_names"] == [f"class{i}" for i in range(5)]
+
+
+def test_hf_weights_file_alone_and_bare_vit_model(tmp_path):
+    reference = randomise(transformers.ViTForImageClassification(hf_config(num_attention_heads=2)))
+    reference.save_pretrained(tmp_path / "cls")
+    # the weights file alone: no config, so heads come from vitkit's guess or the caller
+    ckpt = read_checkpoint(tmp_path / "cls" / "model.safetensors")
+    assert ckpt.format == "hf" and ckpt.options["norm_eps"] == 1e-12
+    assert ckpt.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)  # ViTImageProcessor's defaults
+    model = model_from_checkpoint(ckpt, num_heads=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(model(x), reference(pixel_values=x).logits) < 1e-5
+
+    # ViTModel: keys without "vit.", a pooler vitkit does not have -> features match
+    bare = randomise(transformers.ViTModel(hf_config(num_attention_heads=2)))
+    torch.save(bare.state_dict(), tmp_path / "vitmodel.bin")  # transformers 5 module names
+    bare.save_pretrained(tmp_path / "bare")  # the legacy layout save_pretrained writes
+    for source in (tmp_path / "vitmodel.bin", tmp_path / "bare"):
+        features, report = model_from_checkpoint(source, num_heads=2, num_classes=0, return_report=True)
+        assert any("pooler" in note for note in report.notes)
+        with torch.no_grad():
+            ours = features.eval().forward_features(x)
+            assert relative_error(ours, bare(pixel_values=x).last_hidden_state) < 1e-5
+
+
+def test_hf_config_num_heads_mismatch_is_named(tmp_path):
+    transformers.ViTForImageClassification(hf_config()).save_pretrained(tmp_path)
+    model = vitkit.create_model("vit_tiny_patch16_224", **{**TINY, "num_heads": 2, "mlp_ratio": 1.5})
+    with pytest.raises(CheckpointMismatchError, match=r"num_heads \(checkpoint: 4, model: 2\)"):
+        load_pretrained(model, tmp_path)
+
+
+def test_hf_eps_difference_is_a_warning_not_an_error(tmp_path, caplog):
+    transformers.ViTForImageClassification(hf_config(num_attention_heads=2)).save_pretrained(tmp_path)
+    model = vitkit.create_model("vit_tiny_patch16_224", **TINY, mlp_ratio=1.5)  # norm_eps 1e-6
+    report = load_pretrained(model, tmp_path)
+    assert any("norm_eps=1e-12" in note for note in report.notes)
+    assert "norm_eps=1e-12" in caplog.text
+
+
+def test_hf_unsupported_variants_are_explained(tmp_path):
+    transformers.ViTForImageClassification(hf_config(hidden_act="gelu_new")).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedCheckpointError, match="exact GELU"):
+        read_checkpoint(tmp_path)
+
+
+# ---------------------------------------------------------------------------- torchvision
+def tv_model(num_classes: int = 5) -> TvViT:
+    return randomise(
+        TvViT(
+            image_size=32,
+            patch_size=8,
+            num_layers=2,
+            num_heads=2,
+            hidden_dim=32,
+            mlp_dim=128,
+            num_classes=num_classes,
+        )
+    )
+
+
+def test_torchvision_state_dict_reproduces_logits(tmp_path):
+    reference = tv_model()
+    torch.save(reference.state_dict(), tmp_path / "tv.pth")
+    model, report = model_from_checkpoint(tmp_path / "tv.pth", num_heads=2, return_report=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(model.eval()(x), reference(x)) < 1e-5
+    assert report.format == "torchvision" and model.config["norm_eps"] == 1e-6
+    # a plain file: torchvision's classification preset
+    assert report.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)
+    assert report.pretrained_cfg["interpolation"] == "bilinear"
+    assert report.pretrained_cfg["crop_pct"] == 0.875
+
+    # the same weights into a model built by name, and at a new resolution
+    model = vitkit.create_model("vit_tiny_patch16_224", **{**TINY, "img_size": 48})
+    report = load_pretrained(model, tmp_path / "tv.pth")
+    assert report.pos_embed_resampled == ((4, 4), (6, 6)) and not report.head_reset
+
+
+def test_torchvision_file_name_selects_its_weights_transforms(tmp_path):
+    # a file named like torchvision's download: its weights enum gives preprocessing and labels
+    torch.save(tv_model(num_classes=1000).state_dict(), tmp_path / "vit_b_16_swag-9ac1b537.pth")
+    ckpt = read_checkpoint(tmp_path / "vit_b_16_swag-9ac1b537.pth")
+    assert ckpt.pretrained_cfg["input_size"] == (3, 384, 384)
+    assert ckpt.pretrained_cfg["interpolation"] == "bicubic" and ckpt.pretrained_cfg["crop_pct"] == 1.0
+    assert ckpt.label_names[0] == "tench"
+
+
+def test_torchvision_representation_layer_is_dropped_with_its_head():
+    reference = TvViT(
+        image_size=32,
+        patch_size=8,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=32,
+        mlp_dim=128,
+        representation_size=16,
+    )
+    model = vitkit.create_model("vit_tiny_patch16_224", **{**TINY, "depth": 1, "num_classes": 1000})
+    report = load_pretrained(model, reference.state_dict())
+    assert report.head_reset and any("pre_logits" in note for note in report.notes)
+
+
+# ---------------------------------------------------------------------------- timm layouts and wrappers
+OPTION_SETS = {
+    "class_token": {},
+    "registers": {"reg_tokens": 4, "no_embed_class": True},
+    "qk_norm_layerscale": {"qk_norm": True, "init_values": 1e-2},
+    "avg_pool_no_class_token": {"class_token": False, "global_pool": "avg"},
+}
+
+
+@pytest.mark.parametrize("name", list(OPTION_SETS))
+def test_timm_state_dict_builds_the_right_model(name, tmp_path):
+    options = {**TINY, **OPTION_SETS[name]}
+    reference = randomise(TimmViT(**options))
+    save_file(reference.state_dict(), str(tmp_path / "w.safetensors"))
+    model = model_from_checkpoint(tmp_path / "w.safetensors", num_heads=2).eval()
+    assert model.config["global_pool"] == options.get("global_pool", "token")
+    assert model.config["no_embed_class"] == options.get("no_embed_class", False)
+    assert model.config["reg_tokens"] == options.get("reg_tokens", 0)
+    assert model.config["class_token"] == options.get("class_token", True)
+    assert bool(model.config["init_values"]) == ("init_values" in options)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(model(x), reference(x)) < 1e-5
+
+
+def test_num_heads_is_guessed_and_said_when_not_stored(tmp_path):
+    reference = TimmViT(**{**TINY, "embed_dim": 192, "num_heads": 3, "depth": 1})
+    save_file(reference.state_dict(), str(tmp_path / "w.safetensors"))
+    model, report = model_from_checkpoint(tmp_path / "w.safetensors", return_report=True)
+    assert model.config["num_heads"] == 3  # the registered tiny models have width 192 and 3 heads
+    assert any("num_heads is not stored" in note for note in report.notes)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: {"state_dict": sd, "epoch": 3},
+        lambda sd: {"model": sd, "optimizer": {"lr": 0.1}},
+        lambda sd: {"module": sd},
+        lambda sd: {f"module.{k}": v for k, v in sd.items()},
+        lambda sd: {"model": {f"module.{k}": v for k, v in sd.items()}},
+    ],
+    ids=["state_dict", "model", "module", "module_prefix", "model_and_module_prefix"],
+)
+def test_wrapped_state_dicts(wrap, tmp_path):
+    reference = randomise(TimmViT(**TINY))
+    torch.save(wrap(reference.state_dict()), tmp_path / "w.pth")
+    model = model_from_checkpoint(tmp_path / "w.pth", num_heads=2).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(model(x), reference(x)) < 1e-5
+
+
+def test_lightning_checkpoint_rebuilds_the_trained_model(tmp_path):
+    trained = randomise(
+        vitkit.create_model("vit_nano_patch4_32", depth=2, embed_dim=32, num_heads=2, num_classes=3)
+    )
+    checkpoint = {
+        "epoch": 1,
+        "global_step": 10,
+        "pytorch-lightning_version": "2.6.4",
+        "state_dict": {f"model.{k}": v for k, v in trained.state_dict().items()},
+        "optimizer_states": [],
+        "hyper_parameters": {
+            "model_name": "vit_nano_patch4_32",
+            "model_options": {"depth": 2, "embed_dim": 32, "num_heads": 2},
+            "num_classes": 3,
+            "classes": ["cat", "dog", "eel"],
+            "lr": 1e-3,
+        },
+    }
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+    model, report = model_from_checkpoint(tmp_path / "last.ckpt", return_report=True)
+    assert report.format == "lightning"
+    assert model.config["model_name"] == "vit_nano_patch4_32" and model.config["mlp_ratio"] == 2.0
+    assert model.pretrained_cfg["mean"] == (0.4914, 0.4822, 0.4465)  # the registry's CIFAR-10 cfg
+    assert model.pretrained_cfg["label_names"] == ["cat", "dog", "eel"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(model.eval()(x), trained.eval()(x)) < 1e-5
+
+    # a num_heads that contradicts the checkpoint's hyper-parameters is named
+    wrong = vitkit.create_model("vit_nano_patch4_32", depth=2, embed_dim=32, num_heads=4, num_classes=3)
+    with pytest.raises(CheckpointMismatchError, match=r"num_heads \(checkpoint: 2, model: 4\)"):
+        load_pretrained(wrong, tmp_path / "last.ckpt")
+
+
+# ---------------------------------------------------------------------------- Google / big_vision npz
+def _to_npz(model: TimmViT, layout: str) -> dict[str, np.ndarray]:
+    """Write a timm ViT in Google's JAX layouts (the inverse of the loaders under test)."""
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    heads, dim = model.blocks[0].attn.num_heads, model.embed_dim
+    hd = dim // heads
+    big_vision = layout in ("big_vision", "big_vision_scanned")
+    p = "params/" if big_vision else ""
+    out = {f"{p}embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0)}
+    out[f"{p}embedding/bias"] = sd["patch_embed.proj.bias"]
+    if "cls_token" in sd:
+        out[f"{p}cls"] = sd["cls_token"]
+    out[f"{p}pos_embedding" if big_vision else "Transformer/posembed_input/pos_embedding"] = sd["pos_embed"]
+    mha, mlp, ln2 = ("MultiHeadDotProductAttention_0", "MlpBlock_0", "LayerNorm_1")
+    if not big_vision:
+        mha, mlp, ln2 = ("MultiHeadDotProductAttention_1", "MlpBlock_3", "LayerNorm_2")
+    blocks = []
+    for i in range(len(model.blocks)):
+        b = f"blocks.{i}."
+        q, k, v = np.split(sd[b + "attn.qkv.weight"], 3)
+        qb, kb, vb = np.split(sd[b + "attn.qkv.bias"], 3)
+        block = {
+            "LayerNorm_0/scale": sd[b + "norm1.weight"],
+            "LayerNorm_0/bias": sd[b + "norm1.bias"],
+            f"{ln2}/scale": sd[b + "norm2.weight"],
+            f"{ln2}/bias": sd[b + "norm2.bias"],
+            f"{mha}/out/kernel": sd[b + "attn.proj.weight"].T.reshape(heads, hd, dim),
+            f"{mha}/out/bias": sd[b + "attn.proj.bias"],
+            f"{mlp}/Dense_0/kernel": sd[b + "mlp.fc1.weight"].T,
+            f"{mlp}/Dense_0/bias": sd[b + "mlp.fc1.bias"],
+            f"{mlp}/Dense_1/kernel": sd[b + "mlp.fc2.weight"].T,
+            f"{mlp}/Dense_1/bias": sd[b + "mlp.fc2.bias"],
+        }
+        for name, w, bias in (("query", q, qb), ("key", k, kb), ("value", v, vb)):
+            block[f"{mha}/{name}/kernel"] = w.T.reshape(dim, heads, hd)
+            block[f"{mha}/{name}/bias"] = bias.reshape(heads, hd)
+        blocks.append(block)
+    if layout == "big_vision_scanned":
+        for key in blocks[0]:
+            out[f"{p}Transformer/encoderblock/{key}"] = np.stack([blk[key] for blk in blocks])
+    else:
+        for i, blk in enumerate(blocks):
+            out.update({f"{p}Transformer/encoderblock_{i}/{k}": v for k, v in blk.items()})
+    out[f"{p}Transformer/encoder_norm/scale"] = sd["norm.weight"]
+    out[f"{p}Transformer/encoder_norm/bias"] = sd["norm.bias"]
+    out[f"{p}head/kernel"] = sd["head.weight"].T
+    out[f"{p}head/bias"] = sd["head.bias"]
+    return out
+
+
+NPZ_CASES = {
+    # the original release: positions for the class token too
+    "original": ({}, {"num_heads": 4}),
+    # big_vision "gap": no class token, norm before pooling
+    "big_vision": ({"class_token": False, "global_pool": "avg", "fc_norm": False}, {"global_pool": "avg"}),
+    # big_vision "tok", blocks scanned into one stacked array: positions for the patches only
+    "big_vision_scanned": ({"no_embed_class": True}, {"no_embed_class": True}),
+}
+
+
+@pytest.mark.parametrize("layout", list(NPZ_CASES))
+def test_google_npz_reproduces_timm_reading_the_same_file(layout, tmp_path):
+    timm_options, expected = NPZ_CASES[layout]
+    reference = randomise(TimmViT(**{**TINY, "num_heads": 4, **timm_options}))
+    np.savez(tmp_path / "vit.npz", **_to_npz(reference, layout))
+    # timm's own npz reader agrees that the file holds the reference model
+    check = TimmViT(**{**TINY, "num_heads": 4, **timm_options}).eval()
+    check.load_pretrained(str(tmp_path / "vit.npz"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(check(x), reference(x)) < 1e-5
+
+    model, report = model_from_checkpoint(tmp_path / "vit.npz", return_report=True)
+    assert report.format == "big_vision"
+    assert model.config["num_heads"] == 4  # read off the (D, heads, head_dim) kernels
+    for option, value in expected.items():
+        assert model.config[option] == value
+    with torch.no_grad():
+        assert relative_error(model.eval()(x), reference(x)) < 1e-5
+
+
+def test_npz_attention_pool_head_is_unsupported(tmp_path):
+    arrays = _to_npz(randomise(TimmViT(**TINY)), "big_vision")
+    arrays["params/MAPHead_0/probe"] = np.zeros((1, 1, 32), np.float32)
+    np.savez(tmp_path / "map.npz", **arrays)
+    with pytest.raises(UnsupportedCheckpointError, match="MAP"):
+        read_checkpoint(tmp_path / "map.npz")
+
+
+def test_unknown_layout_is_explained():
+    with pytest.raises(UnsupportedCheckpointError, match="no patch embedding found"):
+        read_checkpoint({"encoder.weight": torch.zeros(2, 2)})
