@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Literal, NamedTuple
 
 import torch
@@ -34,7 +34,7 @@ from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
 from .capture import eval_mode, forward, token_layout, unwrap
-from .methods import CLASS_SPECIFIC, METHODS, Target, resolve_target
+from .methods import CLASS_SPECIFIC, METHODS, Target, explain, resolve_target
 
 Baseline = Literal["blur", "mean", "zero"] | torch.Tensor
 
@@ -345,3 +345,38 @@ def evaluate_saliency(
         out["pointing_game"] = pointing_game(saliency, masks)
         out["mass_in_object"] = mass_in_mask(saliency, masks)
     return out
+
+
+def evaluate_methods(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+    methods: Sequence[str],
+    *,
+    random_baseline: bool = True,
+    steps: int | None = None,
+    baseline: Baseline = "blur",
+    options: Mapping[str, Mapping[str, object]] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Mean of every metric over all images, per method (and for ``'random'`` saliency).
+
+    Args:
+        batches: ``(images, masks or None)`` pairs (e.g. a folder read batch by batch).
+        methods: names from :data:`~vitkit.explain.methods.METHODS`.
+        options: per-method keyword arguments, e.g. ``{"smoothgrad": {"n_samples": 10}}``.
+
+    Returns:
+        ``{method: {metric: mean}}`` with the keys of :func:`evaluate_saliency`.
+    """
+    options = options or {}
+    names = [*methods, "random"] if random_baseline else list(methods)
+    values: dict[str, dict[str, list[torch.Tensor]]] = {n: {} for n in names}
+    for index, (images, masks) in enumerate(batches):
+        for name in names:
+            if name == "random":
+                saliency = random_saliency(model, images, seed=index)
+            else:
+                saliency = explain(model, images, name, **dict(options.get(name, {})))
+            result = evaluate_saliency(model, images, saliency, masks, steps=steps, baseline=baseline)
+            for key, value in result.items():
+                values[name].setdefault(key, []).append(value.detach().float().cpu())
+    return {n: {k: float(torch.cat(v).mean()) for k, v in metrics.items()} for n, metrics in values.items()}
