@@ -10,15 +10,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
-
-from vitkit.data.decode import load_rgb
-from vitkit.data.folder import list_images
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 # ----------------------------------------------------------------------------------------- models
@@ -82,6 +80,25 @@ def input_size(model: nn.Module) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------- images
+def list_images(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively, hidden files and folders skipped), sorted."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is neither an image file nor a folder.")
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """An image file as upright 8-bit RGB (EXIF orientation applied)."""
+    with Image.open(path) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
 def find_images(inputs: Sequence[str | os.PathLike[str]]) -> list[tuple[Path, Path]]:
     """``(image path, root it was found under)`` for every file and every image under folders."""
     found = []
@@ -90,7 +107,7 @@ def find_images(inputs: Sequence[str | os.PathLike[str]]) -> list[tuple[Path, Pa
         if root.is_file():
             found.append((root, root.parent))
         else:
-            found.extend((Path(p), root) for p in list_images(root))
+            found.extend((p, root) for p in list_images(root))
     if not found:
         raise FileNotFoundError(f"No images found in {', '.join(map(str, inputs))}.")
     return found
