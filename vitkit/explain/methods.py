@@ -22,7 +22,7 @@ Implicit attention (gradients of a class score)
     * :func:`gradient_rollout` — rollout where each layer's matrix is ``fuse_heads(A ⊙ ∂y_c/∂A)``
       clamped at zero: attention weighted by how much the class score depends on it.
     * :func:`relevance` (Chefer, Gur & Wolf, ICCV 2021, "Generic attention-model explainability")
-      — ``Ā = E_heads[(∇A ⊙ A)⁺]``, ``R ← R + Ā·R`` from ``R = I``; the readout row of R.
+      — ``Ā = E_heads[(∇A ⊙ A)⁺]``, ``R ← R + Ā·R`` from ``R = I``; the readout row(s) of R − I.
     * :func:`input_gradient` — ∂y_c/∂pixels: vanilla (|∇| max over channels), gradient × input,
       SmoothGrad (mean of vanilla maps over noisy copies); summed into patches or per pixel.
 
@@ -263,18 +263,24 @@ def relevance(
 ) -> torch.Tensor:
     """Chefer et al. (ICCV 2021): ``Ā = E_heads[(∇A ⊙ A)⁺]``, ``R ← R + Ā·R`` from ``R = I``.
 
-    The map is the query row(s) of R over the patches (the class token for a class-token
-    model), renormalised. ``target`` as in :func:`gradient_rollout`.
+    The map is the query row(s) of ``R - I`` over the patches (the class token's row for a
+    class-token model, where ``R - I`` and ``R`` agree; the mean over the patch rows for a pooled
+    model, where subtracting I removes a content-independent uniform floor), renormalised.
+    ``target`` as in :func:`gradient_rollout`.
     """
     layout = token_layout(model, images)
     layers = _start_layers(start_layer, _depth(model))
     attns, grads = _attention_with_gradients(model, images, layers, target)
     batch, n = attns[0].shape[0], attns[0].shape[-1]
-    rel = torch.eye(n, dtype=attns[0].dtype, device=attns[0].device).expand(batch, n, n)
+    eye = torch.eye(n, dtype=attns[0].dtype, device=attns[0].device)
+    rel = eye.expand(batch, n, n)
     for a, g in zip(attns, grads, strict=True):
         a_bar = (g * a).clamp(min=0).mean(dim=1)
         rel = rel + a_bar @ rel
-    return readout(rel, layout, query)
+    # R - I: the relevance gained through attention. For a class-token row this is R itself (the
+    # identity has no patch entries there); for the mean over patch rows it removes the uniform
+    # 1/patches floor of each token's residual path to itself, which carries no information.
+    return readout(rel - eye, layout, query)
 
 
 def input_gradient(
