@@ -99,6 +99,32 @@ def test_non_square_checkpoint_grid(tmp_path):
     )
 
 
+def test_position_layout_mismatch_is_named(tmp_path):
+    # registers without positions (timm's *_reg models) vs a model that gives them positions
+    exported = vit(reg_tokens=2, no_embed_class=True)
+    file = save(exported, tmp_path / "reg.safetensors")
+    with pytest.raises(CheckpointMismatchError, match=r"no_embed_class \(checkpoint: True, model: False"):
+        load_pretrained(vit(reg_tokens=2), file)
+    load_pretrained(vit(reg_tokens=2, no_embed_class=True, img_size=48), file)  # and resampled when it fits
+
+
+def test_dino_style_teacher_checkpoint_with_backbone_prefix():
+    source = reference(num_classes=0)
+    checkpoint = {
+        "teacher": {
+            **{f"backbone.{k}": v for k, v in source.state_dict().items()},
+            "head.mlp.0.weight": torch.zeros(4, 32),  # DINO's projection head: not part of the ViT
+        },
+        "epoch": 100,
+    }
+    model = vit(num_classes=0)
+    report = load_pretrained(model, checkpoint)
+    assert any("'backbone.'" in note for note in report.notes)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(model.eval()(x), source(x)) < 1e-5
+
+
 def test_wrong_old_grid_is_named():
     with pytest.raises(CheckpointMismatchError, match=r"old_grid=\(3, 3\) has 9 positions"):
         load_pretrained(vit(img_size=48), reference().state_dict(), old_grid=(3, 3))

@@ -39,7 +39,7 @@ from .convert import StateDict, UnsupportedCheckpointError, npz_to_vitkit, to_vi
 
 logger = logging.getLogger("vitkit")
 
-_CONTAINER_KEYS = ("state_dict", "model", "module", "model_state", "state_dict_ema", "model_ema")
+_CONTAINER_KEYS = ("state_dict", "model", "module", "model_state", "state_dict_ema", "model_ema", "teacher")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
 _VIT_OPTIONS = tuple(inspect.signature(VisionTransformer).parameters)
 _METADATA_KEY = "vitkit"  # safetensors metadata entry written by vitkit.weights.save
@@ -383,6 +383,10 @@ def _from_mapping(
             ckpt.pretrained_cfg = prep.torchvision_default(img[0] if img else 224)
             ckpt.notes.append(
                 "assuming torchvision's ImageNet preset (ImageNet mean/std, resize 256 / crop 224)."
+            )
+        else:
+            ckpt.notes.append(
+                "the checkpoint records no preprocessing (mean/std, crop): the model keeps its own pretrained_cfg."
             )
     return ckpt
 
