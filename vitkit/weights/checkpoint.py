@@ -386,7 +386,8 @@ def _from_mapping(
             )
         else:
             ckpt.notes.append(
-                "the checkpoint records no preprocessing (mean/std, crop): the model keeps its own pretrained_cfg."
+                "the checkpoint records no preprocessing (mean/std, crop): the model keeps its own "
+                "pretrained_cfg."
             )
     return ckpt
 
