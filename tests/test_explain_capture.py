@@ -164,6 +164,12 @@ def test_hugging_face_vit_attention_is_read_layer_by_layer():
     assert model.config._attn_implementation == before
     assert layers[1].attention.config is model.config
     assert token_layout(model, images).grid == (4, 4)
+    from vitkit.explain import relevance
+
+    batched = relevance(model, images)  # gradients through the eager attention weights
+    single = torch.cat([relevance(model, images[i : i + 1]) for i in range(2)])
+    assert batched.shape == (2, 4, 4)
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-6)
 
 
 def test_torchvision_vit_attention_weights():

@@ -240,6 +240,12 @@ def gradient_rollout(
     ``target``: class index (int or (B,) tensor); default the predicted class. The gradient of
     layer l multiplies the attention of layer l (matched by layer index, not by hook order).
     Then discard, identity and row normalisation, and the product, as in :func:`rollout`.
+
+    The gradient-weighted matrices are in gradient units, so how much they weigh against the
+    identity depends on the gradients' scale. A class-token row is unaffected (it has no
+    identity entries over the patches), but for a pooled model (mean over patch rows) small
+    gradients leave a near-uniform map dominated by each patch's path to itself; prefer
+    :func:`relevance` there, which reads ``R - I``.
     """
     layout = token_layout(model, images)
     layers = _start_layers(start_layer, _depth(model))
