@@ -77,8 +77,9 @@ class Checkpoint:
         """Constructor options for a model that fits these weights.
 
         Options a plain state dict cannot tell are filled in and noted: ``num_heads`` (a
-        registered model of the same width and depth, else 64-wide heads), ``global_pool``
-        (the class token if there is one and no ``fc_norm``, else the patch average).
+        registered model of the same width and depth, else 64-wide heads), ``img_size`` and
+        ``no_embed_class`` (a square grid), ``global_pool`` (the class token if there is one and
+        no ``fc_norm``, else the patch average).
         """
         opts = {k: v for k, v in self.options.items() if k in _VIT_OPTIONS}
         if opts.get("init_values") is True:
