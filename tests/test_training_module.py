@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from types import SimpleNamespace
 from typing import ClassVar
 
 import lightning as L
@@ -19,7 +20,6 @@ from vitkit.training import (
     RNGStateCheckpoint,
     RunArtifacts,
     load_classifier,
-    parameter_groups,
     warmup_cosine,
 )
 
@@ -90,22 +90,41 @@ def test_soft_target_loss_is_cross_entropy_with_the_mixed_labels():
     assert not torch.allclose(smoothed, module.compute_loss(logits, hard))
 
 
-def test_weight_decay_only_on_weight_matrices_and_layer_decay_scales():
-    module = _module()
-    groups = parameter_groups(module.model, weight_decay=0.05)
-    decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["param_names"]}
-    plain = {n for g in groups if g["weight_decay"] == 0 for n in g["param_names"]}
-    assert "blocks.0.attn.qkv.weight" in decayed and "head.weight" in decayed
-    assert {"pos_embed", "cls_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"} <= plain
-    all_names = {n for n, p in module.model.named_parameters() if p.requires_grad}
-    assert decayed | plain == all_names and not decayed & plain
+def _optimizer(module: ImageClassifier, total_steps: int = 100):
+    # configure_optimizers reads the schedule length and the batch size from the trainer
+    module._trainer = SimpleNamespace(
+        estimated_stepping_batches=total_steps,
+        max_epochs=10,
+        datamodule=None,
+        world_size=1,
+        accumulate_grad_batches=1,
+    )
+    return module.configure_optimizers()
 
-    groups = parameter_groups(module.model, 0.05, layer_decay=0.5)
-    scale = {n: g["lr_scale"] for g in groups for n in g["param_names"]}
-    assert scale["head.weight"] == 1.0
-    assert scale["blocks.1.mlp.fc1.weight"] == 0.5
-    assert scale["blocks.0.mlp.fc1.weight"] == 0.25
-    assert scale["patch_embed.proj.weight"] == scale["cls_token"] == 0.125
+
+def test_optimizer_decays_weight_matrices_only_and_scales_lr_by_layer():
+    module = _module(layer_decay=0.5)
+    config = _optimizer(module)
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    by_name = {n: g for g in optimizer.param_groups for n in g["param_names"]}
+    assert by_name["blocks.0.attn.qkv.weight"]["weight_decay"] == 0.05
+    for name in ("pos_embed", "cls_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"):
+        assert by_name[name]["weight_decay"] == 0.0, name
+    assert set(by_name) == {n for n, p in module.model.named_parameters() if p.requires_grad}
+    # peak LR 3e-3 x 0.5 ** (depth + 1 - layer), times the first warmup factor (1 / 11)
+    warmup = scheduler.lr_lambdas[0](0)
+    assert by_name["head.weight"]["lr"] == pytest.approx(3e-3 * warmup)
+    assert by_name["blocks.1.mlp.fc1.weight"]["lr"] == pytest.approx(3e-3 * 0.5 * warmup)
+    assert by_name["patch_embed.proj.weight"]["lr"] == pytest.approx(3e-3 * 0.125 * warmup)
+
+
+def test_lr_scales_with_the_global_batch_size():
+    module = _module(lr_batch_size=512)
+    module._trainer = SimpleNamespace(
+        datamodule=SimpleNamespace(batch_size=128), world_size=8, accumulate_grad_batches=2
+    )
+    assert module.effective_lr() == pytest.approx(3e-3 * 128 * 8 * 2 / 512)
 
 
 def test_warmup_then_cosine_schedule():
@@ -119,12 +138,21 @@ def test_warmup_then_cosine_schedule():
     assert all(a >= b for a, b in itertools.pairwise(values))
 
 
-def test_linear_probe_freezes_everything_but_the_head():
-    module = _module(freeze="linear_probe")
-    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
-    assert trainable == {"head.weight", "head.bias"}
+def test_linear_probe_then_unfreeze(tmp_path):
+    module = _module(freeze="linear_probe", unfreeze_at_epoch=1)
+    assert {n for n, p in module.model.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
     with pytest.raises(ValueError, match="freeze='all'"):
         _module(freeze="all")
+    frozen_before = module.model.blocks[0].attn.qkv.weight.detach().clone()
+    trainer = _trainer(tmp_path, max_epochs=1)
+    trainer.fit(module, datamodule=QuadrantData())
+    torch.testing.assert_close(module.model.blocks[0].attn.qkv.weight, frozen_before)  # epoch 0: probe only
+    trainer = _trainer(tmp_path, max_epochs=2)
+    trainer.fit(
+        module, datamodule=QuadrantData(), ckpt_path=tmp_path / "checkpoints" / "epoch=0-step=24.ckpt"
+    )
+    assert all(p.requires_grad for p in module.model.parameters())
+    assert not torch.allclose(module.model.blocks[0].attn.qkv.weight, frozen_before)  # epoch 1: everything
 
 
 def test_fit_learns_and_writes_run_artifacts(tmp_path):

@@ -47,24 +47,47 @@ def model_config(name: str) -> dict[str, Any]:
 
 
 def create_model(
-    name: str,
+    name: str | None = None,
     pretrained: str | Path | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """Build a registered model, optionally loading pretrained weights.
 
     Args:
-        name: a name from :func:`list_models`.
-        pretrained: weights to load: a local ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` file
-            holding a vitkit or timm state dict. The model keeps the options you give; if the
-            checkpoint does not fit them the error names the keys, the shapes and the option.
+        name: a name from :func:`list_models`. Without a name, ``pretrained`` is required and
+            the architecture is read off the checkpoint (see
+            :func:`vitkit.weights.model_from_checkpoint`).
+        pretrained: weights to load: a ``.safetensors`` / ``.pth`` / ``.bin`` / ``.ckpt`` / ``.npz``
+            file (timm, vitkit, Hugging Face, torchvision or big_vision layout), a Hugging Face
+            ``save_pretrained`` folder, or a hub name (``timm:NAME[.TAG]``, ``hf:REPO``,
+            ``torchvision:vit_b_16``). A new ``num_classes`` re-initialises the head, a new
+            ``img_size`` resamples the position embeddings, a new ``patch_size`` the patch
+            kernel; anything else that does not fit raises an error naming the option.
         **overrides: any :class:`VisionTransformer` option, e.g. ``num_classes=10, img_size=32``.
 
     Returns:
-        The model, in train mode like a freshly constructed ``nn.Module``.
+        The model, in train mode like a freshly constructed ``nn.Module``; its
+        ``pretrained_cfg`` holds the preprocessing (mean, std, interpolation, crop_pct,
+        input_size) of the checkpoint, else of the registered model.
     """
+    if name is None:
+        if pretrained is None:
+            raise TypeError(
+                "create_model needs a model name, or pretrained=... to read the architecture from."
+            )
+        from vitkit.weights import model_from_checkpoint
+
+        return model_from_checkpoint(pretrained, **overrides)
+
     options = model_config(name)
     pretrained_cfg = dict(options.pop("pretrained_cfg", {}))
+    checkpoint = None
+    if pretrained is not None:
+        from vitkit.weights import read_checkpoint
+
+        checkpoint = read_checkpoint(pretrained)  # read once: it also tells the LayerNorm epsilon
+        if "norm_eps" in checkpoint.options and "norm_eps" not in overrides:
+            options["norm_eps"] = checkpoint.options["norm_eps"]
     options.update(overrides)
     try:
         model = VisionTransformer(**options)
@@ -73,10 +96,10 @@ def create_model(
     pretrained_cfg.setdefault("input_size", (model.patch_embed.in_chans, *model.img_size))
     model.pretrained_cfg = pretrained_cfg
     model.config["model_name"] = name
-    if pretrained is not None:
+    if checkpoint is not None:
         from vitkit.weights import load_pretrained
 
-        load_pretrained(model, pretrained)
+        load_pretrained(model, checkpoint)
     return model
 
 

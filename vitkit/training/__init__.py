@@ -1,12 +1,12 @@
 """Training with Lightning: the :class:`ImageClassifier` module, callbacks and the CLI.
 
-Public surface: :class:`ImageClassifier`, :func:`load_classifier`, :func:`parameter_groups`,
+Public surface: :class:`ImageClassifier`, :func:`load_classifier`,
 :func:`warmup_cosine`, :class:`NonFiniteLossError`, the callbacks, and :func:`cli_main`
 (imported lazily because it pulls in the data package).
 """
 
 from .callbacks import AtomicCheckpointIO, ImagesPerSecond, PredictionWriter, RNGStateCheckpoint, RunArtifacts
-from .module import ImageClassifier, NonFiniteLossError, load_classifier, parameter_groups, warmup_cosine
+from .module import ImageClassifier, NonFiniteLossError, load_classifier, warmup_cosine
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -18,7 +18,6 @@ __all__ = [
     "RunArtifacts",
     "cli_main",
     "load_classifier",
-    "parameter_groups",
     "warmup_cosine",
 ]
 

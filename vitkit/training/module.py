@@ -23,6 +23,8 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from vitkit.models import create_model
+from vitkit.weights import freeze as freeze_parameters
+from vitkit.weights import param_groups_lrd, unfreeze
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,8 +52,11 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: for the cross-entropy loss with hard labels.
         loss: ``'ce'`` (softmax cross-entropy) or ``'bce'`` (sigmoid binary cross-entropy on
             one-hot/soft targets, as in DeiT III).
-        freeze: ``'none'``, ``'linear_probe'`` (train the head only) or ``'backbone_until:N'``
-            (freeze the stem and the first N blocks).
+        freeze: ``'none'``, ``'linear_probe'`` (train the head only), ``'freeze_blocks:N'`` (the
+            stem and the first N blocks frozen) or ``'last_blocks:N'`` (only the last N train);
+            see :func:`vitkit.weights.freeze`.
+        unfreeze_at_epoch: with ``freeze``, make every parameter trainable again from this epoch
+            on ("freeze then unfreeze": a linear probe first, then full fine-tuning).
         fused_optimizer: use the fused/foreach AdamW implementation where available.
         compile: wrap the model in ``torch.compile``.
     """
@@ -74,6 +79,7 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         loss: Literal["ce", "bce"] = "ce",
         freeze: str = "none",
+        unfreeze_at_epoch: int | None = None,
         fused_optimizer: bool = True,
         compile: bool = False,
     ) -> None:
@@ -89,7 +95,7 @@ class ImageClassifier(L.LightningModule):
         if classes is not None and len(classes) != self.num_classes:
             raise ValueError(f"{len(classes)} class names given for a model with {self.num_classes} classes.")
         self.classes = list(classes) if classes else [str(i) for i in range(self.num_classes)]
-        _apply_freeze(self.model, freeze)
+        freeze_parameters(self.model, freeze)
         self._forward_model: nn.Module = torch.compile(self.model) if compile else self.model
 
         top_k = (1, 5) if self.num_classes > 5 else (1,)
@@ -169,6 +175,21 @@ class ImageClassifier(L.LightningModule):
         extra = batch[1] if isinstance(batch, list | tuple) and len(batch) > 1 else None
         return {"probs": self(images).float().softmax(dim=-1), "meta": extra}
 
+    def on_train_epoch_start(self) -> None:
+        epoch = self.hparams.unfreeze_at_epoch
+        if epoch is not None and self.current_epoch >= epoch:
+            changed = unfreeze(self.model)
+            if changed:
+                print(f"epoch {self.current_epoch}: unfroze {len(changed)} parameter tensors")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # everything needed to rebuild the bare model without this class (vitkit.weights reads it)
+        checkpoint["vitkit"] = {
+            "config": dict(self.model.config),
+            "pretrained_cfg": dict(self.model.pretrained_cfg),
+            "classes": list(self.classes),
+        }
+
     # ------------------------------------------------------------------ optimisation
     def effective_lr(self) -> float:
         """The peak LR after optional linear scaling by the global batch size."""
@@ -181,9 +202,13 @@ class ImageClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         lr = self.effective_lr()
-        groups = parameter_groups(self.model, self.hparams.weight_decay, self.hparams.layer_decay)
-        for group in groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+        groups = param_groups_lrd(
+            self.model,
+            self.hparams.weight_decay,
+            self.hparams.layer_decay or 1.0,
+            base_lr=lr,
+            include_frozen=self.hparams.unfreeze_at_epoch is not None,  # so unfreezing needs no new optimizer
+        )
         use_fused = self.hparams.fused_optimizer and all(
             p.device.type in ("cuda", "cpu") for g in groups for p in g["params"]
         )
@@ -216,61 +241,6 @@ class _WarmupCosine:
 def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.0) -> _WarmupCosine:
     """A picklable LR-multiplier function for ``LambdaLR``: linear warmup, then cosine decay."""
     return _WarmupCosine(warmup, total, min_ratio)
-
-
-def parameter_groups(
-    model: nn.Module, weight_decay: float, layer_decay: float | None = None
-) -> list[dict[str, Any]]:
-    """AdamW parameter groups: decay only weight matrices; optional layer-wise LR decay.
-
-    Norm weights, biases and the ``no_weight_decay()`` tokens (position, class, register) get no
-    weight decay. With ``layer_decay`` d, block i of L gets ``lr_scale = d ** (L + 1 - (i + 1))``:
-    the stem (patch embedding, tokens) d^(L+1), the head 1.
-    """
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    depth = len(getattr(model, "blocks", []))
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        no_decay = param.ndim <= 1 or name in skip or name.endswith(".bias")
-        layer = _layer_id(name, depth) if layer_decay is not None else depth + 1
-        key = (layer, no_decay)
-        if key not in groups:
-            scale = layer_decay ** (depth + 1 - layer) if layer_decay is not None else 1.0
-            groups[key] = {
-                "params": [],
-                "param_names": [],
-                "weight_decay": 0.0 if no_decay else weight_decay,
-                "lr_scale": scale,
-            }
-        groups[key]["params"].append(param)
-        groups[key]["param_names"].append(name)
-    return list(groups.values())
-
-
-def _layer_id(name: str, depth: int) -> int:
-    if name.startswith(("cls_token", "reg_token", "pos_embed", "patch_embed", "norm_pre")):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
-
-
-def _apply_freeze(model: nn.Module, strategy: str) -> None:
-    if strategy in ("none", "full", ""):
-        return
-    if strategy == "linear_probe":
-        for name, param in model.named_parameters():
-            param.requires_grad = name.startswith(("head.", "fc_norm."))
-        return
-    if strategy.startswith("backbone_until:"):
-        n = int(strategy.split(":", 1)[1])
-        for name, param in model.named_parameters():
-            if _layer_id(name, len(model.blocks)) <= n:
-                param.requires_grad = False
-        return
-    raise ValueError(f"freeze={strategy!r}: use 'none', 'linear_probe' or 'backbone_until:N'.")
 
 
 def _global_batch_size(trainer: L.Trainer) -> int | None:
