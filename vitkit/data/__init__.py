@@ -1,1 +1,66 @@
-"""vitkit.data (work in progress)."""
+"""Data: image folders that never crash a run, a tensor cache for small data, and synthetic shapes.
+
+Public surface:
+
+- :class:`ImageFolderDataModule`: Lightning data for ``root/train/<class>/*`` (+ ``val/``), with
+  transforms, Mixup/CutMix, an optional uint8 tensor cache and reproducible loaders.
+- :class:`DecodeErrorMonitor`: a Lightning callback that lists undecodable files and stops a run
+  when too many fail.
+- :func:`load_rgb`, :func:`scan_image_folder`, :func:`find_splits`, :class:`ImageFolderDataset`:
+  the pieces, usable without Lightning.
+- :func:`build_train_transform`, :func:`build_eval_transform`, :func:`resolve_data_config`,
+  :class:`BatchMixer`: preprocessing (torchvision v2 / timm).
+- :func:`make_shapes_dataset`, :class:`SyntheticShapes`, :func:`load_mask`: the shapes dataset
+  with ground-truth object masks.
+"""
+
+from .cache import TensorCache, load_or_build_tensor_cache
+from .datamodule import ImageFolderDataModule
+from .decode import DecodeError, load_rgb
+from .errors import DecodeErrorLog, DecodeErrorMonitor, TooManyDecodeErrors
+from .folder import (
+    IMAGE_EXTENSIONS,
+    FolderLayoutError,
+    ImageFolderDataset,
+    UnlabeledImageDataset,
+    find_splits,
+    list_images,
+    scan_image_folder,
+    split_holdout,
+)
+from .synth import SHAPE_CLASSES, SyntheticShapes, load_mask, make_shapes_dataset
+from .transforms import (
+    BatchMixer,
+    DataConfig,
+    build_eval_transform,
+    build_train_transform,
+    resolve_data_config,
+)
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "SHAPE_CLASSES",
+    "BatchMixer",
+    "DataConfig",
+    "DecodeError",
+    "DecodeErrorLog",
+    "DecodeErrorMonitor",
+    "FolderLayoutError",
+    "ImageFolderDataModule",
+    "ImageFolderDataset",
+    "SyntheticShapes",
+    "TensorCache",
+    "TooManyDecodeErrors",
+    "UnlabeledImageDataset",
+    "build_eval_transform",
+    "build_train_transform",
+    "find_splits",
+    "list_images",
+    "load_mask",
+    "load_or_build_tensor_cache",
+    "load_rgb",
+    "make_shapes_dataset",
+    "resolve_data_config",
+    "scan_image_folder",
+    "split_holdout",
+]
