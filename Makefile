@@ -20,7 +20,7 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 demo: setup
-	$(BIN)/vitkit demo
+	$(BIN)/vitkit quickstart
 
 lint: setup
 	$(BIN)/ruff check vitkit tests

@@ -1,0 +1,200 @@
+"""``vitkit fit | validate | test | predict`` end to end: recipes, run folder, resume, signals."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import vitkit
+from vitkit.data import make_shapes_dataset
+from vitkit.training.cli import cli_main
+from vitkit.training.recipes import RECIPES_DIR, list_recipes, recipe_path
+
+FAST = [
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+    "--data.num_workers",
+    "0",
+    "--data.batch_size",
+    "8",
+]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    make_shapes_dataset(root, num_train=60, num_val=20, img_size=32, seed=0)
+    return root
+
+
+def _fit(tmp_path: Path, shapes: Path, *extra: str):
+    return cli_main(
+        [
+            "fit",
+            "--config",
+            "quickstart",
+            "--data.root",
+            str(shapes),
+            "--runs_dir",
+            str(tmp_path),
+            *FAST,
+            *extra,
+        ]
+    )
+
+
+def test_every_shipped_recipe_parses_and_trains_two_steps(tmp_path, shapes):
+    names = list_recipes()
+    assert {
+        "quickstart",
+        "cifar10_vit_tiny_cpu",
+        "cifar10_vit_small_gpu",
+        "imagenet_deit_small",
+        "imagenet_deit_base",
+        "imagenet_simple_vit_s16",
+        "finetune",
+    } <= set(names)
+    weights = tmp_path / "pretrained.safetensors"
+    vitkit.weights.save(vitkit.create_model("vit_base_patch16_224", depth=1), weights)
+    for name in names:
+        config = yaml.safe_load(recipe_path(name).read_text())
+        options = {**config["model"].get("model_options", {}), "depth": 1}
+        extra = ["--model.pretrained", str(weights)] if name == "finetune" else []
+        cli = cli_main(
+            [
+                "fit",
+                "--config",
+                name,
+                "--data.root",
+                str(shapes),
+                "--runs_dir",
+                str(tmp_path),
+                *FAST,
+                "--model.model_options",
+                json.dumps(options),
+                "--data.batch_size",
+                "4",
+                "--trainer.max_steps",
+                "2",
+                "--trainer.limit_val_batches",
+                "1",
+                "--trainer.precision",
+                "32-true",
+                *extra,
+            ]
+        )
+        assert cli.trainer.global_step == 2, name
+        assert cli.model.num_classes == 5 and cli.model.classes == cli.datamodule.classes, name
+        assert (tmp_path / name / "config.yaml").is_file(), name
+
+
+def test_recipe_names_resolve_and_unknown_names_list_the_choices():
+    assert recipe_path("quickstart").resolve() == (RECIPES_DIR / "quickstart.yaml").resolve()
+    with pytest.raises(FileNotFoundError, match="Available recipes: .*quickstart"):
+        recipe_path("no_such_recipe")
+
+
+def test_fit_writes_the_run_folder_and_resumes_from_last(tmp_path, shapes):
+    cli = _fit(tmp_path, shapes, "--trainer.max_epochs", "1")
+    run = tmp_path / "quickstart"
+    for name in [
+        "config.yaml",
+        "metrics.csv",
+        "model.safetensors",
+        "summary_val.json",
+        "checkpoints/best.ckpt",
+        "checkpoints/last.ckpt",
+        "plots/loss.png",
+        "plots/confusion_val.png",
+    ]:
+        assert (run / name).is_file(), name
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["root"] == str(shapes) and saved["model"]["model_name"] == "vit_nano_patch4_32"
+    steps = cli.trainer.global_step
+    assert type(cli.trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"
+
+    resumed = _fit(tmp_path, shapes, "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    assert resumed.trainer.current_epoch == 2 and resumed.trainer.global_step == 2 * steps
+
+    # the exported weights rebuild the model on their own
+    model = vitkit.create_model(pretrained=run / "model.safetensors").eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), resumed.model.model.eval()(x))
+
+
+def test_validate_test_and_predict_from_a_checkpoint(tmp_path, shapes):
+    _fit(tmp_path, shapes, "--trainer.max_epochs", "1")
+    best = str(tmp_path / "quickstart" / "checkpoints" / "best.ckpt")
+    common = ["--config", "quickstart", "--data.root", str(shapes), "--runs_dir", str(tmp_path), *FAST]
+    test = cli_main(["test", *common, "--ckpt_path", best])
+    assert 0.0 <= float(test.trainer.callback_metrics["test/acc1"]) <= 1.0
+    assert (tmp_path / "quickstart" / "plots" / "confusion_test.png").is_file()
+
+    folder = shapes / "val" / "ring"
+    cli_main(["predict", *common, "--data.predict_root", str(folder), "--ckpt_path", best])
+    with (tmp_path / "quickstart" / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(list(folder.iterdir()))
+    assert {r["prediction"] for r in rows} <= set(test.datamodule.classes)
+    assert all(0.0 < float(r["probability"]) <= 1.0 for r in rows)
+
+
+def test_print_config_shows_the_resolved_recipe(tmp_path, shapes, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli_main(["fit", "--config", "quickstart", "--data.root", str(shapes), "--print_config"])
+    assert info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["model_name"] == "vit_nano_patch4_32" and printed["data"]["cache"] == "memory"
+
+
+def test_sigterm_saves_last_checkpoint_and_the_run_resumes(tmp_path, shapes):
+    command = [
+        sys.executable,
+        "-m",
+        "vitkit.cli",
+        "fit",
+        "--config",
+        "quickstart",
+        "--data.root",
+        str(shapes),
+        "--runs_dir",
+        str(tmp_path),
+        "--trainer.max_epochs",
+        "1000",
+        *FAST,
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    metrics = tmp_path / "quickstart" / "metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and "val/acc1" in metrics.read_text()):
+        time.sleep(0.5)  # wait until training is under way (one epoch logged)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    last = tmp_path / "quickstart" / "checkpoints" / "last.ckpt"
+    assert "saved" in output and last.is_file(), output[-2000:]
+    state = torch.load(last, weights_only=True)
+    assert state["global_step"] > 0
+    assert not list(last.parent.glob(".*tmp*"))  # no half-written leftovers
+
+    resumed = _fit(tmp_path, shapes, "--trainer.max_epochs", str(state["epoch"] + 2), "--ckpt_path", "last")
+    assert resumed.trainer.global_step > state["global_step"]

@@ -1,0 +1,144 @@
+"""``vitkit fit | validate | test | predict``: LightningCLI with vitkit's defaults.
+
+Every run lives in one folder, ``<runs_dir>/<run_name>/`` (default ``runs/<recipe name>``):
+
+    config.yaml             the fully resolved configuration (re-run it with --config)
+    metrics.csv             per-step and per-epoch metrics (CSVLogger; TensorBoard too if installed)
+    checkpoints/best.ckpt   best validation top-1
+    checkpoints/last.ckpt   latest state; also written on Ctrl-C / SIGTERM
+    model.safetensors       the trained weights with their config, for inference and sharing
+    plots/                  loss.png, accuracy.png, confusion_val.png, confusion_test.png
+
+``--ckpt_path last`` resumes from ``checkpoints/last.ckpt`` of the same run folder.
+Recipes are YAML files: ``--config recipes/quickstart.yaml``, or by name, ``--config quickstart``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from jsonargparse import lazy_instance
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from vitkit.data import ImageFolderDataModule
+
+from .callbacks import (
+    AtomicCheckpointIO,
+    ImagesPerSecond,
+    PredictionWriter,
+    RNGStateCheckpoint,
+    RunArtifacts,
+    run_dir,
+)
+from .module import ImageClassifier
+from .recipes import recipe_path
+
+
+class SaveOnInterrupt(L.Callback):
+    """On Ctrl-C, SIGTERM or any crash, write ``checkpoints/last.ckpt`` before the process exits."""
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if trainer.state.fn != "fit" or trainer.global_step == 0:
+            return
+        path = run_dir(trainer) / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(path)
+        print(f"\n{type(exception).__name__}: saved {path} (resume with --ckpt_path last)", file=sys.stderr)
+
+
+def default_callbacks() -> list[L.Callback]:
+    return [
+        ModelCheckpoint(
+            filename="best", monitor="val/acc1", mode="max", save_last=True, auto_insert_metric_name=False
+        ),
+        LearningRateMonitor(logging_interval="step"),
+        ImagesPerSecond(),
+        RNGStateCheckpoint(),
+        RunArtifacts(),
+        SaveOnInterrupt(),
+        PredictionWriter(),
+    ]
+
+
+class VitkitCLI(LightningCLI):
+    """LightningCLI for :class:`ImageClassifier` + :class:`ImageFolderDataModule`."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--run_name", type=str | None, default=None, help="run folder name (default: recipe name)"
+        )
+        parser.add_argument("--runs_dir", type=str, default="runs", help="parent folder of all runs")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.classes", "model.classes", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        name = config.get("run_name") or _recipe_name(config) or "vitkit"
+        root = Path(config.get("runs_dir") or "runs") / name
+        trainer = config["trainer"]
+        if trainer.get("default_root_dir") in (None, ""):
+            trainer["default_root_dir"] = str(root)
+        root = Path(trainer["default_root_dir"])
+        if trainer.get("logger") in (None, True):
+            trainer["logger"] = _default_loggers(root)
+
+
+def _recipe_name(config: Any) -> str | None:
+    paths = config.get("config") or []
+    if paths:
+        return Path(str(paths[-1])).stem
+    return None
+
+
+def _default_loggers(root: Path) -> list[dict[str, Any]]:
+    loggers = [
+        {
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": str(root), "name": "", "version": ""},
+        }
+    ]
+    if importlib.util.find_spec("tensorboard") is not None:
+        loggers.append(
+            {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(root), "name": "", "version": "tensorboard"},
+            }
+        )
+    return loggers
+
+
+def _resolve_recipe_args(argv: list[str]) -> list[str]:
+    """Let ``--config NAME`` (or ``--config=NAME``) name a shipped recipe."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            out[i + 1] = str(recipe_path(out[i + 1]))
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + str(recipe_path(arg.split("=", 1)[1]))
+    return out
+
+
+def cli_main(argv: Sequence[str] | None = None, run: bool = True) -> VitkitCLI:
+    """Run ``vitkit fit|validate|test|predict`` with ``argv`` (default: ``sys.argv[1:]``)."""
+    args = _resolve_recipe_args(list(sys.argv[1:] if argv is None else argv))
+    return VitkitCLI(
+        ImageClassifier,
+        ImageFolderDataModule,
+        args=args,
+        run=run,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "callbacks": default_callbacks(),
+            "plugins": lazy_instance(AtomicCheckpointIO),  # lazy: serialisable into config.yaml
+            "max_epochs": 10,
+        },
+        parser_kwargs={"default_env": False},
+    )
