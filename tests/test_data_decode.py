@@ -92,6 +92,20 @@ def test_exif_orientation_is_applied(tmp_path):
     assert (upright[0, :, 0] == 255).all() and (upright[1:, :, 0] == 0).all()  # left column -> top row
 
 
+def test_exif_orientation_of_a_jpeg(tmp_path):
+    pixels = np.zeros((16, 32, 3), dtype=np.uint8)
+    pixels[:, :8] = 255  # white left quarter
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 8  # "rotate 90° counter-clockwise to view": the left side goes to the bottom
+    image.save(tmp_path / "r.jpg", exif=exif.tobytes(), quality=95)
+    upright = rgb(tmp_path / "r.jpg").astype(int)
+    assert upright.shape == (32, 16, 3)
+    assert upright[-4:].mean() > 200 and upright[:20].mean() < 50
+    image.save(tmp_path / "plain.jpg", quality=95)  # no EXIF: unchanged
+    assert rgb(tmp_path / "plain.jpg").shape == (16, 32, 3)
+
+
 def test_truncated_jpeg_raises(tmp_path):
     noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     buffer = io.BytesIO()

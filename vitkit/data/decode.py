@@ -60,6 +60,8 @@ def load_rgb(path: str | os.PathLike[str], background: tuple[int, int, int] = WH
 
 def _exif_upright(image: Image.Image) -> Image.Image:
     """Apply the EXIF orientation tag. A broken EXIF block is metadata, not pixels: it is ignored."""
+    if image.format == "JPEG" and "exif" not in image.info:
+        return image  # a JPEG keeps EXIF only in its APP1 segment: nothing to parse (the common case)
     try:
         return ImageOps.exif_transpose(image)
     except Exception:  # Pillow raises many types on malformed EXIF
