@@ -8,7 +8,6 @@ Measures training images per second over ``ROOT/train`` with the same augmentati
     folder       vitkit ImageFolderDataset (load_rgb decode) + v2 train transform, per image
     cache        vitkit uint8 tensor cache + BatchTrainTransform, per batch (build time reported apart)
     torchvision  torchvision.datasets.ImageFolder + the same v2 train transform, per image
-    cache, in-process   the cache again with 0 workers (augmentation in the training process)
 
 The three run in turn, ``--rounds`` times, and the median of each is reported with its ratio
 to torchvision. Nothing else is computed: this is the ceiling the input pipeline sets on a
@@ -104,9 +103,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "vitkit folder": lambda: DataLoader(folder_dataset, **loader_options),
         "vitkit cache": lambda: DataLoader(cached_dataset, collate_fn=batch_transform, **loader_options),
         "torchvision ImageFolder": lambda: DataLoader(torchvision_dataset, **loader_options),
-        "vitkit cache, in-process": lambda: DataLoader(
-            cached_dataset, collate_fn=batch_transform, **{**loader_options, "num_workers": 0}
-        ),
     }
     results: dict[str, list[float]] = {name: [] for name in methods}
     for round_ in range(args.rounds):
