@@ -10,6 +10,7 @@ Public surface:
   the pieces, usable without Lightning.
 - :func:`build_train_transform`, :func:`build_eval_transform`, :func:`resolve_data_config`,
   :class:`BatchMixer`: preprocessing (torchvision v2 / timm).
+- :class:`TorchvisionDataModule`: CIFAR-10 / CIFAR-100 by name (downloads only when asked).
 - :func:`make_shapes_dataset`, :class:`SyntheticShapes`, :func:`load_mask`: the shapes dataset
   with ground-truth object masks.
 """
@@ -29,6 +30,7 @@ from .folder import (
     split_holdout,
 )
 from .synth import SHAPE_CLASSES, SyntheticShapes, load_mask, make_shapes_dataset
+from .torchvision_datasets import TorchvisionDataModule
 from .transforms import (
     BatchMixer,
     DataConfig,
@@ -51,6 +53,7 @@ __all__ = [
     "SyntheticShapes",
     "TensorCache",
     "TooManyDecodeErrors",
+    "TorchvisionDataModule",
     "UnlabeledImageDataset",
     "build_eval_transform",
     "build_train_transform",

@@ -68,13 +68,6 @@ def auto_num_workers(max_workers: int = 8) -> int:
     return max(0, min(max_workers, available_cpus() - 1))
 
 
-def seed_worker(worker_id: int) -> None:
-    """``worker_init_fn``: the DataLoader already seeds torch, ``random`` and NumPy per worker from its
-    generator (base_seed + worker_id); this also sets torch's thread count to 1 so workers do not
-    oversubscribe the CPUs."""
-    torch.set_num_threads(1)
-
-
 class ImageFolderDataModule(L.LightningDataModule):
     """Train / validate / test / predict on an ImageNet-style image folder.
 
@@ -364,8 +357,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
-            worker_init_fn=seed_worker if workers > 0 else None,
-            generator=generator,
+            generator=generator,  # seeds the shuffle and each worker's torch / random / NumPy RNGs
             collate_fn=collate,
         )
 
@@ -394,7 +386,6 @@ class ImageFolderDataModule(L.LightningDataModule):
             batch_size=self.eval_batch_size,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
-            worker_init_fn=seed_worker if self.num_workers > 0 else None,
             collate_fn=collate_skip_none,
         )
 
