@@ -26,7 +26,7 @@ from jsonargparse import lazy_instance
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from vitkit.data import ImageFolderDataModule
+from vitkit.data import DecodeErrorMonitor, ImageFolderDataModule
 
 from .callbacks import (
     AtomicCheckpointIO,
@@ -64,6 +64,7 @@ def default_callbacks() -> list[L.Callback]:
         RunArtifacts(),
         SaveOnInterrupt(),
         PredictionWriter(),
+        DecodeErrorMonitor(),  # corrupt images: warn, list them in the run folder, stop above the limit
     ]
 
 
