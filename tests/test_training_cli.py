@@ -17,6 +17,7 @@ import yaml
 
 import vitkit
 from vitkit.data import make_shapes_dataset
+from vitkit.training import load_classifier
 from vitkit.training.cli import cli_main
 from vitkit.training.recipes import RECIPES_DIR, list_recipes, recipe_path
 
@@ -126,9 +127,16 @@ def test_fit_writes_the_run_folder_and_resumes_from_last(tmp_path, shapes):
     assert saved["data"]["root"] == str(shapes) and saved["model"]["model_name"] == "vit_nano_patch4_32"
     steps = cli.trainer.global_step
     assert type(cli.trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"
+    # preprocessing follows the model's weights (vit_nano_patch4_32: CIFAR statistics), not ImageNet
+    assert cli.datamodule.data_config.mean == tuple(cli.model.model.pretrained_cfg["mean"])
+    assert cli.datamodule.data_config.mean != (0.485, 0.456, 0.406)
 
     resumed = _fit(tmp_path, shapes, "--trainer.max_epochs", "2", "--ckpt_path", "last")
     assert resumed.trainer.current_epoch == 2 and resumed.trainer.global_step == 2 * steps
+
+    # a CLI checkpoint (hyper-parameters include LightningCLI's own entries) loads for inference
+    restored = load_classifier(run / "checkpoints" / "last.ckpt")
+    assert restored.classes == resumed.datamodule.classes
 
     # the exported weights rebuild the model on their own
     model = vitkit.create_model(pretrained=run / "model.safetensors").eval()

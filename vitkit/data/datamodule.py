@@ -148,14 +148,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.seed = seed
         self.num_workers = auto_num_workers() if num_workers is None else num_workers
         self.max_bad_fraction = max_bad_fraction
-        self.data_config: DataConfig = resolve_data_config(
-            pretrained_cfg,
-            img_size=img_size,
-            mean=mean,
-            std=std,
-            interpolation=interpolation,
-            crop_pct=crop_pct,
-        )
+        self.data_config: DataConfig = self._resolve_data_config(pretrained_cfg)
         self.train_options = {
             "scale": tuple(scale),
             "ratio": tuple(ratio),
@@ -275,7 +268,29 @@ class ImageFolderDataModule(L.LightningDataModule):
             self._build("fit")
             self._caches.clear()
 
+    def _resolve_data_config(self, pretrained_cfg: dict[str, Any] | None) -> DataConfig:
+        h = self.hparams
+        return resolve_data_config(
+            pretrained_cfg,
+            img_size=h.img_size,
+            mean=h.mean,
+            std=h.std,
+            interpolation=h.interpolation,
+            crop_pct=h.crop_pct,
+        )
+
+    def _adopt_model_preprocessing(self) -> None:
+        """Given no ``pretrained_cfg``, take the attached model's: its weights decide the normalisation.
+
+        Explicit ``mean`` / ``std`` / ``interpolation`` / ``crop_pct`` / ``img_size`` still win.
+        """
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        model_cfg = getattr(getattr(module, "model", None), "pretrained_cfg", None)
+        if self.hparams.pretrained_cfg is None and model_cfg:
+            self.data_config = self._resolve_data_config(model_cfg)
+
     def setup(self, stage: str | None = None) -> None:
+        self._adopt_model_preprocessing()
         self._build(stage)
 
     def _build(self, stage: str | None) -> None:

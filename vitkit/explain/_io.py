@@ -25,27 +25,14 @@ def load_checkpoint_model(
 ) -> tuple[nn.Module, list[str] | None]:
     """A model from a vitkit training checkpoint (Lightning ``.ckpt``), and its class names.
 
-    Expects ``hyper_parameters`` with ``model_name`` (and optionally ``model_options``,
-    ``num_classes``, ``classes``) and a ``state_dict`` whose model weights are prefixed
-    ``model.``, as :class:`vitkit.training.module.ImageClassifier` saves them.
+    The architecture, preprocessing and class names are read from the checkpoint by
+    :func:`vitkit.weights.read_checkpoint`; ``overrides`` change model options.
     """
-    from vitkit.models import create_model
+    from vitkit.weights import model_from_checkpoint, read_checkpoint
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    hparams = dict(checkpoint.get("hyper_parameters", {}))
-    if "model_name" not in hparams:
-        raise ValueError(f"{path} has no hyper_parameters['model_name']; is it a vitkit training checkpoint?")
-    options = dict(hparams.get("model_options") or {})
-    classes = hparams.get("classes")
-    if hparams.get("num_classes") is not None:
-        options["num_classes"] = hparams["num_classes"]
-    elif classes:
-        options["num_classes"] = len(classes)
-    options.update(overrides)
-    model = create_model(hparams["model_name"], **options)
-    state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state)
-    return model, list(classes) if classes else None
+    checkpoint = read_checkpoint(path)
+    model = model_from_checkpoint(checkpoint, **overrides)
+    return model, list(checkpoint.label_names) if checkpoint.label_names else None
 
 
 def load_model(

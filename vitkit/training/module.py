@@ -11,6 +11,7 @@ step then cosine decay to ``min_lr``.
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -254,8 +255,10 @@ def _global_batch_size(trainer: L.Trainer) -> int | None:
 def load_classifier(checkpoint: str | Path, map_location: str = "cpu") -> ImageClassifier:
     """Load a trained :class:`ImageClassifier` from a vitkit ``.ckpt`` file (no pretrained re-download)."""
     ckpt = torch.load(checkpoint, map_location=map_location, weights_only=False)
-    hparams = dict(ckpt.get("hyper_parameters", {}))
-    hparams["pretrained"] = None
+    accepted = inspect.signature(ImageClassifier).parameters
+    # LightningCLI adds its own entries (e.g. `_instantiator`) to the hyper-parameters
+    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in accepted}
+    hparams["pretrained"] = None  # the weights come from the checkpoint, not from the original source
     module = ImageClassifier(**hparams)
     module.load_state_dict(ckpt["state_dict"])
     return module.eval()
