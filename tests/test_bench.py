@@ -36,3 +36,20 @@ def test_compare_reports_both_libraries_and_a_ratio():
     assert all(r.images_per_s > 0 and r.mfu is None for r in results)  # no MFU without a GPU peak
     table = format_table(results)
     assert table.count("\n") == 3 and "| train | fp32 |" in table
+
+
+def test_loop_benchmark_runs_both_loops_on_an_image_folder(tmp_path):
+    from vitkit.bench.loop import plain_loop, vitkit_loop
+    from vitkit.data import make_shapes_dataset
+
+    make_shapes_dataset(tmp_path, num_train=40, num_val=10, img_size=32, seed=0)
+    options = {
+        "model_name": "vit_tiny_patch4_32",
+        "model_options": {k: v for k, v in TINY.items() if k != "num_classes"},
+    }
+    for rate in (
+        vitkit_loop(tmp_path, options, batch_size=8, steps=3, workers=0, cache=False),
+        vitkit_loop(tmp_path, options, batch_size=8, steps=3, workers=0, cache=True),
+        plain_loop(tmp_path, options, batch_size=8, steps=3, workers=0),
+    ):
+        assert 0 < rate < float("inf")

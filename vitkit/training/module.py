@@ -136,6 +136,9 @@ class ImageClassifier(L.LightningModule):
                 "bf16-mixed instead of 16-mixed precision; check the inputs for NaNs."
             )
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=images.shape[0])
+        if self._trainer is not None and self.trainer.optimizers:  # the peak group's LR (the head's)
+            lr = max(group["lr"] for group in self.trainer.optimizers[0].param_groups)
+            self.log("lr", lr, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
         return loss
 
     def _evaluate(self, batch: Any, metrics: MetricCollection, confusion: nn.Module, stage: str) -> None:

@@ -1,0 +1,168 @@
+"""End-to-end training speed from image files: vitkit's Lightning loop against a plain loop.
+
+Both train the same architecture (vitkit's model, and timm's ``VisionTransformer`` twin of it)
+with the same batch size, optimiser and train transforms, reading the same JPEG folder with the
+same number of workers. The plain side is what a minimal script does:
+``torchvision.datasets.ImageFolder`` + ``DataLoader`` + a ``for`` loop of forward, backward,
+AdamW step. vitkit runs its ``ImageClassifier`` and ``ImageFolderDataModule`` under a Lightning
+``Trainer`` (folder decoding, and optionally the uint8 tensor cache). The settings alternate, and
+the clock runs from the first training batch to the last, so start-up is not counted.
+
+    python -m vitkit.bench.loop --root ~/.cache/vitkit/cifar10 --steps 60 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+
+from vitkit.bench.speed import timm_twin
+from vitkit.data import ImageFolderDataModule, build_train_transform
+from vitkit.training import ImageClassifier
+
+
+class _Clock(L.Callback):
+    """Seconds and images from the start of the first training batch to the end of the last."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.end = 0.0
+        self.images = 0
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int
+    ) -> None:
+        if self.start is None:
+            self.start = time.perf_counter()
+        else:
+            self.images += int(batch[0].shape[0])  # the first batch only starts the clock
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.end = time.perf_counter()
+
+
+def vitkit_loop(
+    root: Path, options: dict[str, Any], batch_size: int, steps: int, workers: int, cache: bool
+) -> float:
+    """Images/s of ``steps`` training steps of vitkit's Trainer (no validation, no checkpoints)."""
+    torch.manual_seed(0)
+    module = ImageClassifier(
+        model_name=options["model_name"],
+        model_options=options["model_options"],
+        num_classes=10,
+        lr=1e-3,
+        warmup_steps=10,
+    )
+    data = ImageFolderDataModule(
+        root,
+        batch_size=batch_size,
+        img_size=32,
+        num_workers=workers,
+        cache="memory" if cache else False,
+        scale=(0.6, 1.0),
+        crop_pct=1.0,
+    )
+    clock = _Clock()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock],
+    )
+    trainer.fit(module, datamodule=data)
+    return clock.images / (clock.end - clock.start)
+
+
+def plain_loop(root: Path, options: dict[str, Any], batch_size: int, steps: int, workers: int) -> float:
+    """Images/s of the same training with timm's model in a minimal PyTorch loop."""
+    import vitkit
+
+    torch.manual_seed(0)
+    model = timm_twin(vitkit.create_model(options["model_name"], num_classes=10, **options["model_options"]))
+    transform = build_train_transform(32, scale=(0.6, 1.0))
+    loader = DataLoader(
+        ImageFolder(str(root / "train"), transform=transform),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        drop_last=True,
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    model.train()
+    start, images = None, 0
+    for step, (x, y) in enumerate(loader):
+        if step == steps:
+            break
+        if start is None:
+            start = time.perf_counter()
+        else:
+            images += x.shape[0]
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return images / (time.perf_counter() - start)
+
+
+def loop_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vitkit.bench.loop", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--root", type=Path, required=True, help="an ImageNet-style folder (train/<class>/...)"
+    )
+    parser.add_argument("--model", default="vit_nano_patch4_32")
+    parser.add_argument(
+        "--options",
+        default='{"class_token": false, "global_pool": "avg"}',
+        help="model options as JSON (the CPU CIFAR-10 recipe's by default)",
+    )
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args(argv)
+    import json
+
+    options = {"model_name": args.model, "model_options": json.loads(args.options)}
+    rates: dict[str, list[float]] = {
+        "vitkit (folder)": [],
+        "vitkit (tensor cache)": [],
+        "plain timm loop": [],
+    }
+    for _ in range(args.rounds):
+        rates["vitkit (folder)"].append(
+            vitkit_loop(args.root, options, args.batch_size, args.steps, args.workers, cache=False)
+        )
+        rates["vitkit (tensor cache)"].append(
+            vitkit_loop(args.root, options, args.batch_size, args.steps, args.workers, cache=True)
+        )
+        rates["plain timm loop"].append(
+            plain_loop(args.root, options, args.batch_size, args.steps, args.workers)
+        )
+    plain = statistics.median(rates["plain timm loop"])
+    print(
+        f"{args.model} {options['model_options']}, batch {args.batch_size}, {args.steps} steps, "
+        f"{args.workers} workers, {torch.get_num_threads()} threads"
+    )
+    print("| loop | images/s (median) | vs plain |\n|---|---|---|")
+    for name, values in rates.items():
+        median = statistics.median(values)
+        print(f"| {name} | {median:.1f} | {median / plain:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(loop_main())
