@@ -255,3 +255,34 @@ def test_atomic_checkpoint_never_leaves_a_half_written_file(tmp_path, monkeypatc
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_ema_weights_are_validated_and_kept(tmp_path):
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    class RecordValidationWeights(L.Callback):
+        def on_validation_epoch_start(self, trainer, pl_module):
+            self.seen = pl_module.model.head.weight.detach().clone()
+
+    L.seed_everything(0)
+    ema, record = EMAWeightAveraging(decay=0.9), RecordValidationWeights()
+    module = _module()
+    _trainer(tmp_path, max_epochs=1, callbacks=[ema, record], num_sanity_val_steps=0).fit(
+        module, datamodule=QuadrantData()
+    )
+    averaged = ema._average_model.module.model.head.weight
+    torch.testing.assert_close(record.seen, averaged)  # validation ran on the EMA weights
+    torch.testing.assert_close(module.model.head.weight, averaged)  # and they are the final weights
+
+    L.seed_everything(0)
+    plain = _module()
+    _trainer(tmp_path / "plain", max_epochs=1).fit(plain, datamodule=QuadrantData())
+    assert not torch.allclose(plain.model.head.weight, averaged)
+
+
+def test_bf16_mixed_precision_trains(tmp_path):
+    module = _module()
+    trainer = _trainer(tmp_path, max_epochs=2, precision="bf16-mixed")
+    trainer.fit(module, datamodule=QuadrantData())
+    assert module.model.head.weight.dtype == torch.float32  # master weights stay fp32
+    assert trainer.callback_metrics["val/acc1"] > 0.4
