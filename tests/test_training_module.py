@@ -229,6 +229,12 @@ def test_without_rng_state_the_resumed_run_differs(tmp_path):
     assert not torch.allclose(straight.model.cls_token, resumed.model.cls_token)
 
 
+def test_checkpoints_store_each_weight_once():
+    keys = list(_module().state_dict())
+    assert sum(k.startswith("model.") for k in keys) == len(list(_module().model.state_dict()))
+    assert all(k.startswith(("model.", "val_", "test_")) for k in keys)
+
+
 def test_load_classifier_restores_classes_and_predictions(tmp_path):
     module = _module()
     trainer = _trainer(tmp_path, max_epochs=1)
@@ -286,3 +292,16 @@ def test_bf16_mixed_precision_trains(tmp_path):
     trainer.fit(module, datamodule=QuadrantData())
     assert module.model.head.weight.dtype == torch.float32  # master weights stay fp32
     assert trainer.callback_metrics["val/acc1"] > 0.4
+
+
+@pytest.mark.slow
+def test_torch_compile_option_trains_the_same_model(tmp_path):
+    # slow: inductor compiles C++ kernels on the first step
+    module = _module(compile=True)
+    assert module.__dict__["_compiled_model"] is not None
+    trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=1)
+    before = module.model.head.weight.detach().clone()
+    trainer.fit(module, datamodule=QuadrantData())
+    assert trainer.global_step == 3
+    assert not torch.equal(module.model.head.weight, before)  # the compiled graph updated the real weights
+    assert all(k.startswith(("model.", "val_", "test_")) for k in module.state_dict())  # weights stored once

@@ -97,7 +97,9 @@ class ImageClassifier(L.LightningModule):
             raise ValueError(f"{len(classes)} class names given for a model with {self.num_classes} classes.")
         self.classes = list(classes) if classes else [str(i) for i in range(self.num_classes)]
         freeze_parameters(self.model, freeze)
-        self._forward_model: nn.Module = torch.compile(self.model) if compile else self.model
+        # Kept out of the module registry (plain __dict__ entry): registering it would store every
+        # weight twice in state_dict and checkpoints. The compiled wrapper shares self.model's parameters.
+        self.__dict__["_compiled_model"] = torch.compile(self.model) if compile else None
 
         top_k = (1, 5) if self.num_classes > 5 else (1,)
         metrics = MetricCollection(
@@ -111,7 +113,8 @@ class ImageClassifier(L.LightningModule):
 
     # ------------------------------------------------------------------ forward and loss
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self._forward_model(images)
+        compiled = self.__dict__["_compiled_model"]
+        return (self.model if compiled is None else compiled)(images)
 
     def compute_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy for int labels (with label smoothing) or soft targets (mixup/cutmix)."""
