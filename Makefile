@@ -23,8 +23,8 @@ demo: setup
 	$(BIN)/vitkit quickstart
 
 lint: setup
-	$(BIN)/ruff check vitkit tests
-	$(BIN)/ruff format --check vitkit tests
+	$(BIN)/ruff check vitkit tests benchmarks
+	$(BIN)/ruff format --check vitkit tests benchmarks
 
 test: lint
 	$(BIN)/python -m pytest -q
