@@ -167,11 +167,11 @@ def test_fit_learns_and_writes_run_artifacts(tmp_path):
     summary = json.loads((tmp_path / "summary_val.json").read_text())
     assert summary["val/acc1"] == pytest.approx(float(trainer.callback_metrics["val/acc1"]))
 
-    from safetensors import safe_open
+    from vitkit.weights import read_checkpoint
 
-    with safe_open(tmp_path / "model.safetensors", "pt") as f:
-        assert json.loads(f.metadata()["classes"]) == QuadrantData.classes
-        torch.testing.assert_close(f.get_tensor("head.weight"), module.model.head.weight.detach())
+    exported = read_checkpoint(tmp_path / "model.safetensors")
+    assert exported.label_names == QuadrantData.classes
+    torch.testing.assert_close(exported.state_dict["head.weight"], module.model.head.weight.detach())
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path):

@@ -151,17 +151,10 @@ def _find_metrics_csv(folder: Path) -> Path | None:
 
 
 def _export_weights(pl_module: L.LightningModule, path: Path) -> None:
-    from safetensors.torch import save_file
+    from vitkit.weights import save
 
-    model = pl_module.model
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {
-        "format": "vitkit",
-        "config": json.dumps(getattr(model, "config", {}), default=list),
-        "pretrained_cfg": json.dumps(getattr(model, "pretrained_cfg", {}), default=list),
-        "classes": json.dumps(list(getattr(pl_module, "classes", []))),
-    }
-    save_file(state, str(path), metadata=metadata)
+    classes = list(getattr(pl_module, "classes", [])) or None
+    save(pl_module.model, path, format="vitkit", label_names=classes)
 
 
 def _summary_table(stage: str, summary: dict[str, Any], plots: list[Path]) -> str:
