@@ -155,6 +155,27 @@ def test_linear_probe_then_unfreeze(tmp_path):
     assert not torch.allclose(module.model.blocks[0].attn.qkv.weight, frozen_before)  # epoch 1: everything
 
 
+def test_pretrained_head_is_reset_only_when_it_knows_other_classes(tmp_path):
+    from vitkit.weights import save
+
+    source = _module().model
+    path = tmp_path / "pretrained.safetensors"
+    save(source, path, label_names=["cat", "dog", "frog", "ship"])
+    same_count_other_classes = _module(pretrained=str(path))  # quadrants, not animals: a fresh head
+    assert not torch.equal(same_count_other_classes.model.head.weight, source.head.weight)
+    torch.testing.assert_close(
+        same_count_other_classes.model.blocks[1].mlp.fc1.weight, source.blocks[1].mlp.fc1.weight
+    )
+    assert "label_names" not in same_count_other_classes.model.pretrained_cfg
+    kept = _module(pretrained=str(path), reset_head=False)
+    torch.testing.assert_close(kept.model.head.weight, source.head.weight)
+
+    save(source, path, label_names=QuadrantData.classes)  # the same classes: the head is worth keeping
+    torch.testing.assert_close(_module(pretrained=str(path)).model.head.weight, source.head.weight)
+    forced = _module(pretrained=str(path), reset_head=True)
+    assert not torch.equal(forced.model.head.weight, source.head.weight)
+
+
 def test_fit_learns_and_writes_run_artifacts(tmp_path):
     data = QuadrantData()
     module = _module()

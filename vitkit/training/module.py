@@ -20,6 +20,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
@@ -39,6 +40,10 @@ class ImageClassifier(L.LightningModule):
         model_name: a name from :func:`vitkit.list_models`.
         model_options: options overriding the registered ones (e.g. ``{"depth": 6}``).
         pretrained: weights to start from (a file, as accepted by ``create_model``).
+        reset_head: re-initialise the classifier head after loading ``pretrained``. ``None``
+            (default): only when needed — another class count, or the checkpoint's class names
+            differ from ``classes`` (same count, other classes: the old head would only mislead).
+            ``True``: always (fine-tuning on new classes from weights without class names).
         num_classes: classifier outputs; taken from the data module when linked by the CLI.
         classes: the class names, stored in checkpoints so predictions map back to names.
         lr: peak learning rate (after warmup), for ``lr_batch_size`` images per step if set.
@@ -67,6 +72,7 @@ class ImageClassifier(L.LightningModule):
         model_name: str = "vit_tiny_patch4_32",
         model_options: dict[str, Any] | None = None,
         pretrained: str | None = None,
+        reset_head: bool | None = None,
         num_classes: int | None = None,
         classes: list[str] | None = None,
         lr: float = 1e-3,
@@ -96,6 +102,8 @@ class ImageClassifier(L.LightningModule):
         if classes is not None and len(classes) != self.num_classes:
             raise ValueError(f"{len(classes)} class names given for a model with {self.num_classes} classes.")
         self.classes = list(classes) if classes else [str(i) for i in range(self.num_classes)]
+        if pretrained is not None:
+            self._maybe_reset_head(reset_head, classes)
         freeze_parameters(self.model, freeze)
         # Kept out of the module registry (plain __dict__ entry): registering it would store every
         # weight twice in state_dict and checkpoints. The compiled wrapper shares self.model's parameters.
@@ -110,6 +118,20 @@ class ImageClassifier(L.LightningModule):
         self.val_confusion = MulticlassConfusionMatrix(self.num_classes)
         self.test_confusion = MulticlassConfusionMatrix(self.num_classes)
         self.last_confusion: dict[str, torch.Tensor] = {}
+
+    def _maybe_reset_head(self, reset_head: bool | None, classes: list[str] | None) -> None:
+        """A fresh head when the pretrained one classifies other classes (see ``reset_head``)."""
+        old_names = (getattr(self.model, "pretrained_cfg", None) or {}).get("label_names")
+        if reset_head is None:
+            reset_head = bool(classes and old_names and list(old_names) != list(classes))
+            if reset_head:
+                rank_zero_info(
+                    f"The pretrained head was trained on other classes ({', '.join(old_names[:4])}...); "
+                    "it is re-initialised for this data's classes. Pass --model.reset_head false to keep it."
+                )
+        if reset_head:
+            self.model.reset_classifier(self.num_classes)
+            self.model.pretrained_cfg.pop("label_names", None)
 
     # ------------------------------------------------------------------ forward and loss
     def forward(self, images: torch.Tensor) -> torch.Tensor:
