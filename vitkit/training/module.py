@@ -19,8 +19,8 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import nn
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
