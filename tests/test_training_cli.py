@@ -133,6 +133,9 @@ def test_fit_writes_the_run_folder_and_resumes_from_last(tmp_path, shapes):
 
     resumed = _fit(tmp_path, shapes, "--trainer.max_epochs", "2", "--ckpt_path", "last")
     assert resumed.trainer.current_epoch == 2 and resumed.trainer.global_step == 2 * steps
+    with open(run / "metrics.csv") as handle:  # the resumed run appended to the metrics, not replaced them
+        epochs = [row["epoch"] for row in csv.DictReader(handle) if row.get("val/acc1")]
+    assert epochs == ["0", "1"]
 
     # a CLI checkpoint (hyper-parameters include LightningCLI's own entries) loads for inference
     restored = load_classifier(run / "checkpoints" / "last.ckpt")
@@ -169,7 +172,8 @@ def test_print_config_shows_the_resolved_recipe(tmp_path, shapes, capsys):
     assert printed["model"]["model_name"] == "vit_nano_patch4_32" and printed["data"]["cache"] == "memory"
 
 
-def test_sigterm_saves_last_checkpoint_and_the_run_resumes(tmp_path, shapes):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT (Ctrl-C)"])
+def test_a_signal_saves_last_checkpoint_and_the_run_resumes(tmp_path, shapes, signum):
     command = [
         sys.executable,
         "-m",
@@ -196,7 +200,7 @@ def test_sigterm_saves_last_checkpoint_and_the_run_resumes(tmp_path, shapes):
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.is_file() and "val/acc1" in metrics.read_text()):
         time.sleep(0.5)  # wait until training is under way (one epoch logged)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     output, _ = process.communicate(timeout=60)
     last = tmp_path / "quickstart" / "checkpoints" / "last.ckpt"
     assert "saved" in output and last.is_file(), output[-2000:]

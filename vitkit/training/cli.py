@@ -88,7 +88,7 @@ class VitkitCLI(LightningCLI):
             trainer["default_root_dir"] = str(root)
         root = Path(trainer["default_root_dir"])
         if trainer.get("logger") in (None, True):
-            trainer["logger"] = _default_loggers(root)
+            trainer["logger"] = _default_loggers(root, resuming=bool(config.get("ckpt_path")))
 
 
 def _recipe_name(config: Any) -> str | None:
@@ -98,11 +98,11 @@ def _recipe_name(config: Any) -> str | None:
     return None
 
 
-def _default_loggers(root: Path) -> list[dict[str, Any]]:
+def _default_loggers(root: Path, resuming: bool) -> list[dict[str, Any]]:
     loggers = [
         {
-            "class_path": "lightning.pytorch.loggers.CSVLogger",
-            "init_args": {"save_dir": str(root), "name": "", "version": ""},
+            "class_path": "vitkit.training.loggers.ResumableCSVLogger",
+            "init_args": {"save_dir": str(root), "name": "", "version": "", "keep_existing": resuming},
         }
     ]
     if importlib.util.find_spec("tensorboard") is not None:
