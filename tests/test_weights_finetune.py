@@ -192,6 +192,10 @@ def test_param_groups_lrd_values_and_coverage():
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     optimizer.step()
 
+    flat = param_groups_lrd(model, weight_decay=0.05, layer_decay=1.0)  # no decay: decay/no-decay only
+    assert [(g["weight_decay"], g["lr_scale"]) for g in flat] == [(0.05, 1.0), (0.0, 1.0)]
+    assert sorted(n for g in flat for n in g["param_names"]) == sorted(names)
+
 
 # ---------------------------------------------------------------------------- freezing
 def trainable(model) -> set[str]:

@@ -66,7 +66,9 @@ def param_groups_lrd(
     Returns:
         One dict per (layer, decay/no-decay) pair, in layer order: ``params``,
         ``param_names``, ``weight_decay``, ``lr_scale``, ``layer_id`` (and ``lr``). Schedulers
-        must multiply each group's LR by its ``lr_scale`` (timm's schedulers do).
+        must multiply each group's LR by its ``lr_scale`` (timm's schedulers do). With
+        ``layer_decay=1.0`` every layer has the same LR, so there are just two groups (decay and
+        no decay, ``layer_id`` 0), which keeps LR logs and optimizer state small.
     """
     if no_weight_decay_list is None:
         no_weight_decay_list = getattr(model, "no_weight_decay", lambda: set())()
@@ -78,10 +80,10 @@ def param_groups_lrd(
         if not param.requires_grad and not include_frozen:
             continue
         no_decay = param.ndim < 2 or name in skip or name.endswith(".bias")
-        layer = layer_id(name, depth)
+        layer = layer_id(name, depth) if layer_decay != 1.0 else 0
         key = (layer, no_decay)
         if key not in groups:
-            scale = layer_decay ** (num_layers - layer)
+            scale = layer_decay ** (num_layers - layer) if layer_decay != 1.0 else 1.0
             groups[key] = {
                 "params": [],
                 "param_names": [],
