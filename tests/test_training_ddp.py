@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from vitkit.data import make_shapes_dataset, scan_image_folder
+
 SCRIPT = Path(__file__).with_name("ddp_script.py")
+FOLDER_SCRIPT = Path(__file__).with_name("ddp_folder_script.py")
 
 
-def _run(*args: str) -> None:
+def _run(*args: str, script: Path = SCRIPT) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
+        [sys.executable, str(script), *args],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
-        cwd=SCRIPT.parent,
+        cwd=script.parent,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -46,3 +51,18 @@ def test_ddp_two_cpu_processes_sync_checkpoint_and_resume(tmp_path):
     for name, weight in resumed0["weights"].items():
         torch.testing.assert_close(weight, resumed1["weights"][name], rtol=0, atol=0, msg=name)
     assert not torch.equal(resumed0["weights"]["head.weight"], rank0["weights"]["head.weight"])
+
+
+@pytest.mark.parametrize("cache", ["none", "memory"])
+def test_folder_data_is_split_between_ranks_without_duplicates(tmp_path, cache):
+    root = tmp_path / "data"
+    make_shapes_dataset(root, num_train=30, num_val=10, img_size=16, seed=0)  # 30 images: 15 per rank
+    _run(str(root), str(tmp_path), cache, script=FOLDER_SCRIPT)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["sampler"] == "DistributedSampler" for r in ranks)
+    assert ranks[0]["classes"] == ranks[1]["classes"]
+    seen0, seen1 = ranks[0]["files"], ranks[1]["files"]
+    assert len(seen0) == len(seen1) == 15 and len(set(seen0)) == 15
+    assert not set(seen0) & set(seen1)  # no image on both ranks ...
+    _, samples = scan_image_folder(root / "train")
+    assert set(seen0) | set(seen1) == {str(Path(p).relative_to(root)) for p, _ in samples}  # ... none missed

@@ -1,0 +1,63 @@
+"""Run by test_training_ddp.py: the folder DataModule under DDP on 2 CPU processes (gloo).
+
+Usage: python ddp_folder_script.py DATA_ROOT OUT_DIR CACHE   (CACHE: none | memory)
+Each rank writes OUT_DIR/rank<r>.json: the training files it loaded in its one epoch (from the
+distributed sampler Lightning put in front of the DataModule's loader) and the class list.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_training_module import TINY
+
+from vitkit.data import ImageFolderDataModule, scan_image_folder
+from vitkit.training import ImageClassifier
+
+
+def main() -> None:
+    root, out, cache = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    L.seed_everything(0)
+    data = ImageFolderDataModule(
+        root,
+        img_size=16,
+        batch_size=4,
+        num_workers=0,
+        cache=False if cache == "none" else cache,
+        drop_last=False,
+    )
+    module = ImageClassifier(model_name="vit_tiny_patch4_32", model_options=TINY, classes=data.classes)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=1,
+        default_root_dir=out,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=data)
+    loader = trainer.train_dataloader
+    dataset = loader.dataset
+    indices = list(loader.sampler)  # this rank's share of the epoch
+    if cache == "none":
+        files = [str(Path(dataset.samples[i][0]).relative_to(root)) for i in indices]
+    else:  # a cached image -> its index in the scanned file list
+        positions = dataset.positions if dataset.positions is not None else torch.arange(len(dataset))
+        source = dataset.cache.source_index[positions].tolist()
+        train_files = [path for path, _ in scan_image_folder(root / "train")[1]]
+        files = [str(Path(train_files[source[i]]).relative_to(root)) for i in indices]
+    record = {"files": files, "classes": data.classes, "sampler": type(loader.sampler).__name__}
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
