@@ -70,6 +70,7 @@ class TransformerBlock(nn.Module):
         attn_drop: dropout on the attention weights.
         drop_path: stochastic-depth rate of this block.
         norm_layer: normalisation layer constructor.
+        attn_mode, hard_k, hard_estimator: soft or hard (top-k) attention, see :class:`SelfAttention`.
     """
 
     def __init__(
@@ -84,6 +85,9 @@ class TransformerBlock(nn.Module):
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        attn_mode: str = "soft",
+        hard_k: int | None = None,
+        hard_estimator: str = "ste",
     ) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
@@ -95,6 +99,9 @@ class TransformerBlock(nn.Module):
             attn_drop=attn_drop,
             proj_drop=proj_drop,
             norm_layer=norm_layer,
+            attn_mode=attn_mode,
+            hard_k=hard_k,
+            hard_estimator=hard_estimator,
         )
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = _drop_path(drop_path)

@@ -73,6 +73,12 @@ class VisionTransformer(nn.Module):
         weight_init: ``''`` (timm's default: truncated normal 0.02 for linear layers) or
             ``'jax'`` (Xavier-uniform linears, LeCun-normal patch projection, zero head).
         norm_eps: epsilon of every LayerNorm (timm and torchvision use 1e-6, Hugging Face 1e-12).
+        attn_mode: ``'soft'`` (softmax attention, the default) or ``'hard'`` (every query keeps
+            only its top ``hard_k`` keys), in every block; see :mod:`vitkit.models.attention`.
+            Hard mode adds no parameters, so the state dict is the same as in soft mode.
+        hard_k: keys kept per query with ``attn_mode='hard'`` (clamped to the number of tokens).
+        hard_estimator: ``'ste'`` (straight-through) or ``'gumbel'`` (Gumbel-top-k sampling of
+            the kept keys during training, straight-through gradients).
     """
 
     def __init__(
@@ -104,6 +110,9 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         weight_init: Literal["", "jax"] = "",
         norm_eps: float = 1e-6,
+        attn_mode: Literal["soft", "hard"] = "soft",
+        hard_k: int | None = None,
+        hard_estimator: Literal["ste", "gumbel"] = "ste",
     ) -> None:
         super().__init__()
         if global_pool not in _POOLS:
@@ -116,6 +125,9 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"weight_init={weight_init!r} is not one of ('', 'jax').")
         # Every constructor argument, so the model can be rebuilt (checkpoints, export, CLI).
         self.config: dict[str, Any] = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        if attn_mode == "soft":  # soft configs keep timm's option names only (timm twins, exports)
+            for key in ("attn_mode", "hard_k", "hard_estimator"):
+                del self.config[key]
         self.config["img_size"] = to_2tuple(img_size)
         self.config["patch_size"] = to_2tuple(patch_size)
         self.pretrained_cfg: dict[str, Any] = {}
@@ -164,6 +176,9 @@ class VisionTransformer(nn.Module):
                     attn_drop=attn_drop_rate,
                     drop_path=rate,
                     norm_layer=norm_layer,
+                    attn_mode=attn_mode,
+                    hard_k=hard_k,
+                    hard_estimator=hard_estimator,
                 )
                 for rate in drop_path_rates
             ]
