@@ -11,6 +11,9 @@ Public surface:
 - :func:`build_train_transform`, :func:`build_eval_transform`, :func:`resolve_data_config`,
   :class:`BatchMixer`: preprocessing (torchvision v2 / timm).
 - :class:`TorchvisionDataModule`: CIFAR-10 / CIFAR-100 by name (downloads only when asked).
+- :func:`pack_image_folder` (``vitkit data pack``), :class:`StreamingDataModule`: streaming shards
+  (litdata chunks or WebDataset tars, ``pip install 'vitkit[stream]'``) for data beyond one disk;
+  :class:`ShardInfo`, :func:`read_shard_info`, :func:`open_litdata_shards`, :class:`WebDatasetShards`.
 - :func:`make_shapes_dataset`, :class:`SyntheticShapes`, :func:`load_mask`: the shapes dataset
   with ground-truth object masks.
 """
@@ -29,6 +32,8 @@ from .folder import (
     scan_image_folder,
     split_holdout,
 )
+from .pack import ShardInfo, pack_image_folder
+from .streaming import StreamingDataModule, WebDatasetShards, open_litdata_shards, read_shard_info
 from .synth import SHAPE_CLASSES, SyntheticShapes, load_mask, make_shapes_dataset
 from .torchvision_datasets import TorchvisionDataModule
 from .transforms import (
@@ -50,11 +55,14 @@ __all__ = [
     "FolderLayoutError",
     "ImageFolderDataModule",
     "ImageFolderDataset",
+    "ShardInfo",
+    "StreamingDataModule",
     "SyntheticShapes",
     "TensorCache",
     "TooManyDecodeErrors",
     "TorchvisionDataModule",
     "UnlabeledImageDataset",
+    "WebDatasetShards",
     "build_eval_transform",
     "build_train_transform",
     "find_splits",
@@ -63,6 +71,9 @@ __all__ = [
     "load_or_build_tensor_cache",
     "load_rgb",
     "make_shapes_dataset",
+    "open_litdata_shards",
+    "pack_image_folder",
+    "read_shard_info",
     "resolve_data_config",
     "scan_image_folder",
     "split_holdout",
