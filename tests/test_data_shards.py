@@ -7,6 +7,7 @@ import os
 import shutil
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -125,6 +126,11 @@ def test_datamodule_batches_match_the_folder_datamodule(folder, shards):
 
     assert pixels_and_labels(dm.val_dataloader()) == pixels_and_labels(reference.val_dataloader())
     assert dm.state_dict()["classes"] == list(SHAPE_CLASSES)
+    mixing = make_dm(shards, mixup_alpha=0.2, cutmix_alpha=1.0)  # ImageFolderDataModule's Mixup / CutMix
+    mixing.trainer = SimpleNamespace(training=True)
+    mixed, soft = mixing.on_after_batch_transfer((x, y), 0)
+    assert mixed.shape == x.shape and soft.shape == (8, 5)
+    torch.testing.assert_close(soft.sum(dim=1), torch.ones(8))
     with pytest.raises(ValueError, match="differ"):
         _ = make_dm(shards, classes=["a", "b"]).classes
 
@@ -142,29 +148,45 @@ def test_corrupt_sample_in_the_shards_is_dropped_and_counted(folder, tmp_path):
     assert dm.decode_error_log.total == 56 and dm.decode_error_log.fraction == pytest.approx(1 / 56)
 
 
-def test_two_step_fit_keeps_classes_and_loader_state_in_the_checkpoint(shards, tmp_path):
-    dm = make_dm(shards, mixup_alpha=0.2, cutmix_alpha=1.0)
+class SeenImages(L.Callback):
+    def __init__(self) -> None:
+        self.images: list[bytes] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.images += [image.numpy().tobytes() for image in batch[0]]
+
+
+def fit(dm, max_steps: int, root: Path, ckpt_path=None) -> tuple[L.Trainer, list[bytes]]:
     module = ImageClassifier(model_name="vit_tiny_patch4_32", model_options=TINY, classes=dm.classes)
+    seen = SeenImages()
     trainer = L.Trainer(
         accelerator="cpu",
-        max_steps=2,
+        max_steps=max_steps,
         limit_val_batches=1,
+        callbacks=[seen],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        default_root_dir=tmp_path,
+        default_root_dir=root,
     )
-    trainer.fit(module, datamodule=dm)
-    assert trainer.global_step == 2
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    return trainer, seen.images
+
+
+def test_fit_checkpoints_classes_and_loader_position_and_resumes_mid_epoch(shards, tmp_path):
+    fixed = {"scale": (1.0, 1.0), "ratio": (1.0, 1.0), "hflip": 0.0}  # the same pixels on every pass
+    trainer, first = fit(make_dm(shards, **fixed), 2, tmp_path)
+    assert trainer.global_step == 2 and len(first) == 16
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert checkpoint["datamodule_hyper_parameters"]["classes"] == list(SHAPE_CLASSES)
+    assert checkpoint["StreamingDataModule"]["classes"] == list(SHAPE_CLASSES)
     [loader_state] = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
-    assert loader_state["num_samples_yielded"] == 16  # litdata's position, to resume mid-epoch
-    resumed = make_dm(shards)
-    resumed.load_state_dict(checkpoint[type(dm).__qualname__])
-    assert resumed.classes == list(SHAPE_CLASSES)
+    assert loader_state["num_samples_yielded"] == 16  # litdata's position in the epoch
+    trainer, rest = fit(make_dm(shards, **fixed), 5, tmp_path, ckpt_path=tmp_path / "last.ckpt")
+    assert trainer.global_step == 5 and len(rest) == 24  # the last 3 of the epoch's 5 batches
+    assert len(set(first) | set(rest)) == 40  # the rest of the epoch: nothing twice, nothing missed
 
 
 def test_webdataset_shards_give_the_same_samples_split_by_rank_and_worker(folder, tmp_path, capsys):

@@ -292,8 +292,9 @@ class StreamingDataModule(L.LightningDataModule):
         max_cache_size: int | str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(logger=False)  # logger=False: see ImageFolderDataModule
+        # Saved as a str, not a Path: Lightning loads checkpoints with weights_only, which refuses Paths.
         root = os.fspath(root)
+        self.save_hyperparameters(logger=False)  # logger=False: see ImageFolderDataModule
         self.root = root if "://" in root else os.path.expanduser(root)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
