@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -124,7 +125,9 @@ def test_fit_writes_the_run_folder_and_resumes_from_last(tmp_path, shapes):
     ]:
         assert (run / name).is_file(), name
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["data"]["root"] == str(shapes) and saved["model"]["model_name"] == "vit_nano_patch4_32"
+    assert saved["data"]["class_path"] == "vitkit.data.ImageFolderDataModule"
+    assert saved["data"]["init_args"]["root"] == str(shapes)
+    assert saved["model"]["model_name"] == "vit_nano_patch4_32"
     steps = cli.trainer.global_step
     assert type(cli.trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"
     # preprocessing follows the model's weights (vit_nano_patch4_32: CIFAR statistics), not ImageNet
@@ -169,7 +172,8 @@ def test_print_config_shows_the_resolved_recipe(tmp_path, shapes, capsys):
         cli_main(["fit", "--config", "quickstart", "--data.root", str(shapes), "--print_config"])
     assert info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["model_name"] == "vit_nano_patch4_32" and printed["data"]["cache"] == "memory"
+    assert printed["model"]["model_name"] == "vit_nano_patch4_32"
+    assert printed["data"]["init_args"]["cache"] == "memory"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT (Ctrl-C)"])
@@ -210,3 +214,57 @@ def test_a_signal_saves_last_checkpoint_and_the_run_resumes(tmp_path, shapes, si
 
     resumed = _fit(tmp_path, shapes, "--trainer.max_epochs", str(state["epoch"] + 2), "--ckpt_path", "last")
     assert resumed.trainer.global_step > state["global_step"]
+
+
+def test_fit_streams_packed_shards_with_the_same_recipe(tmp_path, shapes):
+    pytest.importorskip("litdata")
+    from vitkit.data import pack_image_folder
+
+    shards = tmp_path / "shards"
+    pack_image_folder(shapes, shards, num_workers=0)
+    cli = _fit(
+        tmp_path,
+        shapes,
+        "--data",
+        "vitkit.data.StreamingDataModule",
+        "--data.root",
+        str(shards),
+        "--trainer.max_steps",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+    )
+    assert type(cli.datamodule).__name__ == "StreamingDataModule"
+    assert cli.trainer.global_step == 2
+    assert cli.model.classes == sorted(p.name for p in (shapes / "train").iterdir())
+    saved = yaml.safe_load((tmp_path / "quickstart" / "config.yaml").read_text())
+    assert saved["data"]["class_path"] == "vitkit.data.StreamingDataModule"
+
+
+def test_fit_on_a_torchvision_dataset_by_name_names_the_classes(tmp_path, shapes, monkeypatch):
+    rng = np.random.default_rng(0)
+
+    class FakeCIFAR10:  # what torchvision.datasets.CIFAR10 holds, without the download
+        def __init__(self, train: bool) -> None:
+            n = 40 if train else 20
+            self.data = rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
+            self.targets = [i % 10 for i in range(n)]
+            self.classes = [f"class{i}" for i in range(10)]
+
+    monkeypatch.setattr(
+        "vitkit.data.torchvision_datasets.load_torchvision_dataset",
+        lambda name, root, train, download: FakeCIFAR10(train),
+    )
+    cli = _fit(
+        tmp_path,
+        shapes,
+        "--data",
+        "vitkit.data.TorchvisionDataModule",
+        "--data.name",
+        "cifar10",
+        "--trainer.max_epochs",
+        "1",
+    )
+    assert cli.model.num_classes == 10 and cli.model.classes[3] == "class3"
+    restored = load_classifier(tmp_path / "quickstart" / "checkpoints" / "last.ckpt")
+    assert restored.classes == [f"class{i}" for i in range(10)]

@@ -3,6 +3,7 @@
 vitkit quickstart                  train on the embedded synthetic-shapes data (no download)
 vitkit fit|validate|test|predict   LightningCLI driven by YAML recipes (--config NAME_OR_FILE)
 vitkit data synth OUT              write the synthetic shapes dataset with object masks
+vitkit data pack ROOT OUT          write an image folder as streaming shards (litdata or WebDataset)
 vitkit explain ...                 attention heatmaps and their faithfulness metrics
 vitkit recipes                     list the shipped recipes
 vitkit models [PATTERN]            list the registered models

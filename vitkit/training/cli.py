@@ -26,7 +26,7 @@ from jsonargparse import lazy_instance
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from vitkit.data import DecodeErrorMonitor, ImageFolderDataModule
+from vitkit.data import DecodeErrorMonitor
 
 from .callbacks import (
     AtomicCheckpointIO,
@@ -69,13 +69,19 @@ def default_callbacks() -> list[L.Callback]:
 
 
 class VitkitCLI(LightningCLI):
-    """LightningCLI for :class:`ImageClassifier` + :class:`ImageFolderDataModule`."""
+    """LightningCLI for :class:`ImageClassifier` + any LightningDataModule.
+
+    The data module defaults to :class:`~vitkit.data.ImageFolderDataModule` (recipes give its
+    options under ``data:``); ``--data vitkit.data.StreamingDataModule`` (packed shards) or
+    ``--data vitkit.data.TorchvisionDataModule`` choose another.
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--run_name", type=str | None, default=None, help="run folder name (default: recipe name)"
         )
         parser.add_argument("--runs_dir", type=str, default="runs", help="parent folder of all runs")
+        parser.set_defaults({"data": {"class_path": "vitkit.data.ImageFolderDataModule"}})
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.classes", "model.classes", apply_on="instantiate")
 
@@ -131,7 +137,8 @@ def cli_main(argv: Sequence[str] | None = None, run: bool = True) -> VitkitCLI:
     args = _resolve_recipe_args(list(sys.argv[1:] if argv is None else argv))
     return VitkitCLI(
         ImageClassifier,
-        ImageFolderDataModule,
+        L.LightningDataModule,
+        subclass_mode_data=True,
         args=args,
         run=run,
         seed_everything_default=0,

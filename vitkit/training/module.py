@@ -99,6 +99,7 @@ class ImageClassifier(L.LightningModule):
             options["num_classes"] = num_classes
         self.model = create_model(model_name, pretrained=pretrained, **options)
         self.num_classes = self.model.num_classes
+        classes = list(classes) if classes else None  # []: not known yet (a data module names them in setup)
         if classes is not None and len(classes) != self.num_classes:
             raise ValueError(f"{len(classes)} class names given for a model with {self.num_classes} classes.")
         self.classes = list(classes) if classes else [str(i) for i in range(self.num_classes)]
@@ -210,6 +211,14 @@ class ImageClassifier(L.LightningModule):
             changed = unfreeze(self.model)
             if changed:
                 print(f"epoch {self.current_epoch}: unfroze {len(changed)} parameter tensors")
+
+    def setup(self, stage: str) -> None:
+        """Adopt the class names of a data module that learns them only in its own ``setup``."""
+        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        names = list(getattr(data, "classes", None) or [])
+        if not self.hparams.classes and len(names) == self.num_classes:
+            self.classes = names
+            self.hparams.classes = names  # into checkpoints, so predictions are named
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # everything needed to rebuild the bare model without this class (vitkit.weights reads it)
