@@ -149,7 +149,7 @@ def test_mixup_in_training_only_and_classes_in_the_checkpoint(shapes, tmp_path):
         torch.testing.assert_close(targets.sum(1), torch.ones(8))
     assert all(t.dtype == torch.int64 and t.ndim == 1 for t in model.seen["val"])
     trainer.save_checkpoint(tmp_path / "c.ckpt")
-    checkpoint = torch.load(tmp_path / "c.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "c.ckpt", weights_only=True)  # plain types only: safe to load
     assert checkpoint["datamodule_hyper_parameters"]["classes"] == list(SHAPE_CLASSES)
     assert checkpoint["ImageFolderDataModule"]["classes"] == list(SHAPE_CLASSES)
     # Restoring into a datamodule over a folder with other classes fails loudly.

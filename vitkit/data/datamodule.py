@@ -140,6 +140,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         # logger=False: the checkpoint keeps these, but they are not merged with the model's
         # hyper-parameters in the logger (Lightning refuses keys such as img_size present in both).
         self.save_hyperparameters(logger=False)
+        for key, value in self.hparams.items():  # plain strings: checkpoints load with weights_only=True
+            if isinstance(value, os.PathLike):
+                self.hparams[key] = str(value)
         if cache not in (False, True, "memory", "disk") and not isinstance(cache, (str, os.PathLike)):
             raise ValueError(f"cache must be False, True, 'memory', 'disk' or a folder, got {cache!r}.")
         self.root = Path(root).expanduser()
