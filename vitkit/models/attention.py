@@ -54,9 +54,9 @@ gradient and can never learn that it would have been useful. Two standard remedi
   keys are *sampled* instead of taken greedily. Adding independent Gumbel noise G_ij to the
   scores and taking the top k of S + G draws k keys without replacement from A_soft (each
   draw picks key j with probability ∝ exp(S_ij) among the keys not yet drawn: "Gumbel-top-k",
-  Kool et al., 2019). Keys just below the cut are sometimes tried, which explores selections the greedy
-  top-k would never visit. The weights of the chosen keys use the clean scores; in eval mode
-  the selection is the deterministic top k.
+  Kool et al., 2019). Keys just below the cut are sometimes tried, which explores selections
+  the greedy top k would never visit. The weights of the chosen keys use the clean scores; in
+  eval mode the selection is the deterministic top k.
 
 Hard attention always takes the explicit path (A must exist to be made sparse), and the hard A
 is what reaches ``attn_drop``, so ``vitkit.explain`` shows the maps the model actually used. It
@@ -166,9 +166,10 @@ class SelfAttention(nn.Module):
 
         The value is the softmax renormalised over each row's top-k keys; the gradient is that of
         the soft A (straight-through). Why not let the renormalised top-k softmax carry its own
-        gradient? It is differentiable in the selected scores, but zero for every key outside the
-        top k, so the selection chosen at initialisation could never change; the soft gradient
-        reaches all N keys. With k = N both the value and the gradient are soft attention's.
+        gradient? It is exact for the selected keys, but zero for every key outside the top k, so
+        no key is ever pulled into the selection by the loss (only pushed around by changes of
+        the others), and with k = 1 it is zero altogether: a one-hot row is constant. The soft
+        gradient reaches all N keys at every k. With k = N value and gradient are soft attention's.
         """
         top_k = min(self.hard_k, scores.shape[-1])  # more than N keys: keep them all
         ranking = scores
