@@ -89,6 +89,15 @@ def test_timm_export_refuses_an_epsilon_it_cannot_record(tmp_path):
         save(trained_model(norm_eps=1e-12), tmp_path / "x", format="timm")
 
 
+@pytest.mark.parametrize("format", ["timm", "hf"])
+def test_hard_attention_exports_only_where_it_survives(format, tmp_path):
+    model = trained_model(attn_mode="hard", hard_k=4)
+    with pytest.raises(ValueError, match="attn_mode='hard'"):  # would come back attending softly
+        save(model, tmp_path / "x", format=format)
+    back = vitkit.create_model(pretrained=save(model, tmp_path / "x.safetensors"))
+    assert back.blocks[0].attn.attn_mode == "hard" and back.blocks[0].attn.hard_k == 4
+
+
 @pytest.mark.parametrize(
     "options", [{"norm_eps": 1e-12}, {"img_size": (32, 48), "qkv_bias": False}], ids=["hf_eps", "non_square"]
 )
