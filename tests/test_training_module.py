@@ -315,6 +315,22 @@ def test_bf16_mixed_precision_trains(tmp_path):
     assert trainer.callback_metrics["val/acc1"] > 0.4
 
 
+def test_gradient_clipping_works_with_mixed_precision(tmp_path):
+    # Lightning refuses gradient_clip_val with a fused AdamW under AMP: the module must not pick it then
+    module = _module()
+    trainer = _trainer(tmp_path, max_epochs=1, precision="bf16-mixed", gradient_clip_val=1e-6)
+    before = module.model.head.weight.detach().clone()
+    trainer.fit(module, datamodule=QuadrantData())
+    optimizer = trainer.optimizers[0]
+    assert not optimizer.defaults["fused"]
+    # AdamW steps do not depend on the gradient scale: clipped to a tiny norm, the weights still move
+    weight = module.model.head.weight
+    assert torch.isfinite(weight).all() and not torch.equal(weight, before)
+    fused = _module()
+    _trainer(tmp_path / "fused", max_steps=1, limit_val_batches=0).fit(fused, datamodule=QuadrantData())
+    assert fused.trainer.optimizers[0].defaults["fused"]
+
+
 @pytest.mark.slow
 def test_torch_compile_option_trains_the_same_model(tmp_path):
     # slow: inductor compiles C++ kernels on the first step

@@ -63,7 +63,8 @@ class ImageClassifier(L.LightningModule):
             see :func:`vitkit.weights.freeze`.
         unfreeze_at_epoch: with ``freeze``, make every parameter trainable again from this epoch
             on ("freeze then unfreeze": a linear probe first, then full fine-tuning).
-        fused_optimizer: use the fused/foreach AdamW implementation where available.
+        fused_optimizer: use the fused AdamW kernel where available (the foreach one when the
+            trainer clips gradients, which Lightning does not allow with a fused optimiser).
         compile: wrap the model in ``torch.compile``.
     """
 
@@ -247,8 +248,13 @@ class ImageClassifier(L.LightningModule):
             base_lr=lr,
             include_frozen=self.hparams.unfreeze_at_epoch is not None,  # so unfreezing needs no new optimizer
         )
-        use_fused = self.hparams.fused_optimizer and all(
-            p.device.type in ("cuda", "cpu") for g in groups for p in g["params"]
+        # Under mixed precision Lightning refuses to clip the gradients of an optimiser that unscales
+        # them itself (fused AdamW): with --trainer.gradient_clip_val the foreach AdamW is used instead.
+        clipping = self._trainer is not None and bool(self.trainer.gradient_clip_val)
+        use_fused = (
+            self.hparams.fused_optimizer
+            and not clipping
+            and all(p.device.type in ("cuda", "cpu") for g in groups for p in g["params"])
         )
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(self.hparams.betas), fused=use_fused or None)
 
