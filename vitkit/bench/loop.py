@@ -51,7 +51,14 @@ class _Clock(L.Callback):
 
 
 def vitkit_loop(
-    root: Path, options: dict[str, Any], batch_size: int, steps: int, workers: int, cache: bool
+    root: Path,
+    options: dict[str, Any],
+    batch_size: int,
+    steps: int,
+    workers: int,
+    cache: bool,
+    accelerator: str = "cpu",
+    precision: str = "32-true",
 ) -> float:
     """Images/s of ``steps`` training steps of vitkit's Trainer (no validation, no checkpoints)."""
     torch.manual_seed(0)
@@ -73,7 +80,9 @@ def vitkit_loop(
     )
     clock = _Clock()
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
         max_steps=steps,
         limit_val_batches=0,
         logger=False,
@@ -86,12 +95,21 @@ def vitkit_loop(
     return clock.images / (clock.end - clock.start)
 
 
-def plain_loop(root: Path, options: dict[str, Any], batch_size: int, steps: int, workers: int) -> float:
+def plain_loop(
+    root: Path,
+    options: dict[str, Any],
+    batch_size: int,
+    steps: int,
+    workers: int,
+    device: str = "cpu",
+    precision: str = "32-true",
+) -> float:
     """Images/s of the same training with timm's model in a minimal PyTorch loop."""
     import vitkit
 
     torch.manual_seed(0)
     model = timm_twin(vitkit.create_model(options["model_name"], num_classes=10, **options["model_options"]))
+    model.to(device)
     transform = build_train_transform(32, scale=(0.6, 1.0))
     loader = DataLoader(
         ImageFolder(str(root / "train"), transform=transform),
@@ -99,6 +117,7 @@ def plain_loop(root: Path, options: dict[str, Any], batch_size: int, steps: int,
         shuffle=True,
         num_workers=workers,
         persistent_workers=workers > 0,
+        pin_memory=device == "cuda",
         drop_last=True,
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
@@ -111,11 +130,31 @@ def plain_loop(root: Path, options: dict[str, Any], batch_size: int, steps: int,
             start = time.perf_counter()
         else:
             images += x.shape[0]
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision.startswith("bf16")):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    if device == "cuda":
+        torch.cuda.synchronize()
     return images / (time.perf_counter() - start)
+
+
+def step_only(options: dict[str, Any], batch_size: int, steps: int, device: str, precision: str) -> float:
+    """Images/s of vitkit's training step alone, on a batch already on the device: the ceiling a
+    data path can feed (loop rate / this = the fraction of the time the device is kept busy)."""
+    import vitkit
+    from vitkit.bench.speed import _time, _train_step_fn
+
+    torch.manual_seed(0)
+    model = vitkit.create_model(options["model_name"], num_classes=10, **options["model_options"]).to(device)
+    x = torch.randn(batch_size, 3, *model.img_size, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    step = _train_step_fn(model.train(), x, y, "bf16" if precision.startswith("bf16") else "fp32")
+    for _ in range(3):
+        step()
+    return batch_size / _time(step, max(steps // 2, 5), torch.device(device))
 
 
 def loop_main(argv: Sequence[str] | None = None) -> int:
@@ -133,7 +172,10 @@ def loop_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     args = parser.parse_args(argv)
+    accelerator = "gpu" if args.device == "cuda" else "cpu"
     import json
 
     options = {"model_name": args.model, "model_options": json.loads(args.options)}
@@ -141,26 +183,26 @@ def loop_main(argv: Sequence[str] | None = None) -> int:
         "vitkit (folder)": [],
         "vitkit (tensor cache)": [],
         "plain timm loop": [],
+        "vitkit step only (batch on device)": [],
     }
+    common = (args.root, options, args.batch_size, args.steps, args.workers)
     for _ in range(args.rounds):
-        rates["vitkit (folder)"].append(
-            vitkit_loop(args.root, options, args.batch_size, args.steps, args.workers, cache=False)
-        )
-        rates["vitkit (tensor cache)"].append(
-            vitkit_loop(args.root, options, args.batch_size, args.steps, args.workers, cache=True)
-        )
-        rates["plain timm loop"].append(
-            plain_loop(args.root, options, args.batch_size, args.steps, args.workers)
+        rates["vitkit (folder)"].append(vitkit_loop(*common, False, accelerator, args.precision))
+        rates["vitkit (tensor cache)"].append(vitkit_loop(*common, True, accelerator, args.precision))
+        rates["plain timm loop"].append(plain_loop(*common, args.device, args.precision))
+        rates["vitkit step only (batch on device)"].append(
+            step_only(options, args.batch_size, args.steps, args.device, args.precision)
         )
     plain = statistics.median(rates["plain timm loop"])
+    ceiling = statistics.median(rates["vitkit step only (batch on device)"])
     print(
         f"{args.model} {options['model_options']}, batch {args.batch_size}, {args.steps} steps, "
         f"{args.workers} workers, {torch.get_num_threads()} threads"
     )
-    print("| loop | images/s (median) | vs plain |\n|---|---|---|")
+    print("| loop | images/s (median) | vs plain | device busy (vs step only) |\n|---|---|---|---|")
     for name, values in rates.items():
         median = statistics.median(values)
-        print(f"| {name} | {median:.1f} | {median / plain:.2f}x |")
+        print(f"| {name} | {median:.1f} | {median / plain:.2f}x | {median / ceiling:.0%} |")
     return 0
 
 

@@ -136,9 +136,8 @@ def compare(
     for module in ours.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = fused_attn
-    models = {"vitkit": ours, "timm": theirs}
-    if compile:
-        models = {k: torch.compile(m) for k, m in models.items()}
+    eager = {"vitkit": ours, "timm": theirs}
+    models = {k: torch.compile(m) for k, m in eager.items()} if compile else eager
     x = torch.randn(batch_size, ours.patch_embed.in_chans, *ours.img_size, device=dev)
     y = torch.randint(0, max(ours.num_classes, 1), (batch_size,), device=dev)
     peak = _peak_tflops(dev, peak_tflops)
@@ -154,7 +153,11 @@ def compare(
                     if mode == "train"
                     else _infer_fn(model, x, precision)
                 )
-            flops = {name: count_flops(step) / batch_size for name, step in steps.items()}
+            # counted on the eager models: a dispatch-mode counter cannot see into compiled graphs
+            flops = {}
+            for name, model in eager.items():
+                counted = _train_step_fn(model, x, y, precision) if mode == "train" else None
+                flops[name] = count_flops(counted or _infer_fn(model, x, precision)) / batch_size
             for step in steps.values():
                 for _ in range(warmup):
                     step()
