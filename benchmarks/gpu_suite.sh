@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of BENCHMARKS.md in one pass on one GPU (about 9 minutes on an H100):
+# The GPU figures of BENCHMARKS.md in one pass on one GPU (7.5 minutes on an H100):
 # model speed and MFU against timm (ViT-B/16 and ViT-S/16 at 224, bf16, eager and compiled, fused
 # and explicit attention), the cost of explaining a batch, and the CIFAR-10 data path (uint8
 # cache vs JPEG folder vs a plain loop, against the step alone). Each part has its own time limit,

@@ -6,9 +6,13 @@ same number of workers. The plain side is what a minimal script does:
 ``torchvision.datasets.ImageFolder`` + ``DataLoader`` + a ``for`` loop of forward, backward,
 AdamW step. vitkit runs its ``ImageClassifier`` and ``ImageFolderDataModule`` under a Lightning
 ``Trainer`` (folder decoding, and optionally the uint8 tensor cache). The settings alternate, and
-the clock runs from the first training batch to the last, so start-up is not counted.
+the clock runs from the first training batch to the last, so start-up is not counted. Last, the
+training step alone on a batch already on the device gives the ceiling: a loop's rate over it is
+the fraction of the time its data path keeps the device busy.
 
     python -m vitkit.bench.loop --root ~/.cache/vitkit/cifar10 --steps 60 --rounds 2
+    python -m vitkit.bench.loop --root DIR --model vit_small_patch4_32 --options '{}' \
+        --batch-size 512 --workers 14 --device cuda --precision bf16-mixed
 """
 
 from __future__ import annotations
