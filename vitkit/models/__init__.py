@@ -7,12 +7,13 @@ them, and the registry (:func:`create_model`, :func:`list_models`, :func:`regist
 
 from .attention import SelfAttention
 from .block import LayerScale, Mlp, TransformerBlock
-from .patch_embedding import PatchEmbedding
+from .patch_embedding import ConvStem, PatchEmbedding
 from .position import resample_position_embedding, sincos_2d_position_embedding
 from .registry import create_model, list_models, model_config, register_model
 from .vision_transformer import VisionTransformer
 
 __all__ = [
+    "ConvStem",
     "LayerScale",
     "Mlp",
     "PatchEmbedding",

@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ._utils import to_2tuple
 from .block import TransformerBlock
-from .patch_embedding import PatchEmbedding
+from .patch_embedding import ConvStem, PatchEmbedding
 from .position import resample_position_embedding, sincos_2d_position_embedding
 
 GlobalPool = Literal["token", "avg", "max", "avgmax", ""]
@@ -79,6 +79,9 @@ class VisionTransformer(nn.Module):
         hard_k: keys kept per query with ``attn_mode='hard'`` (clamped to the number of tokens).
         hard_estimator: ``'ste'`` (straight-through) or ``'gumbel'`` (Gumbel-top-k sampling of
             the kept keys during training, straight-through gradients).
+        stem_channels: replace the patch projection by a convolutional stem (:class:`ConvStem`):
+            3x3 convolutions with these output channels, the first log2(patch_size) with stride 2,
+            then a 1x1 convolution to ``embed_dim``. Same token grid; timm has no such option.
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class VisionTransformer(nn.Module):
         attn_mode: Literal["soft", "hard"] = "soft",
         hard_k: int | None = None,
         hard_estimator: Literal["ste", "gumbel"] = "ste",
+        stem_channels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if global_pool not in _POOLS:
@@ -128,6 +132,10 @@ class VisionTransformer(nn.Module):
         if attn_mode == "soft":  # soft configs keep timm's option names only (timm twins, exports)
             for key in ("attn_mode", "hard_k", "hard_estimator"):
                 del self.config[key]
+        if stem_channels is None:  # likewise for the patch projection timm knows
+            del self.config["stem_channels"]
+        else:
+            self.config["stem_channels"] = stem_channels = tuple(int(c) for c in stem_channels)
         self.config["img_size"] = to_2tuple(img_size)
         self.config["patch_size"] = to_2tuple(patch_size)
         self.pretrained_cfg: dict[str, Any] = {}
@@ -145,9 +153,13 @@ class VisionTransformer(nn.Module):
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
 
-        self.patch_embed = PatchEmbedding(
-            img_size, patch_size, in_chans, embed_dim, bias=not pre_norm, strict_img_size=not dynamic_img_size
-        )
+        embed_options = {"bias": not pre_norm, "strict_img_size": not dynamic_img_size}
+        if stem_channels is None:
+            self.patch_embed = PatchEmbedding(img_size, patch_size, in_chans, embed_dim, **embed_options)
+        else:
+            self.patch_embed = ConvStem(
+                img_size, patch_size, in_chans, embed_dim, channels=stem_channels, **embed_options
+            )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
 

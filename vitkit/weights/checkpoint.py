@@ -183,7 +183,8 @@ def infer_vit_options(
 ) -> dict[str, Any]:
     """Read the architecture options a vitkit-layout state dict reveals, completed by ``known``.
 
-    From shapes: ``embed_dim``, ``in_chans``, ``patch_size``, ``depth``, ``mlp_ratio``,
+    From shapes: ``embed_dim``, ``in_chans``, ``patch_size`` (from ``known`` with a convolutional
+    stem, whose ``stem_channels`` are read instead), ``depth``, ``mlp_ratio``,
     ``qkv_bias``, ``qk_norm``, ``init_values`` (presence only, unless ``known`` has the value),
     ``class_token``, ``reg_tokens``, ``pre_norm``, ``final_norm``, ``fc_norm``, ``num_classes``,
     ``pos_embed``; ``num_heads`` when qk_norm reveals the head width. ``img_size`` and
@@ -202,6 +203,16 @@ def infer_vit_options(
     if proj is not None:
         options["embed_dim"], options["in_chans"] = int(proj.shape[0]), int(proj.shape[1])
         options["patch_size"] = (int(proj.shape[2]), int(proj.shape[3]))
+    stem_key = re.compile(r"patch_embed\.stem\.(\d+)\.weight")
+    stem = {int(m.group(1)): w for k, w in state.items() if (m := stem_key.fullmatch(k))}
+    stem_convs = [w for _, w in sorted(stem.items()) if w.ndim == 4]
+    if stem_convs:  # a convolutional stem: its 1x1 projection says nothing of the image or the patch size
+        options["in_chans"] = int(stem_convs[0].shape[1])
+        options["stem_channels"] = tuple(int(w.shape[0]) for w in stem_convs)
+        if "patch_size" in known:
+            options["patch_size"] = to_2tuple(known["patch_size"])
+        else:
+            del options["patch_size"]
     block_ids = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
     options["depth"] = max(block_ids) + 1 if block_ids else 0
     fc1 = state.get("blocks.0.mlp.fc1.weight")

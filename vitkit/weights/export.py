@@ -95,6 +95,11 @@ def save(
             f"attn_mode={config['attn_mode']!r} (hard_k={config.get('hard_k')}): {format} has no hard "
             "attention, so the exported model would silently attend softly. Use format='vitkit'."
         )
+    if config.get("stem_channels") and format in ("timm", "hf"):
+        raise ValueError(
+            f"stem_channels={config['stem_channels']}: {format}'s ViT has no convolutional stem, so the "
+            "exported model could not be rebuilt there. Use format='vitkit'."
+        )
     if format == "vitkit":
         return _save_vitkit(state, config, cfg, labels, path)
     if format == "timm":
