@@ -42,20 +42,28 @@ class _Timeline(L.Callback):
         self.train_seconds = 0.0
         self._epoch_start = 0.0
         self._epoch_images = 0
+        self._validation_start = 0.0
+        self._validation_seconds = 0.0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
         self._epoch_images = 0
+        self._validation_seconds = 0.0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self._epoch_images += int(args[1][0].shape[0])
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch > 0:  # epoch 0 holds the compilation and the cache build
-            self.train_seconds += time.perf_counter() - self._epoch_start  # data waits included
+            # data waits included; the validation that Lightning runs inside the epoch excluded
+            self.train_seconds += time.perf_counter() - self._epoch_start - self._validation_seconds
             self.train_images += self._epoch_images
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validation_start = time.perf_counter()
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validation_seconds += time.perf_counter() - self._validation_start
         if trainer.sanity_checking:
             return
         acc = trainer.callback_metrics.get("val/acc1")
