@@ -250,7 +250,7 @@ class ImageClassifier(L.LightningModule):
         )
         # Under mixed precision Lightning refuses to clip the gradients of an optimiser that unscales
         # them itself (fused AdamW): with --trainer.gradient_clip_val the foreach AdamW is used instead.
-        clipping = self._trainer is not None and bool(self.trainer.gradient_clip_val)
+        clipping = self._trainer is not None and bool(getattr(self.trainer, "gradient_clip_val", None))
         use_fused = (
             self.hparams.fused_optimizer
             and not clipping
