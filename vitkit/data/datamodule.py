@@ -68,7 +68,88 @@ def auto_num_workers(max_workers: int = 8) -> int:
     return max(0, min(max_workers, available_cpus() - 1))
 
 
-class ImageFolderDataModule(L.LightningDataModule):
+class _ImageDataModule(L.LightningDataModule):
+    """What vitkit's image data modules share: the training augmentation options, the preprocessing
+    (a :class:`DataConfig`, adopted from the model's ``pretrained_cfg`` unless given) and batch-level
+    Mixup / CutMix on the device. Subclasses save the hyper-parameters these read (``scale``,
+    ``ratio``, ``hflip``, ``auto_augment``, ``color_jitter``, ``re_prob``, ``mixup_*``, ...), set
+    ``data_config`` and have ``classes`` / ``num_classes``.
+    """
+
+    _mixer: BatchMixer | None = None
+    data_config: DataConfig
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.classes)}
+
+    @property
+    def train_options(self) -> dict[str, Any]:
+        """The training augmentations, as the transform builders take them."""
+        h = self.hparams
+        return {
+            "scale": tuple(h.scale),
+            "ratio": tuple(h.ratio),
+            "hflip": h.hflip,
+            "auto_augment": h.auto_augment,
+            "color_jitter": h.color_jitter,
+            "re_prob": h.re_prob,
+        }
+
+    @property
+    def mixer(self) -> BatchMixer | None:
+        """The Mixup / CutMix of training batches, or None when both alphas are 0."""
+        h = self.hparams
+        if self._mixer is None and (h.mixup_alpha > 0 or h.cutmix_alpha > 0):
+            self._mixer = BatchMixer(
+                self.num_classes, h.mixup_alpha, h.cutmix_alpha, prob=h.mixup_prob, switch_prob=h.switch_prob
+            )
+        return self._mixer
+
+    def _resolve_data_config(self, pretrained_cfg: dict[str, Any] | None) -> DataConfig:
+        h = self.hparams
+        return resolve_data_config(
+            pretrained_cfg,
+            img_size=h.img_size,
+            mean=h.mean,
+            std=h.std,
+            interpolation=h.interpolation,
+            crop_pct=h.crop_pct,
+        )
+
+    def _adopt_model_preprocessing(self) -> None:
+        """Given no ``pretrained_cfg``, take the attached model's: its weights decide the normalisation.
+
+        Explicit ``mean`` / ``std`` / ``interpolation`` / ``crop_pct`` / ``img_size`` still win.
+        """
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        model_cfg = getattr(getattr(module, "model", None), "pretrained_cfg", None)
+        if self.hparams.pretrained_cfg is None and model_cfg:
+            self.data_config = self._resolve_data_config(model_cfg)
+
+    def _transforms(self) -> tuple[Any, Any]:
+        cfg = self.data_config
+        common = {"mean": cfg.mean, "std": cfg.std, "interpolation": cfg.interpolation}
+        train = build_train_transform(cfg.img_size, **common, **self.train_options)
+        return train, build_eval_transform(cfg.img_size, crop_pct=cfg.crop_pct, **common)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Mixup / CutMix on training batches (on the device): int targets -> soft (B, C)."""
+        trainer = self.trainer
+        if self.mixer is not None and trainer is not None and trainer.training:
+            images, targets = batch
+            return self.mixer(images, targets)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"classes": self.classes, "data_config": asdict(self.data_config)}
+
+
+class ImageFolderDataModule(_ImageDataModule):
     """Train / validate / test / predict on an ImageNet-style image folder.
 
     Args:
@@ -152,14 +233,6 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.num_workers = auto_num_workers() if num_workers is None else num_workers
         self.max_bad_fraction = max_bad_fraction
         self.data_config: DataConfig = self._resolve_data_config(pretrained_cfg)
-        self.train_options = {
-            "scale": tuple(scale),
-            "ratio": tuple(ratio),
-            "hflip": hflip,
-            "auto_augment": auto_augment,
-            "color_jitter": color_jitter,
-            "re_prob": re_prob,
-        }
         self.decode_error_log = DecodeErrorLog(error_dir)
         self._expected_classes = list(classes) if classes is not None else None
         self._scan: dict[str, Any] | None = None
@@ -167,7 +240,6 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
-        self._mixer: BatchMixer | None = None
 
     # -- classes and splits ------------------------------------------------------------------
 
@@ -179,24 +251,6 @@ class ImageFolderDataModule(L.LightningDataModule):
     def classes(self) -> list[str]:
         """The sorted class names of the training folder (scanned on first use)."""
         return self._scanned()["classes"]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def class_to_idx(self) -> dict[str, int]:
-        return {name: i for i, name in enumerate(self.classes)}
-
-    @property
-    def mixer(self) -> BatchMixer | None:
-        """The Mixup / CutMix of training batches, or None when both alphas are 0."""
-        h = self.hparams
-        if self._mixer is None and (h.mixup_alpha > 0 or h.cutmix_alpha > 0):
-            self._mixer = BatchMixer(
-                self.num_classes, h.mixup_alpha, h.cutmix_alpha, prob=h.mixup_prob, switch_prob=h.switch_prob
-            )
-        return self._mixer
 
     def _scanned(self) -> dict[str, Any]:
         """Find the splits and list their files, once."""
@@ -271,27 +325,6 @@ class ImageFolderDataModule(L.LightningDataModule):
             self._build("fit")
             self._caches.clear()
 
-    def _resolve_data_config(self, pretrained_cfg: dict[str, Any] | None) -> DataConfig:
-        h = self.hparams
-        return resolve_data_config(
-            pretrained_cfg,
-            img_size=h.img_size,
-            mean=h.mean,
-            std=h.std,
-            interpolation=h.interpolation,
-            crop_pct=h.crop_pct,
-        )
-
-    def _adopt_model_preprocessing(self) -> None:
-        """Given no ``pretrained_cfg``, take the attached model's: its weights decide the normalisation.
-
-        Explicit ``mean`` / ``std`` / ``interpolation`` / ``crop_pct`` / ``img_size`` still win.
-        """
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        model_cfg = getattr(getattr(module, "model", None), "pretrained_cfg", None)
-        if self.hparams.pretrained_cfg is None and model_cfg:
-            self.data_config = self._resolve_data_config(model_cfg)
-
     def setup(self, stage: str | None = None) -> None:
         self._adopt_model_preprocessing()
         self._build(stage)
@@ -336,12 +369,6 @@ class ImageFolderDataModule(L.LightningDataModule):
                 self.test_dataset = ImageFolderDataset(
                     scan["test"], self.classes, eval_tf, self.decode_error_log, "test"
                 )
-
-    def _transforms(self) -> tuple[Any, Any]:
-        cfg = self.data_config
-        common = {"mean": cfg.mean, "std": cfg.std, "interpolation": cfg.interpolation}
-        train = build_train_transform(cfg.img_size, **common, **self.train_options)
-        return train, build_eval_transform(cfg.img_size, crop_pct=cfg.crop_pct, **common)
 
     def _batch_transforms(self) -> tuple[BatchTrainTransform, BatchEvalTransform]:
         cfg = self.data_config
@@ -407,18 +434,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             collate_fn=collate_skip_none,
         )
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Mixup / CutMix on training batches (on the device): int targets -> soft (B, C)."""
-        trainer = self.trainer
-        if self.mixer is not None and trainer is not None and trainer.training:
-            images, targets = batch
-            return self.mixer(images, targets)
-        return batch
-
     # -- checkpoints ---------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"classes": self.classes, "data_config": asdict(self.data_config)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         classes = list(state_dict.get("classes", []))

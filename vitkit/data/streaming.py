@@ -6,7 +6,7 @@
 The class list comes from ``vitkit-shards.json`` beside the shards (the folder's sorted classes at
 pack time), is stored in the hyper-parameter ``classes`` and checked against a checkpoint's. The
 options, transforms, Mixup / CutMix and the adoption of a model's ``pretrained_cfg`` are
-:class:`~vitkit.data.datamodule.ImageFolderDataModule`'s own code, shared, not copied.
+:class:`~vitkit.data.datamodule.ImageFolderDataModule`'s, from the base class both share.
 
 Who reads what:
 
@@ -35,11 +35,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .datamodule import ImageFolderDataModule, auto_num_workers
+from .datamodule import _ImageDataModule, auto_num_workers
 from .decode import DecodeError
 from .errors import DecodeErrorLog
 from .folder import IMAGE_EXTENSIONS
@@ -243,7 +242,7 @@ def _shuffled(items: Iterator[Any], buffer_size: int, rng: random.Random) -> Ite
     yield from buffer
 
 
-class StreamingDataModule(L.LightningDataModule):
+class StreamingDataModule(_ImageDataModule):
     """Train / validate / test on shards written by ``vitkit data pack`` (litdata or WebDataset).
 
     Args:
@@ -302,25 +301,12 @@ class StreamingDataModule(L.LightningDataModule):
         self.num_workers = auto_num_workers() if num_workers is None else num_workers
         self.max_bad_fraction = max_bad_fraction
         self.data_config: DataConfig = self._resolve_data_config(pretrained_cfg)
-        augmentations = ("scale", "ratio", "hflip", "auto_augment", "color_jitter", "re_prob")
-        self.train_options = {name: self.hparams[name] for name in augmentations}
-        self.train_options.update(scale=tuple(scale), ratio=tuple(ratio))
         self.decode_error_log = DecodeErrorLog(error_dir)
         self._expected_classes = list(classes) if classes is not None else None
         self._info: ShardInfo | None = None
-        self._mixer = None
         self.train_dataset: Any = None
         self.val_dataset: Any = None
         self.test_dataset: Any = None
-
-    # ImageFolderDataModule's preprocessing, Mixup / CutMix and checkpointed state, shared rather than
-    # copied so that the two cannot drift apart (they read the same hyper-parameters).
-    mixer = ImageFolderDataModule.mixer
-    _resolve_data_config = ImageFolderDataModule._resolve_data_config
-    _adopt_model_preprocessing = ImageFolderDataModule._adopt_model_preprocessing
-    _transforms = ImageFolderDataModule._transforms
-    on_after_batch_transfer = ImageFolderDataModule.on_after_batch_transfer
-    state_dict = ImageFolderDataModule.state_dict
 
     # -- classes and splits ------------------------------------------------------------------
 
@@ -343,14 +329,6 @@ class StreamingDataModule(L.LightningDataModule):
     @property
     def classes(self) -> list[str]:
         return self.info.classes
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def class_to_idx(self) -> dict[str, int]:
-        return {name: i for i, name in enumerate(self.classes)}
 
     # -- datasets ------------------------------------------------------------------------------
 
@@ -420,7 +398,7 @@ class StreamingDataModule(L.LightningDataModule):
         return self._loader(self.test_dataset, False, "test")
 
     # -- checkpoints ---------------------------------------------------------------------------
-    # state_dict (classes, preprocessing) is ImageFolderDataModule's. The position in the epoch is
+    # state_dict (classes, preprocessing) is the shared one. The position in the epoch is
     # the training loader's state, which Lightning saves and restores itself.
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -15,14 +15,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 
 from .cache import BatchEvalTransform, BatchTrainTransform, CachedTensorDataset, TensorCache
-from .datamodule import auto_num_workers
-from .transforms import BatchMixer, resolve_data_config
+from .datamodule import _ImageDataModule, auto_num_workers
+from .transforms import resolve_data_config
 
 DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 """Names accepted, and the torchvision class each maps to."""
@@ -70,7 +69,7 @@ def load_torchvision_dataset(name: str, root: str | os.PathLike[str], train: boo
         ) from error
 
 
-class TorchvisionDataModule(L.LightningDataModule):
+class TorchvisionDataModule(_ImageDataModule):
     """CIFAR-10 / CIFAR-100 with vitkit's tensor-batch augmentation.
 
     Args:
@@ -127,18 +126,9 @@ class TorchvisionDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.seed = seed
         self.num_workers = auto_num_workers() if num_workers is None else num_workers
-        self.train_options = {
-            "scale": tuple(scale),
-            "ratio": tuple(ratio),
-            "hflip": hflip,
-            "auto_augment": auto_augment,
-            "color_jitter": color_jitter,
-            "re_prob": re_prob,
-        }
         self.classes: list[str] = []
         self.train_dataset: CachedTensorDataset | None = None
         self.val_dataset: CachedTensorDataset | None = None
-        self._mixer: BatchMixer | None = None
 
     @property
     def num_classes(self) -> int:
@@ -192,16 +182,6 @@ class TorchvisionDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, False)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        h = self.hparams
-        if self._mixer is None and (h.mixup_alpha > 0 or h.cutmix_alpha > 0):
-            self._mixer = BatchMixer(
-                self.num_classes, h.mixup_alpha, h.cutmix_alpha, h.mixup_prob, h.switch_prob
-            )
-        if self._mixer is not None and self.trainer is not None and self.trainer.training:
-            return self._mixer(*batch)
-        return batch
 
     def state_dict(self) -> dict[str, Any]:
         return {"classes": self.classes}
