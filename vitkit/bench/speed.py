@@ -45,10 +45,8 @@ class SpeedResult:
 
 def timm_twin(model: nn.Module) -> nn.Module:
     """The timm ``VisionTransformer`` with the same options and weights as a vitkit model."""
-    if model.config.get("attn_mode", "soft") != "soft":
-        raise ValueError("timm has no hard attention: compare soft-attention models only (attn_mode='soft').")
-    if model.config.get("stem_channels"):
-        raise ValueError("timm's VisionTransformer has no convolutional stem: compare models without one.")
+    if lacking := model.options_timm_lacks():
+        raise ValueError(f"timm's ViT has no {' and no '.join(lacking)}: compare models without them.")
     options = {k: v for k, v in model.config.items() if k not in _TIMM_IGNORES}
     options["pos_embed"] = "learn" if model.pos_embed is not None else "none"  # sincos tables load as weights
     twin = timm.models.vision_transformer.VisionTransformer(**options)

@@ -260,6 +260,17 @@ class VisionTransformer(nn.Module):
         """The patch grid for an input of size (H, W)."""
         return self.patch_embed.grid_size_for(img_size)
 
+    def options_timm_lacks(self) -> list[str]:
+        """What timm's (and Hugging Face's) ViT cannot express of this model, each with its options;
+        empty for a model timm can rebuild. Exports and the timm twin refuse a model that has any."""
+        config, lacking = self.config, []
+        if config.get("attn_mode", "soft") != "soft":
+            hard = f"attn_mode={config['attn_mode']!r}, hard_k={config.get('hard_k')}"
+            lacking.append(f"hard attention ({hard})")
+        if config.get("stem_channels"):
+            lacking.append(f"convolutional stem (stem_channels={config['stem_channels']})")
+        return lacking
+
     def no_weight_decay(self) -> set[str]:
         """Parameters that should not be weight-decayed: position, class and register tokens."""
         return {"pos_embed", "cls_token", "reg_token"}

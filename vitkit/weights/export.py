@@ -90,15 +90,11 @@ def save(
     cfg["input_size"] = (model.patch_embed.in_chans, *model.img_size)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path = Path(path).expanduser()
-    if config.get("attn_mode", "soft") != "soft" and format in ("timm", "hf"):
+    lacking = model.options_timm_lacks() if format in ("timm", "hf") else []
+    if lacking:
         raise ValueError(
-            f"attn_mode={config['attn_mode']!r} (hard_k={config.get('hard_k')}): {format} has no hard "
-            "attention, so the exported model would silently attend softly. Use format='vitkit'."
-        )
-    if config.get("stem_channels") and format in ("timm", "hf"):
-        raise ValueError(
-            f"stem_channels={config['stem_channels']}: {format}'s ViT has no convolutional stem, so the "
-            "exported model could not be rebuilt there. Use format='vitkit'."
+            f"{format}'s ViT has no {' and no '.join(lacking)}: the exported model would not be this one "
+            "(hard attention would come back soft, a stem would not load). Use format='vitkit'."
         )
     if format == "vitkit":
         return _save_vitkit(state, config, cfg, labels, path)
