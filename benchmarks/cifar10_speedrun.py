@@ -26,10 +26,8 @@ import lightning as L
 import torch
 
 from vitkit.data import ImageFolderDataModule
+from vitkit.data.torchvision_datasets import CIFAR_MEAN_STD
 from vitkit.training import ImageClassifier
-
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
 class _Timeline(L.Callback):
@@ -121,8 +119,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mixup_alpha=args.mixup,
         cutmix_alpha=args.cutmix,
         crop_pct=1.0,
-        mean=CIFAR10_MEAN,
-        std=CIFAR10_STD,
+        mean=CIFAR_MEAN_STD["cifar10"][0],
+        std=CIFAR_MEAN_STD["cifar10"][1],
         drop_last=True,
     )
     module = ImageClassifier(

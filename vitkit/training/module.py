@@ -103,7 +103,7 @@ class ImageClassifier(L.LightningModule):
         classes = list(classes) if classes else None  # []: not known yet (a data module names them in setup)
         if classes is not None and len(classes) != self.num_classes:
             raise ValueError(f"{len(classes)} class names given for a model with {self.num_classes} classes.")
-        self.classes = list(classes) if classes else [str(i) for i in range(self.num_classes)]
+        self.classes = classes or [str(i) for i in range(self.num_classes)]
         if pretrained is not None:
             self._maybe_reset_head(reset_head, classes)
         freeze_parameters(self.model, freeze)
