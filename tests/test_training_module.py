@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from vitkit.training import (
     AtomicCheckpointIO,
     ImageClassifier,
+    ImagesPerSecond,
     NonFiniteLossError,
     RNGStateCheckpoint,
     RunArtifacts,
@@ -202,6 +203,154 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
         _trainer(tmp_path).fit(_module(), datamodule=data)
 
 
+class _NaNBatch(QuadrantData):
+    """QuadrantData in a fixed order, with NaN images in training batch ``bad`` (0-based)."""
+
+    def __init__(self, bad: int, n: int = 128) -> None:
+        super().__init__(n=n)
+        self.train_set.tensors[0][bad * self.batch_size : (bad + 1) * self.batch_size] = float("nan")
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False)
+
+
+class _Snapshot(L.Callback):
+    """The weights and optimiser step counts just before training batch ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.weights, self.steps = at, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.at:
+            self.weights = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+            state = trainer.optimizers[0].state
+            self.steps = [float(s["step"]) for s in state.values()]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-deferred", "foreach-immediate"])
+def test_a_nan_step_never_reaches_the_weights_and_is_reported_by_step(tmp_path, fused):
+    # Fused AdamW: the NaN step is skipped on the device and reported at the next step (no host read
+    # per step). Otherwise (foreach AdamW) the loss is checked at once. Either way the weights and the
+    # optimiser state are those from before the bad batch, and the message names its step.
+    snapshot = _Snapshot(at=2)
+    trainer = _trainer(tmp_path, max_epochs=1, gradient_clip_val=1.0, callbacks=[snapshot])
+    module = _module(fused_optimizer=fused)
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 2 \(epoch 0, batch 2, lr"):
+        trainer.fit(module, datamodule=_NaNBatch(bad=2))
+    optimizer = trainer.optimizers[0]
+    assert bool(optimizer.defaults.get("fused")) is fused
+    for name, value in module.model.state_dict().items():
+        torch.testing.assert_close(value, snapshot.weights[name], rtol=0, atol=0, msg=name)
+    assert [float(s["step"]) for s in optimizer.state.values()] == snapshot.steps
+    assert not hasattr(optimizer, "found_inf")  # a later fit with this optimiser is not skipped
+
+
+def test_a_nan_in_the_last_batch_of_the_run_is_reported(tmp_path):
+    data = _NaNBatch(bad=5)  # 96 training images = 6 batches: the last one is bad
+    with pytest.raises(NonFiniteLossError, match=r"at step 5 "):
+        _trainer(tmp_path, max_epochs=1, limit_val_batches=0).fit(_module(), datamodule=data)
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Counts host reads (``item``, ``bool``...) of device values computed since ``start_window``.
+
+    On a GPU such a read waits for the device to finish everything queued so far, this step's work
+    included: the CPU stops feeding the GPU. This CPU stand-in follows which tensors derive from the
+    device (the batch, the parameters, and anything computed from them); tensors made from Python
+    numbers live on the host, and a value from an earlier window (already copied to the host) waits
+    for nothing, so neither counts.
+    """
+
+    READS = frozenset(
+        {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist, torch.Tensor.__float__}
+        | {torch.Tensor.__int__, torch.Tensor.numpy}
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.device: dict[int, torch.Tensor] = {}  # id -> tensor, kept alive so that no id is reused
+        self.new: set[int] = set()  # device values made in this window
+
+    def start_window(self, roots) -> None:
+        self.count, self.new = 0, set()
+        self.device.update({id(t): t for t in roots})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        flat = [
+            a
+            for arg in (*args, *(kwargs or {}).values())
+            for a in (arg if isinstance(arg, tuple | list) else (arg,))
+        ]
+        if func in self.READS and args and id(args[0]) in self.new:
+            self.count += 1
+        out = func(*args, **(kwargs or {}))
+        if any(id(a) in self.device for a in flat):
+            inputs = {id(a) for a in flat}
+            for value in out if isinstance(out, tuple | list) else (out,):
+                if isinstance(value, torch.Tensor) and id(value) not in inputs:  # not an in-place update
+                    self.device[id(value)] = value
+                    self.new.add(id(value))
+        return out
+
+
+class _CountReadsPerStep(L.Callback):
+    """Host reads of this step's device values, from one batch's start to the next's (so that every
+    hook of the step counts, Lightning's own conversion of the progress-bar values included)."""
+
+    def __init__(self) -> None:
+        self.per_step: list[int] = []
+        self.mode = _HostReads()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx > 0:
+            self.per_step.append(self.mode.count)
+        else:
+            self.mode.__enter__()
+        self.mode.start_window([*batch, *pl_module.parameters(), *pl_module.buffers()])
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.mode.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+def test_training_steps_do_not_wait_for_their_own_results(tmp_path, fused):
+    # vitkit's step reads none of its own results on the host (the NaN guard looks at the previous
+    # step's loss, copied asynchronously; the progress bar gets host copies), gradient clipping
+    # included. The immediate NaN check of a non-fused AdamW is one such read per step: it shows the
+    # counter sees reads.
+    counter = _CountReadsPerStep()
+    trainer = _trainer(
+        tmp_path,
+        max_epochs=1,
+        limit_val_batches=0,
+        callbacks=[counter, ImagesPerSecond()],
+        gradient_clip_val=1.0,
+        enable_progress_bar=True,
+    )
+    trainer.fit(_module(fused_optimizer=fused), datamodule=QuadrantData(n=256))
+    steps = counter.per_step[1:]  # windows 2..11 (the first also builds the optimizer state)
+    assert len(steps) == 10
+    assert steps == ([0] * 10 if fused else [1] * 10)
+    assert {"loss", "lr", "img_per_s"} <= set(trainer.progress_bar_metrics)
+
+
+def test_a_metric_logged_to_the_progress_bar_from_the_device_is_read_every_step(tmp_path):
+    # Why the bar gets host copies only: Lightning converts progress-bar values to Python numbers after
+    # every batch. A module that puts its device loss on the bar waits for the device once per step.
+    class LoudModule(ImageClassifier):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.log("loud_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+            return loss
+
+    counter = _CountReadsPerStep()
+    module = LoudModule(model_name="vit_tiny_patch4_32", model_options=TINY, classes=QuadrantData.classes)
+    trainer = _trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[counter])
+    trainer.fit(module, datamodule=QuadrantData(n=256))
+    assert counter.per_step[1:] == [1] * 10
+
+
 class StopAfterEpoch(L.Callback):
     """Simulates an interruption: the run (planned for more epochs) stops after ``epoch``."""
 
@@ -315,20 +464,47 @@ def test_bf16_mixed_precision_trains(tmp_path):
     assert trainer.callback_metrics["val/acc1"] > 0.4
 
 
-def test_gradient_clipping_works_with_mixed_precision(tmp_path):
-    # Lightning refuses gradient_clip_val with a fused AdamW under AMP: the module must not pick it then
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_gradient_clipping_keeps_fused_adamw_under_bf16(tmp_path, algorithm):
+    # Lightning refuses gradient_clip_val with a fused optimiser under any mixed precision; vitkit
+    # clips itself when there is no fp16 loss scaler, so the fused kernel (and the NaN guard's
+    # sync-free path) stays on. The gradients the optimiser sees are clipped.
+    clip = 1e-3
     module = _module()
-    trainer = _trainer(tmp_path, max_epochs=1, precision="bf16-mixed", gradient_clip_val=1e-6)
+    seen = []
+    original = torch.optim.AdamW.step
+
+    def spy(self, closure=None):  # the gradients AdamW steps with (Lightning clips inside the closure)
+        loss = closure() if closure is not None else None
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(
+            (
+                torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])),
+                max(g.abs().max() for g in grads),
+            )
+        )
+        original(self)
+        return loss
+
+    trainer = _trainer(
+        tmp_path,
+        max_steps=3,
+        limit_val_batches=0,
+        precision="bf16-mixed",
+        gradient_clip_val=clip,
+        gradient_clip_algorithm=algorithm,
+    )
     before = module.model.head.weight.detach().clone()
-    trainer.fit(module, datamodule=QuadrantData())
-    optimizer = trainer.optimizers[0]
-    assert not optimizer.defaults["fused"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.AdamW, "step", spy)
+        trainer.fit(module, datamodule=QuadrantData())
+    assert trainer.optimizers[0].defaults["fused"]
+    assert len(seen) == 3
+    for norm, largest in seen:
+        assert (norm if algorithm == "norm" else largest) <= clip * 1.001
     # AdamW steps do not depend on the gradient scale: clipped to a tiny norm, the weights still move
     weight = module.model.head.weight
     assert torch.isfinite(weight).all() and not torch.equal(weight, before)
-    fused = _module()
-    _trainer(tmp_path / "fused", max_steps=1, limit_val_batches=0).fit(fused, datamodule=QuadrantData())
-    assert fused.trainer.optimizers[0].defaults["fused"]
 
 
 @pytest.mark.slow

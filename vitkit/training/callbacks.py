@@ -97,6 +97,8 @@ class ImagesPerSecond(Callback):
         if len(self._times) > 1:
             elapsed = self._times[-1] - self._times[0]
             rate = sum(self._sizes[:-1]) / max(elapsed, 1e-9)
+            # a CPU tensor: a Python float would be copied to the GPU, a wait for its queue to drain
+            rate = torch.tensor(rate)
             pl_module.log("img_per_s", rate, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

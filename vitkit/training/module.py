@@ -28,9 +28,9 @@ from vitkit.models import create_model
 from vitkit.weights import freeze as freeze_parameters
 from vitkit.weights import param_groups_lrd, unfreeze
 
+from .guard import NonFiniteLossError, NonFiniteLossGuard
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite: training stops instead of continuing on garbage."""
+__all__ = ["ImageClassifier", "NonFiniteLossError", "load_classifier", "warmup_cosine"]
 
 
 class ImageClassifier(L.LightningModule):
@@ -64,7 +64,7 @@ class ImageClassifier(L.LightningModule):
         unfreeze_at_epoch: with ``freeze``, make every parameter trainable again from this epoch
             on ("freeze then unfreeze": a linear probe first, then full fine-tuning).
         fused_optimizer: use the fused AdamW kernel where available (the foreach one when the
-            trainer clips gradients, which Lightning does not allow with a fused optimiser).
+            trainer clips gradients under 16-mixed: its loss scaler cannot clip a fused optimiser).
         compile: wrap the model in ``torch.compile``.
     """
 
@@ -120,6 +120,7 @@ class ImageClassifier(L.LightningModule):
         self.val_confusion = MulticlassConfusionMatrix(self.num_classes)
         self.test_confusion = MulticlassConfusionMatrix(self.num_classes)
         self.last_confusion: dict[str, torch.Tensor] = {}
+        self._loss_guard = NonFiniteLossGuard()
 
     def _maybe_reset_head(self, reset_head: bool | None, classes: list[str] | None) -> None:
         """A fresh head when the pretrained one classifies other classes (see ``reset_head``)."""
@@ -154,19 +155,41 @@ class ImageClassifier(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, targets = batch[0], batch[1]
         loss = self.compute_loss(self(images), targets)
-        if not torch.isfinite(loss):
-            lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else float("nan")
-            raise NonFiniteLossError(
-                f"The training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}, "
-                f"batch {batch_idx}, lr {lr:.3g}). Training stopped so it does not continue on garbage. "
-                "Try a lower --model.lr, a longer warmup, --trainer.gradient_clip_val 1.0, or "
-                "bf16-mixed instead of 16-mixed precision; check the inputs for NaNs."
-            )
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=images.shape[0])
+        shown = self._check_loss(loss, batch_idx)
+        # Lightning turns every progress-bar value into a Python number after each batch: for a GPU
+        # tensor, a wait for all the work queued so far. So the bar gets host copies only (the loss
+        # one step late, the LR as a CPU tensor); the GPU loss goes to the logger and the epoch mean.
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=images.shape[0])
+        if shown is not None:
+            self.log("loss", shown, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
         if self._trainer is not None and self.trainer.optimizers:  # the peak group's LR (the head's)
             lr = max(group["lr"] for group in self.trainer.optimizers[0].param_groups)
-            self.log("lr", lr, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+            self.log("lr", torch.tensor(lr), prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
         return loss
+
+    def _check_loss(self, loss: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
+        """Stop on a NaN/inf loss; with fused AdamW on one device, without a host sync per step
+        (the bad step is skipped on the device and reported one step later: see ``guard.py``).
+        Returns the newest loss already on the host (CPU tensor), for the progress bar."""
+        optimizer = (
+            self.trainer.optimizers[0] if self._trainer is not None and self.trainer.optimizers else None
+        )
+        lr = optimizer.param_groups[0]["lr"] if optimizer is not None else float("nan")
+        where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx}, lr {lr:.3g})"
+        defer = self._trainer is not None and NonFiniteLossGuard.can_defer(
+            optimizer,
+            # one process, one batch per step: the flag then covers everything the step applies
+            single_step_source=self.trainer.world_size == 1 and self.trainer.accumulate_grad_batches == 1,
+            scaler=self._loss_scaler(),
+        )
+        return self._loss_guard.check(loss, where, optimizer if defer else None)
+
+    def on_train_epoch_end(self) -> None:
+        self._loss_guard.flush()  # the epoch's last loss
+
+    def on_train_end(self) -> None:
+        self._loss_guard.flush()
+        self._loss_guard.disarm()
 
     def _evaluate(self, batch: Any, metrics: MetricCollection, confusion: nn.Module, stage: str) -> None:
         images, targets = batch[0], batch[1]
@@ -230,6 +253,31 @@ class ImageClassifier(L.LightningModule):
         }
 
     # ------------------------------------------------------------------ optimisation
+    def _loss_scaler(self) -> Any:
+        """The fp16 GradScaler of the trainer's precision (16-mixed), else None."""
+        return getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """``--trainer.gradient_clip_val`` (by norm, or ``gradient_clip_algorithm: value``).
+
+        Lightning refuses to clip for any fused optimiser under mixed precision, although only an
+        fp16 loss scaler makes it wrong (the gradients must be unscaled first). Without one (fp32,
+        bf16) vitkit clips the gradients itself, so fused AdamW stays on.
+        """
+        if not gradient_clip_val or self._loss_scaler() is not None:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
     def effective_lr(self) -> float:
         """The peak LR after optional linear scaling by the global batch size."""
         lr = self.hparams.lr
@@ -248,12 +296,13 @@ class ImageClassifier(L.LightningModule):
             base_lr=lr,
             include_frozen=self.hparams.unfreeze_at_epoch is not None,  # so unfreezing needs no new optimizer
         )
-        # Under mixed precision Lightning refuses to clip the gradients of an optimiser that unscales
-        # them itself (fused AdamW): with --trainer.gradient_clip_val the foreach AdamW is used instead.
+        # An fp16 loss scaler cannot clip the gradients of a fused AdamW (it unscales them inside its
+        # kernel): with 16-mixed and --trainer.gradient_clip_val the foreach AdamW is used instead.
+        # Otherwise configure_gradient_clipping clips, and the fused kernel stays.
         clipping = self._trainer is not None and bool(getattr(self.trainer, "gradient_clip_val", None))
         use_fused = (
             self.hparams.fused_optimizer
-            and not clipping
+            and not (clipping and self._loss_scaler() is not None)
             and all(p.device.type in ("cuda", "cpu") for g in groups for p in g["params"])
         )
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(self.hparams.betas), fused=use_fused or None)
