@@ -53,3 +53,23 @@ def test_loop_benchmark_runs_both_loops_on_an_image_folder(tmp_path):
         plain_loop(tmp_path, options, batch_size=8, steps=3, workers=0),
     ):
         assert 0 < rate < float("inf")
+
+
+def test_loop_benchmark_profiles_vitkits_loop_into_a_report(tmp_path):
+    from vitkit.bench.loop import loop_main
+    from vitkit.data import make_shapes_dataset
+
+    make_shapes_dataset(tmp_path / "data", num_train=48, num_val=8, img_size=32, seed=0)
+    options = '{"embed_dim": 32, "depth": 2, "num_heads": 2}'
+    argv = ["--root", str(tmp_path / "data"), "--model", "vit_tiny_patch4_32", "--options", options]
+    assert (
+        loop_main(
+            [*argv, "--batch-size", "4", "--steps", "10", "--workers", "0", "--profile", str(tmp_path / "p")]
+        )
+        == 0
+    )
+    reports = list((tmp_path / "p").glob("*vitkit_loop*.txt"))
+    assert len(reports) == 1
+    text = reports[0].read_text()
+    assert "aten::" in text and "Self CPU" in text  # an op table, not an empty file
+    assert list((tmp_path / "p").glob("*.json"))  # the Chrome trace

@@ -13,6 +13,7 @@ the fraction of the time its data path keeps the device busy.
     python -m vitkit.bench.loop --root ~/.cache/vitkit/cifar10 --steps 60 --rounds 2
     python -m vitkit.bench.loop --root DIR --model vit_small_patch4_32 --options '{}' \
         --batch-size 512 --workers 14 --device cuda --precision bf16-mixed
+    python -m vitkit.bench.loop --root DIR ... --steps 40 --profile OUT   # where a step's time goes
 """
 
 from __future__ import annotations
@@ -63,8 +64,14 @@ def vitkit_loop(
     cache: bool,
     accelerator: str = "cpu",
     precision: str = "32-true",
+    profile: Path | None = None,
 ) -> float:
-    """Images/s of ``steps`` training steps of vitkit's Trainer (no validation, no checkpoints)."""
+    """Images/s of ``steps`` training steps of vitkit's Trainer (no validation, no checkpoints).
+
+    ``profile``: a folder for Lightning's ``PyTorchProfiler`` report of up to 10 steps after 5 of
+    warm-up (an op table sorted by device or CPU time, and a Chrome trace); the rate is then the
+    profiled run's, slower than an unprofiled one.
+    """
     torch.manual_seed(0)
     module = ImageClassifier(
         model_name=options["model_name"],
@@ -94,9 +101,24 @@ def vitkit_loop(
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[clock],
+        profiler=None if profile is None else _profiler(profile, steps, accelerator),
     )
     trainer.fit(module, datamodule=data)
     return clock.images / (clock.end - clock.start)
+
+
+def _profiler(folder: Path, steps: int, accelerator: str) -> Any:
+    from lightning.pytorch.profilers import PyTorchProfiler
+
+    active = max(min(10, steps - 6), 1)
+    return PyTorchProfiler(
+        dirpath=folder,
+        filename="vitkit_loop",
+        export_to_chrome=True,
+        row_limit=40,
+        sort_by_key="cuda_time_total" if accelerator == "gpu" else "cpu_time_total",
+        schedule=torch.profiler.schedule(wait=min(5, steps - active - 1), warmup=1, active=active),
+    )
 
 
 def plain_loop(
@@ -178,6 +200,12 @@ def loop_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="only profile vitkit's loop (tensor cache) into this folder: an op table and a Chrome trace",
+    )
     args = parser.parse_args(argv)
     accelerator = "gpu" if args.device == "cuda" else "cpu"
     import json
@@ -190,6 +218,10 @@ def loop_main(argv: Sequence[str] | None = None) -> int:
         "vitkit step only (batch on device)": [],
     }
     common = (args.root, options, args.batch_size, args.steps, args.workers)
+    if args.profile is not None:
+        rate = vitkit_loop(*common, True, accelerator, args.precision, profile=args.profile)
+        print(f"vitkit (tensor cache), profiled: {rate:.1f} images/s; report in {args.profile}")
+        return 0
     for _ in range(args.rounds):
         rates["vitkit (folder)"].append(vitkit_loop(*common, False, accelerator, args.precision))
         rates["vitkit (tensor cache)"].append(vitkit_loop(*common, True, accelerator, args.precision))
