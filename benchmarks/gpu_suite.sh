@@ -2,7 +2,7 @@
 # The GPU figures of BENCHMARKS.md in one pass on one GPU (7.5 minutes on an H100):
 # model speed and MFU against timm (ViT-B/16 and ViT-S/16 at 224, bf16, eager and compiled, fused
 # and explicit attention), the cost of explaining a batch, and the CIFAR-10 data path (uint8
-# cache vs JPEG folder vs a plain loop, against the step alone). Each part has its own time limit,
+# cache vs JPEG folder vs a plain loop, against the step alone, and a profile of vitkit's loop). Each part has its own time limit,
 # so one failure costs only its own figure. The full logs go to OUT/suite.log (default gpu_out/).
 #
 #     bash benchmarks/gpu_suite.sh OUT ~/.cache/vitkit/cifar10
@@ -35,6 +35,9 @@ part explain_cost 200 "$py" benchmarks/explain_cost.py --device cuda --repeats 5
 if [ -n "$data" ]; then
     part cifar_loop 150 "$py" -m vitkit.bench.loop --root "$data" --model vit_small_patch4_32 --options '{}' \
         --batch-size 512 --steps 150 --rounds 1 --workers 14 --precision bf16-mixed
+    # where the loop's time goes (op table by GPU time + Chrome trace in OUT/profile)
+    part cifar_loop_profile 90 "$py" -m vitkit.bench.loop --root "$data" --model vit_small_patch4_32 --options '{}' \
+        --batch-size 512 --steps 30 --workers 14 --precision bf16-mixed --profile "$out/profile"
 fi
 part s16_eager 90 "$py" -m vitkit.bench --model vit_small_patch16_224 --batch-size 256 --precision bf16 --rounds 3 --iters 10
 part b16_explicit 90 "$py" -m vitkit.bench --model vit_base_patch16_224 --batch-size 256 --precision bf16 --modes train --explicit-attn --rounds 3 --iters 10
