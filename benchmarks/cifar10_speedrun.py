@@ -27,7 +27,7 @@ import torch
 
 from vitkit.data import ImageFolderDataModule
 from vitkit.data.torchvision_datasets import CIFAR_MEAN_STD
-from vitkit.training import ImageClassifier
+from vitkit.training import EMA, ImageClassifier
 
 
 class _Timeline(L.Callback):
@@ -133,13 +133,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         warmup_epochs=args.warmup_epochs,
         label_smoothing=args.label_smoothing,
         compile=args.compile,
-        fused_optimizer=not args.clip,  # Lightning refuses to clip the gradients of a fused AdamW
     )
     callbacks: list[L.Callback] = [timeline]
     if args.ema > 0:
-        from lightning.pytorch.callbacks import EMAWeightAveraging
-
-        callbacks.append(EMAWeightAveraging(decay=args.ema))
+        callbacks.append(EMA(decay=args.ema))
     trainer = L.Trainer(
         accelerator=args.accelerator,
         devices=1,

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from vitkit.training import (
+    EMA,
     AtomicCheckpointIO,
     ImageClassifier,
     ImagesPerSecond,
@@ -301,13 +302,15 @@ class _CountReadsPerStep(L.Callback):
     def __init__(self) -> None:
         self.per_step: list[int] = []
         self.mode = _HostReads()
+        self.extra_roots = None  # a function returning more device tensors (e.g. an EMA copy's)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx > 0:
             self.per_step.append(self.mode.count)
         else:
             self.mode.__enter__()
-        self.mode.start_window([*batch, *pl_module.parameters(), *pl_module.buffers()])
+        extra = self.extra_roots() if self.extra_roots is not None else []
+        self.mode.start_window([*batch, *pl_module.parameters(), *pl_module.buffers(), *extra])
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.mode.__exit__(None, None, None)
@@ -434,14 +437,12 @@ def test_atomic_checkpoint_never_leaves_a_half_written_file(tmp_path, monkeypatc
 
 
 def test_ema_weights_are_validated_and_kept(tmp_path):
-    from lightning.pytorch.callbacks import EMAWeightAveraging
-
     class RecordValidationWeights(L.Callback):
         def on_validation_epoch_start(self, trainer, pl_module):
             self.seen = pl_module.model.head.weight.detach().clone()
 
     L.seed_everything(0)
-    ema, record = EMAWeightAveraging(decay=0.9), RecordValidationWeights()
+    ema, record = EMA(decay=0.9), RecordValidationWeights()
     module = _module()
     _trainer(tmp_path, max_epochs=1, callbacks=[ema, record], num_sanity_val_steps=0).fit(
         module, datamodule=QuadrantData()
@@ -454,6 +455,37 @@ def test_ema_weights_are_validated_and_kept(tmp_path):
     plain = _module()
     _trainer(tmp_path / "plain", max_epochs=1).fit(plain, datamodule=QuadrantData())
     assert not torch.allclose(plain.model.head.weight, averaged)
+
+
+def test_vitkit_ema_averages_like_lightnings_without_reading_the_device(tmp_path):
+    # Same average as Lightning's EMAWeightAveraging (through a resume, with a delayed start), and no
+    # host read of device values per step, where PyTorch's AveragedModel makes two.
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    results = {}
+    for name, make in [("lightning", EMAWeightAveraging), ("vitkit", EMA)]:
+        counter = _CountReadsPerStep()
+        ema = make(decay=0.8, update_starting_at_step=3)
+        counter.extra_roots = lambda ema=ema: [
+            *ema._average_model.parameters(),
+            *ema._average_model.buffers(),
+        ]
+        L.seed_everything(0)
+        trainer = _trainer(tmp_path / name, max_epochs=1, callbacks=[ema, counter], limit_val_batches=0)
+        trainer.fit(_module(), datamodule=QuadrantData(n=256))
+        ckpt = tmp_path / name / "epoch1.ckpt"
+        trainer.save_checkpoint(ckpt)
+        resumed = make(decay=0.8, update_starting_at_step=3)
+        _trainer(tmp_path / name, max_epochs=2, callbacks=[resumed], limit_val_batches=0).fit(
+            _module(), datamodule=QuadrantData(n=256), ckpt_path=ckpt
+        )
+        results[name] = (resumed._average_model, counter.per_step[4:])  # reads once the average runs
+    (lightning, lightning_reads), (vitkit, vitkit_reads) = results["lightning"], results["vitkit"]
+    assert int(vitkit.n_averaged) == int(lightning.n_averaged) == 2 * 12 - 3
+    for (name, a), b in zip(lightning.module.named_parameters(), vitkit.module.parameters(), strict=True):
+        torch.testing.assert_close(b, a, msg=name)
+    assert vitkit_reads == [0] * len(vitkit_reads) and len(vitkit_reads) == 7
+    assert min(lightning_reads) >= 2
 
 
 def test_bf16_mixed_precision_trains(tmp_path):

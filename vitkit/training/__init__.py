@@ -5,10 +5,18 @@ Public surface: :class:`ImageClassifier`, :func:`load_classifier`,
 (imported lazily because it pulls in the data package).
 """
 
-from .callbacks import AtomicCheckpointIO, ImagesPerSecond, PredictionWriter, RNGStateCheckpoint, RunArtifacts
+from .callbacks import (
+    EMA,
+    AtomicCheckpointIO,
+    ImagesPerSecond,
+    PredictionWriter,
+    RNGStateCheckpoint,
+    RunArtifacts,
+)
 from .module import ImageClassifier, NonFiniteLossError, load_classifier, warmup_cosine
 
 __all__ = [
+    "EMA",
     "AtomicCheckpointIO",
     "ImageClassifier",
     "ImagesPerSecond",

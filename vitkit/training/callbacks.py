@@ -6,6 +6,8 @@
 * :class:`AtomicCheckpointIO`: writes a checkpoint to a temporary file and renames it into
   place, so a killed process never leaves a half-written ``last.ckpt``.
 * :class:`ImagesPerSecond`: images/s in the progress bar and the logs.
+* :class:`EMA`: Lightning's ``EMAWeightAveraging`` (same options, same checkpoints), updated in one
+  fused pass without the two host-device synchronisations per step of ``AveragedModel``.
 * :class:`RunArtifacts`: at the end of fit/test, the loss/accuracy curves and the confusion
   matrix as PNGs, a summary table, and the weights as ``model.safetensors``.
 * :class:`PredictionWriter`: class names and probabilities of ``vitkit predict`` to CSV/JSON.
@@ -26,7 +28,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, EMAWeightAveraging
 
 
 class RNGStateCheckpoint(Callback):
@@ -104,6 +106,83 @@ class ImagesPerSecond(Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._times.clear()
         self._sizes.clear()
+
+
+class EMA(EMAWeightAveraging):
+    """An exponential moving average of the weights, validated and saved in their place.
+
+    ema = decay * ema + (1 - decay) * weights after every optimiser step (the first update copies).
+    Options, schedule (``update_every_n_steps``, ``update_starting_at_step/epoch``) and checkpoint
+    contents are those of Lightning's ``EMAWeightAveraging``; only the update differs. PyTorch's
+    ``AveragedModel.update_parameters`` reads its step counter, a device tensor, twice per call
+    (``if n_averaged == 0``, ``if n_averaged > 0``): on a GPU two waits per step for all queued work.
+    Here the counter is read once per fit, and the update is one ``lerp`` over all floating-point
+    tensors (integer buffers, such as BatchNorm's batch count, are copied).
+    """
+
+    def __init__(
+        self,
+        decay: float = 0.999,
+        update_every_n_steps: int = 1,
+        update_starting_at_step: int | None = None,
+        update_starting_at_epoch: int | None = None,
+        device: str | None = None,
+        use_buffers: bool = True,
+    ) -> None:
+        super().__init__(
+            device=device,
+            use_buffers=use_buffers,
+            decay=decay,
+            update_every_n_steps=update_every_n_steps,
+            update_starting_at_step=update_starting_at_step,
+            update_starting_at_epoch=update_starting_at_epoch,
+        )
+        self.decay = decay
+        self._has_average: bool | None = None  # host copy of "n_averaged > 0", read once per fit
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._has_average = None  # a resumed checkpoint may hold an average already
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step > self._latest_update_step and self.should_update(
+            step_idx=trainer.global_step - 1
+        ):
+            self._update(pl_module)
+            self._latest_update_step = trainer.global_step
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch > self._latest_update_epoch and self.should_update(
+            epoch_idx=trainer.current_epoch
+        ):
+            self._update(pl_module)
+            self._latest_update_epoch = trainer.current_epoch
+
+    @torch.no_grad()
+    def _update(self, pl_module: L.LightningModule) -> None:
+        average = self._average_model
+        assert average is not None
+        ema = list(average.module.parameters())
+        current = list(pl_module.parameters())
+        if self._use_buffers:
+            ema += list(average.module.buffers())
+            current += list(pl_module.buffers())
+        if any(e.device != c.device for e, c in zip(ema, current, strict=True)):
+            average.update_parameters(pl_module)  # an average kept elsewhere (device="cpu"): PyTorch's path
+            return
+        if self._has_average is None:
+            self._has_average = bool(average.n_averaged > 0)  # the one read per fit
+        if not self._has_average:
+            torch._foreach_copy_(ema, current)
+            self._has_average = True
+        else:
+            floats = [i for i, e in enumerate(ema) if e.is_floating_point()]
+            others = [i for i, e in enumerate(ema) if not e.is_floating_point()]
+            torch._foreach_lerp_([ema[i] for i in floats], [current[i] for i in floats], 1.0 - self.decay)
+            if others:
+                torch._foreach_copy_([ema[i] for i in others], [current[i] for i in others])
+        average.n_averaged += 1  # on the device, no wait; kept so checkpoints match Lightning's
 
 
 def run_dir(trainer: L.Trainer) -> Path:
