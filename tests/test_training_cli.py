@@ -150,6 +150,14 @@ def test_fit_writes_the_run_folder_and_resumes_from_last(tmp_path, shapes):
     torch.testing.assert_close(model(x), resumed.model.model.eval()(x))
 
 
+def test_the_command_line_parses_without_lightnings_args_warning(tmp_path, shapes, monkeypatch, recwarn):
+    argv = ["--config", "quickstart", "--data.root", str(shapes), "--runs_dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", ["vitkit", *argv])  # as the `vitkit` command runs it
+    cli = cli_main(None, run=False)
+    assert cli.config.data.init_args.root == str(shapes)
+    assert not [w for w in recwarn if "args parameter" in str(w.message)]
+
+
 def test_validate_test_and_predict_from_a_checkpoint(tmp_path, shapes):
     _fit(tmp_path, shapes, "--trainer.max_epochs", "1")
     best = str(tmp_path / "quickstart" / "checkpoints" / "best.ckpt")

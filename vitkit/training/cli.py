@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,13 @@ class VitkitCLI(LightningCLI):
         parser.set_defaults({"data": {"class_path": "vitkit.data.ImageFolderDataModule"}})
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.classes", "model.classes", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        # cli_main always passes the command line (with recipe names resolved) as ``args``; Lightning
+        # warns about "both args and command line arguments" on every `vitkit fit` otherwise.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
