@@ -1,0 +1,106 @@
+"""What CPU speed each setting buys for the CPU CIFAR-10 recipe's model, in one process, alternating.
+
+The training step (forward, backward, AdamW) of ``cifar10_hybrid_cpu``'s model (or any registered
+model with ``--options``) on a random batch, under: fp32; bf16 autocast; bf16 with the foreach
+instead of the fused AdamW; bf16 on one thread instead of all; bf16 with ``torch.compile``. Every
+setting runs once per round, the rounds alternate, the median is reported with its ratio to the
+recipe's setting (bf16, fused AdamW, all threads, eager), so background load hits all alike.
+
+    python benchmarks/cpu_settings.py                      # the hybrid recipe's model, batch 128
+    python benchmarks/cpu_settings.py --no-compile --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import vitkit
+
+RECIPE_OPTIONS = {
+    "class_token": False,
+    "global_pool": "avg",
+    "pos_embed": "sincos",
+    "stem_channels": [32, 64, 128],
+    "drop_path_rate": 0.05,
+}
+
+
+def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool, fused: bool) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=None if fused else True)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="vit_nano_patch4_32")
+    parser.add_argument("--options", default=json.dumps(RECIPE_OPTIONS), help="model options as JSON")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=3, help="steps timed per setting and round")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args()
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    options = json.loads(args.options)
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return vitkit.create_model(args.model, num_classes=10, **options).train()
+
+    x = torch.randn(args.batch_size, 3, 32, 32)
+    y = torch.randint(0, 10, (args.batch_size,))
+    settings: dict[str, tuple[Callable[[], None], int]] = {
+        "fp32, fused AdamW": (_step(build(), x, y, bf16=False, fused=True), threads),
+        "bf16 autocast, fused AdamW (the recipe)": (_step(build(), x, y, bf16=True, fused=True), threads),
+        "bf16 autocast, foreach AdamW": (_step(build(), x, y, bf16=True, fused=False), threads),
+        "bf16 autocast, fused AdamW, 1 thread": (_step(build(), x, y, bf16=True, fused=True), 1),
+    }
+    if args.compile:
+        settings["bf16 autocast, fused AdamW, torch.compile"] = (
+            _step(torch.compile(build()), x, y, bf16=True, fused=True),
+            threads,
+        )
+    compile_seconds = 0.0
+    for name, (step, n) in settings.items():  # warm-up (and compilation) outside the clock
+        torch.set_num_threads(n)
+        start = time.perf_counter()
+        step()
+        step()
+        if "compile" in name:
+            compile_seconds = time.perf_counter() - start
+    rates: dict[str, list[float]] = {name: [] for name in settings}
+    for _ in range(args.rounds):
+        for name, (step, n) in settings.items():
+            torch.set_num_threads(n)
+            start = time.perf_counter()
+            for _ in range(args.iters):
+                step()
+            rates[name].append(args.batch_size * args.iters / (time.perf_counter() - start))
+    torch.set_num_threads(threads)
+    base = statistics.median(rates["bf16 autocast, fused AdamW (the recipe)"])
+    print(f"{args.model} {options}, batch {args.batch_size}, {threads} threads, {args.rounds} rounds")
+    print("| setting | images/s (median) | vs the recipe |\n|---|---:|---:|")
+    for name, values in rates.items():
+        median = statistics.median(values)
+        print(f"| {name} | {median:.1f} | {median / base:.2f}x |")
+    if args.compile:
+        print(f"first two compiled steps (compilation): {compile_seconds:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
