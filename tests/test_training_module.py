@@ -539,6 +539,16 @@ def test_gradient_clipping_keeps_fused_adamw_under_bf16(tmp_path, algorithm):
     assert torch.isfinite(weight).all() and not torch.equal(weight, before)
 
 
+def test_compile_without_a_cxx_compiler_on_cpu_runs_eagerly_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    module = _module(compile=True)
+    assert module.__dict__["_compiled_model"] is not None
+    with pytest.warns(UserWarning, match="needs a C\\+\\+ compiler"):
+        _trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(module, datamodule=QuadrantData())
+    assert module.__dict__["_compiled_model"] is None and module.trainer.global_step == 2
+
+
 @pytest.mark.slow
 def test_torch_compile_option_trains_the_same_model(tmp_path):
     # slow: inductor compiles C++ kernels on the first step

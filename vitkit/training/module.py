@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
@@ -237,7 +239,15 @@ class ImageClassifier(L.LightningModule):
                 print(f"epoch {self.current_epoch}: unfroze {len(changed)} parameter tensors")
 
     def setup(self, stage: str) -> None:
-        """Adopt the class names of a data module that learns them only in its own ``setup``."""
+        """Adopt the class names of a data module that learns them only in its own ``setup``; run
+        eagerly, with a warning, where ``compile`` cannot work (a CPU without a C++ compiler)."""
+        compiled = self.__dict__["_compiled_model"] is not None and self._trainer is not None
+        if compiled and self.trainer.strategy.root_device.type == "cpu" and not _cxx_compiler():
+            rank_zero_warn(
+                "--model.compile: torch.compile on CPU needs a C++ compiler (g++ or clang++, or $CXX) "
+                "and none was found; running eagerly. Install one (e.g. apt install g++) to compile."
+            )
+            self.__dict__["_compiled_model"] = None
         data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         names = list(getattr(data, "classes", None) or [])
         if not self.hparams.classes and len(names) == self.num_classes:
@@ -334,6 +344,12 @@ class _WarmupCosine:
 def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.0) -> _WarmupCosine:
     """A picklable LR-multiplier function for ``LambdaLR``: linear warmup, then cosine decay."""
     return _WarmupCosine(warmup, total, min_ratio)
+
+
+def _cxx_compiler() -> str | None:
+    """The C++ compiler inductor would use on CPU: ``$CXX``, else g++, c++ or clang++ on the PATH."""
+    candidates = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+    return next((path for name in candidates if name and (path := shutil.which(name))), None)
 
 
 def _global_batch_size(trainer: L.Trainer) -> int | None:
