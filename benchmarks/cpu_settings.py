@@ -1,10 +1,11 @@
 """What CPU speed each setting buys for the CPU CIFAR-10 recipe's model, in one process, alternating.
 
-The training step (forward, backward, AdamW) of ``cifar10_hybrid_cpu``'s model (or any registered
-model with ``--options``) on a random batch, under: fp32; bf16 autocast; bf16 with the foreach
-instead of the fused AdamW; bf16 on one thread instead of all; bf16 with ``torch.compile``. Every
-setting runs once per round, the rounds alternate, the median is reported with its ratio to the
-recipe's setting (bf16, fused AdamW, all threads, eager), so background load hits all alike.
+The training step (forward, backward, AdamW) of ``cifar10_hybrid_cpu``'s model (read from the
+recipe; or any registered model with ``--options``) on a random batch, under: fp32; bf16 autocast;
+bf16 with the foreach instead of the fused AdamW; bf16 on one thread instead of all; bf16 with
+``torch.compile``. Every setting runs once per round, the rounds alternate, the median is reported
+with its ratio to the recipe's setting (bf16, fused AdamW, all threads, eager), so background
+load hits all alike.
 
     python benchmarks/cpu_settings.py                      # the hybrid recipe's model, batch 128
     python benchmarks/cpu_settings.py --no-compile --rounds 7
@@ -16,39 +17,24 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Callable
 
 import torch
+import yaml
 from torch import nn
 
 import vitkit
+from vitkit.bench.speed import _time, _train_step_fn
+from vitkit.training.recipes import recipe_path
 
-RECIPE_OPTIONS = {
-    "class_token": False,
-    "global_pool": "avg",
-    "pos_embed": "sincos",
-    "stem_channels": [32, 64, 128],
-    "drop_path_rate": 0.05,
-}
-
-
-def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool, fused: bool) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=None if fused else True)
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+RECIPE = yaml.safe_load(recipe_path("cifar10_hybrid_cpu").read_text())["model"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="vit_nano_patch4_32")
-    parser.add_argument("--options", default=json.dumps(RECIPE_OPTIONS), help="model options as JSON")
+    parser.add_argument("--model", default=RECIPE["model_name"])
+    parser.add_argument(
+        "--options", default=json.dumps(RECIPE["model_options"]), help="model options as JSON"
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iters", type=int, default=3, help="steps timed per setting and round")
@@ -64,15 +50,15 @@ def main() -> None:
 
     x = torch.randn(args.batch_size, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch_size,))
-    settings: dict[str, tuple[Callable[[], None], int]] = {
-        "fp32, fused AdamW": (_step(build(), x, y, bf16=False, fused=True), threads),
-        "bf16 autocast, fused AdamW (the recipe)": (_step(build(), x, y, bf16=True, fused=True), threads),
-        "bf16 autocast, foreach AdamW": (_step(build(), x, y, bf16=True, fused=False), threads),
-        "bf16 autocast, fused AdamW, 1 thread": (_step(build(), x, y, bf16=True, fused=True), 1),
+    settings = {  # name: (step, threads)
+        "fp32, fused AdamW": (_train_step_fn(build(), x, y, "fp32"), threads),
+        "bf16 autocast, fused AdamW (the recipe)": (_train_step_fn(build(), x, y, "bf16"), threads),
+        "bf16 autocast, foreach AdamW": (_train_step_fn(build(), x, y, "bf16", fused=False), threads),
+        "bf16 autocast, fused AdamW, 1 thread": (_train_step_fn(build(), x, y, "bf16"), 1),
     }
     if args.compile:
         settings["bf16 autocast, fused AdamW, torch.compile"] = (
-            _step(torch.compile(build()), x, y, bf16=True, fused=True),
+            _train_step_fn(torch.compile(build()), x, y, "bf16"),
             threads,
         )
     compile_seconds = 0.0
@@ -87,10 +73,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, (step, n) in settings.items():
             torch.set_num_threads(n)
-            start = time.perf_counter()
-            for _ in range(args.iters):
-                step()
-            rates[name].append(args.batch_size * args.iters / (time.perf_counter() - start))
+            rates[name].append(args.batch_size / _time(step, args.iters, x.device))
     torch.set_num_threads(threads)
     base = statistics.median(rates["bf16 autocast, fused AdamW (the recipe)"])
     print(f"{args.model} {options}, batch {args.batch_size}, {threads} threads, {args.rounds} rounds")

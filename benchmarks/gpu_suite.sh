@@ -2,8 +2,8 @@
 # The GPU figures of BENCHMARKS.md in one pass on one GPU (7.5 minutes on an H100):
 # model speed and MFU against timm (ViT-B/16 and ViT-S/16 at 224, bf16, eager and compiled, fused
 # and explicit attention), the cost of explaining a batch, and the CIFAR-10 data path (uint8
-# cache vs JPEG folder vs a plain loop, against the step alone, and a profile of vitkit's loop). Each part has its own time limit,
-# so one failure costs only its own figure. The full logs go to OUT/suite.log (default gpu_out/).
+# cache vs JPEG folder vs a plain loop, against the step alone, and a profile of vitkit's loop).
+# Each part has its own time limit, so one failure costs only its own figure. The full logs go to OUT/suite.log (default gpu_out/).
 #
 #     bash benchmarks/gpu_suite.sh OUT ~/.cache/vitkit/cifar10
 set -u

@@ -60,8 +60,13 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     return contextlib.nullcontext()
 
 
-def _train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=x.device.type in ("cuda", "cpu"))
+def _train_step_fn(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str, fused: bool = True
+) -> Callable[[], None]:
+    """One training step: forward, backward, AdamW (fused where the device has it; ``fused=False``:
+    the foreach AdamW)."""
+    kind = {"fused": x.device.type in ("cuda", "cpu")} if fused else {"foreach": True}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **kind)
 
     def step() -> None:
         with _autocast(x.device, precision):
