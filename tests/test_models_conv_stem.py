@@ -31,6 +31,19 @@ def test_stem_gives_the_patch_grid_with_convolutions_in_front():
     assert [m.stride[0] for m in stem4.stem if isinstance(m, torch.nn.Conv2d)] == [2, 2, 1]
 
 
+def test_stem_builds_only_its_own_layers():
+    # no P x P projection is built and thrown away: construction draws exactly the random numbers
+    # of the stem's convolutions and its 1x1 projection, in that order
+    torch.manual_seed(0)
+    ConvStem(32, 8, 3, 24, channels=(8, 16, 16))
+    after_stem = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    for previous, width in [(3, 8), (8, 16), (16, 16)]:
+        torch.nn.Conv2d(previous, width, 3, padding=1, bias=False)
+    torch.nn.Conv2d(16, 24, 1)
+    assert torch.equal(after_stem, torch.random.get_rng_state())
+
+
 def test_stem_tokens_see_overlapping_neighbourhoods():
     # a patch projection's token only sees its own P x P patch; a 3x3-conv stem's also sees the
     # border of the patch before it (stride-2, padding-1 convolutions reach one pixel to the left)

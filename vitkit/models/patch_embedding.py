@@ -41,6 +41,19 @@ class PatchEmbedding(nn.Module):
         strict_img_size: bool = True,
     ) -> None:
         super().__init__()
+        self._set_geometry(img_size, patch_size, in_chans, strict_img_size)
+        self.stem: nn.Module = nn.Identity()  # convolutions before the projection in ConvStem
+        self.proj = nn.Conv2d(
+            in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias
+        )
+
+    def _set_geometry(
+        self,
+        img_size: int | tuple[int, int],
+        patch_size: int | tuple[int, int],
+        in_chans: int,
+        strict_img_size: bool,
+    ) -> None:
         self.img_size = to_2tuple(img_size)
         self.patch_size = to_2tuple(patch_size)
         self.in_chans = in_chans
@@ -50,10 +63,6 @@ class PatchEmbedding(nn.Module):
                 f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}. "
                 "Choose an img_size that is a multiple of the patch size."
             )
-        self.stem: nn.Module = nn.Identity()  # convolutions before the projection in ConvStem
-        self.proj = nn.Conv2d(
-            in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias
-        )
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -128,7 +137,8 @@ class ConvStem(PatchEmbedding):
         bias: bool = True,
         strict_img_size: bool = True,
     ) -> None:
-        super().__init__(img_size, patch_size, in_chans, embed_dim, bias, strict_img_size)
+        nn.Module.__init__(self)  # not PatchEmbedding.__init__: its P x P projection is not needed here
+        self._set_geometry(img_size, patch_size, in_chans, strict_img_size)
         size = self.patch_size[0]
         strides = size.bit_length() - 1  # log2(P)
         if self.patch_size[0] != self.patch_size[1] or size != 2**strides:
