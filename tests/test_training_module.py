@@ -488,6 +488,26 @@ def test_vitkit_ema_averages_like_lightnings_without_reading_the_device(tmp_path
     assert min(lightning_reads) >= 2
 
 
+def test_ema_in_a_second_fit_of_the_same_trainer_averages_like_lightnings(tmp_path):
+    # Lightning builds a new average at each fit's setup; the tensor lists vitkit's EMA keeps for a
+    # fit must follow it (stale lists would update the first fit's discarded copy)
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    averages = []
+    for make in (EMAWeightAveraging, EMA):
+        L.seed_everything(0)
+        ema, module = make(decay=0.8), _module()
+        trainer = _trainer(tmp_path, max_epochs=1, callbacks=[ema], limit_val_batches=0)
+        trainer.fit(module, datamodule=QuadrantData(n=128))
+        trainer.fit_loop.max_epochs = 2
+        trainer.fit(module, datamodule=QuadrantData(n=128))
+        averages.append(ema._average_model.module)
+    lightning, vitkit = averages
+    assert not torch.equal(lightning.model.head.weight, module.model.head.weight)
+    for (name, a), b in zip(lightning.named_parameters(), vitkit.parameters(), strict=True):
+        torch.testing.assert_close(b, a, msg=name)
+
+
 def test_bf16_mixed_precision_trains(tmp_path):
     module = _module()
     trainer = _trainer(tmp_path, max_epochs=2, precision="bf16-mixed")

@@ -22,7 +22,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import numpy as np
@@ -108,6 +108,13 @@ class ImagesPerSecond(Callback):
         self._sizes.clear()
 
 
+class _EMAPairs(NamedTuple):
+    ema_floats: list[torch.Tensor]
+    floats: list[torch.Tensor]
+    ema_others: list[torch.Tensor]
+    others: list[torch.Tensor]
+
+
 class EMA(EMAWeightAveraging):
     """An exponential moving average of the weights, validated and saved in their place.
 
@@ -139,9 +146,11 @@ class EMA(EMAWeightAveraging):
         )
         self.decay = decay
         self._has_average: bool | None = None  # host copy of "n_averaged > 0", read once per fit
+        self._pairs: _EMAPairs | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._has_average = None  # a resumed checkpoint may hold an average already
+        self._pairs = None
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -159,29 +168,45 @@ class EMA(EMAWeightAveraging):
             self._update(pl_module)
             self._latest_update_epoch = trainer.current_epoch
 
+    def _tensor_pairs(self, pl_module: L.LightningModule) -> _EMAPairs | None:
+        """(average, model) tensors, floating-point and other; None if the average lives elsewhere.
+
+        Built on the first update of a fit and reused: the model's tensors do not change during a fit.
+        """
+        if self._pairs is None:
+            average = self._average_model
+            assert average is not None
+            ema = list(average.module.parameters())
+            current = list(pl_module.parameters())
+            if self._use_buffers:
+                ema += list(average.module.buffers())
+                current += list(pl_module.buffers())
+            if any(e.device != c.device for e, c in zip(ema, current, strict=True)):
+                return None
+            floats = [(e, c) for e, c in zip(ema, current, strict=True) if e.is_floating_point()]
+            others = [(e, c) for e, c in zip(ema, current, strict=True) if not e.is_floating_point()]
+            self._pairs = _EMAPairs(
+                [e for e, _ in floats], [c for _, c in floats], [e for e, _ in others], [c for _, c in others]
+            )
+        return self._pairs
+
     @torch.no_grad()
     def _update(self, pl_module: L.LightningModule) -> None:
         average = self._average_model
         assert average is not None
-        ema = list(average.module.parameters())
-        current = list(pl_module.parameters())
-        if self._use_buffers:
-            ema += list(average.module.buffers())
-            current += list(pl_module.buffers())
-        if any(e.device != c.device for e, c in zip(ema, current, strict=True)):
+        pairs = self._tensor_pairs(pl_module)
+        if pairs is None:
             average.update_parameters(pl_module)  # an average kept elsewhere (device="cpu"): PyTorch's path
             return
         if self._has_average is None:
             self._has_average = bool(average.n_averaged > 0)  # the one read per fit
         if not self._has_average:
-            torch._foreach_copy_(ema, current)
+            torch._foreach_copy_(pairs.ema_floats + pairs.ema_others, pairs.floats + pairs.others)
             self._has_average = True
         else:
-            floats = [i for i, e in enumerate(ema) if e.is_floating_point()]
-            others = [i for i, e in enumerate(ema) if not e.is_floating_point()]
-            torch._foreach_lerp_([ema[i] for i in floats], [current[i] for i in floats], 1.0 - self.decay)
-            if others:
-                torch._foreach_copy_([ema[i] for i in others], [current[i] for i in others])
+            torch._foreach_lerp_(pairs.ema_floats, pairs.floats, 1.0 - self.decay)
+            if pairs.others:
+                torch._foreach_copy_(pairs.ema_others, pairs.others)
         average.n_averaged += 1  # on the device, no wait; kept so checkpoints match Lightning's
 
 
