@@ -161,6 +161,29 @@ def test_mixup_in_training_only_and_classes_in_the_checkpoint(shapes, tmp_path):
         other.load_state_dict(renamed)
 
 
+def test_model_summary_of_a_classifier_with_mixup(shapes, tmp_path):
+    # Lightning sends the classifier's example image (a bare tensor, for the summary's FLOPs) through
+    # the data module's batch hook while training: Mixup must leave it alone, and still mix batches
+    from lightning.pytorch.callbacks import ModelSummary
+
+    from vitkit.training import ImageClassifier
+
+    class KeepSummary(ModelSummary):
+        def _summary(self, trainer, pl_module):
+            self.summary = super()._summary(trainer, pl_module)
+            return self.summary
+
+    dm = make_dm(shapes, cache=True, mixup_alpha=0.8, cutmix_alpha=1.0)
+    module = ImageClassifier(
+        "vit_tiny_patch4_32", model_options={"img_size": 16, "depth": 1}, num_classes=dm.num_classes
+    )
+    mixed = []
+    module.on_train_batch_start = lambda batch, batch_idx: mixed.append(batch[1].ndim == 2)
+    summary = KeepSummary()
+    _trainer(tmp_path, callbacks=[summary], enable_model_summary=True).fit(module, datamodule=dm)
+    assert summary.summary.total_flops > 0 and mixed == [True, True]
+
+
 def test_expected_classes_argument(shapes):
     dm = make_dm(shapes, classes=[*SHAPE_CLASSES, "zebra"])
     with pytest.warns(UserWarning, match="zebra"):

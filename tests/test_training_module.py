@@ -508,6 +508,22 @@ def test_ema_in_a_second_fit_of_the_same_trainer_averages_like_lightnings(tmp_pa
         torch.testing.assert_close(b, a, msg=name)
 
 
+def test_model_summary_counts_the_forward_flops_of_one_image():
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    from vitkit.bench.speed import count_flops
+
+    module = _module()
+    model = module.model.eval()
+    image = [1, 3, *model.patch_embed.img_size]
+    with torch.no_grad():
+        expected = count_flops(lambda: model(torch.zeros(image)))
+    summary = ModelSummary(module)
+    assert summary.total_flops == expected > 0
+    assert summary.in_sizes[0] == image  # the first layer (the model) sees one image
+    assert _module(compile=True).example_input_array is None  # no extra compilation for the summary
+
+
 def test_bf16_mixed_precision_trains(tmp_path):
     module = _module()
     trainer = _trainer(tmp_path, max_epochs=2, precision="bf16-mixed")

@@ -140,7 +140,9 @@ class _ImageDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Mixup / CutMix on training batches (on the device): int targets -> soft (B, C)."""
         trainer = self.trainer
-        if self.mixer is not None and trainer is not None and trainer.training:
+        # (not the model's example_input_array, a bare tensor Lightning also passes through this hook)
+        labelled = isinstance(batch, list | tuple)
+        if self.mixer is not None and trainer is not None and trainer.training and labelled:
             images, targets = batch
             return self.mixer(images, targets)
         return batch

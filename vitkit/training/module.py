@@ -112,6 +112,11 @@ class ImageClassifier(L.LightningModule):
         # Kept out of the module registry (plain __dict__ entry): registering it would store every
         # weight twice in state_dict and checkpoints. The compiled wrapper shares self.model's parameters.
         self.__dict__["_compiled_model"] = torch.compile(self.model) if compile else None
+        if not compile:  # (a compiled model would compile once more, for batch size 1)
+            # One image at the model's size: Lightning's model summary then shows the forward FLOPs
+            # per image and each layer's input and output shapes, instead of "Total FLOPs: 0".
+            embed = self.model.patch_embed
+            self.example_input_array = torch.zeros(1, embed.in_chans, *embed.img_size)
 
         top_k = (1, 5) if self.num_classes > 5 else (1,)
         metrics = MetricCollection(
