@@ -1,8 +1,10 @@
 """Run by test_training_ddp.py as a real script: Lightning's DDP launcher re-executes it per rank.
 
-Usage: python ddp_script.py OUT_DIR [CKPT_TO_RESUME]
+Usage: python ddp_script.py OUT_DIR [CKPT_TO_RESUME | nan]
 Trains a tiny ViT with strategy='ddp' on 2 CPU processes (gloo), then each rank writes its
 final weights to OUT_DIR/rank<r>.pt; rank 0's checkpoint is OUT_DIR/checkpoints/last.ckpt.
+With ``nan``, rank 1's third training batch is NaN: each rank writes the error it stopped with and
+its weights before and after that batch to OUT_DIR/nan_rank<r>.pt.
 """
 
 from __future__ import annotations
@@ -16,7 +18,42 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from test_training_module import QuadrantData, _module
 
-from vitkit.training import AtomicCheckpointIO, RNGStateCheckpoint
+from vitkit.training import AtomicCheckpointIO, NonFiniteLossError, RNGStateCheckpoint
+
+
+def nan_on_rank_one(out: Path) -> None:
+    """Rank 1 alone gets a NaN batch (step 2): both ranks must skip it and stop together."""
+    L.seed_everything(0)
+    module = _module()  # fused AdamW: the deferred, sync-free check
+    before = {}
+
+    def training_step(batch, batch_idx):
+        images, targets = batch
+        if batch_idx == 2:
+            before.update({k: v.detach().clone() for k, v in module.model.state_dict().items()})
+            if module.global_rank == 1:
+                images = torch.full_like(images, float("nan"))
+        return type(module).training_step(module, (images, targets), batch_idx)
+
+    module.training_step = training_step
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=1,
+        default_root_dir=out,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    error = ""
+    try:
+        trainer.fit(module, datamodule=QuadrantData(n=256))
+    except NonFiniteLossError as e:
+        error = str(e)
+    after = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+    torch.save({"error": error, "before": before, "after": after}, out / f"nan_rank{trainer.global_rank}.pt")
 
 
 def main() -> None:
@@ -48,4 +85,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[2:] == ["nan"]:
+        nan_on_rank_one(Path(sys.argv[1]))
+    else:
+        main()

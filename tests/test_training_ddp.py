@@ -53,6 +53,19 @@ def test_ddp_two_cpu_processes_sync_checkpoint_and_resume(tmp_path):
     assert not torch.equal(resumed0["weights"]["head.weight"], rank0["weights"]["head.weight"])
 
 
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    # Rank 1's loss alone is NaN at step 2. The flag is all-reduced: both ranks skip that step (their
+    # weights stay those from before it) and both stop, rather than rank 0 waiting forever in the
+    # next gradient all-reduce for a rank that has gone.
+    _run(str(tmp_path), "nan")
+    results = [torch.load(tmp_path / f"nan_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert "training loss is nan at step 2 (epoch 0, batch 2" in results[1]["error"]
+    assert "training loss of another process at step 2 (epoch 0, batch 2" in results[0]["error"]
+    for result in results:
+        for name, weight in result["before"].items():
+            torch.testing.assert_close(result["after"][name], weight, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("cache", ["none", "memory"])
 def test_folder_data_is_split_between_ranks_without_duplicates(tmp_path, cache):
     root = tmp_path / "data"

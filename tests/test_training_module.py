@@ -252,6 +252,33 @@ def test_a_nan_in_the_last_batch_of_the_run_is_reported(tmp_path):
         _trainer(tmp_path, max_epochs=1, limit_val_batches=0).fit(_module(), datamodule=data)
 
 
+@pytest.mark.parametrize("deferred", [True, False])
+def test_guard_stops_on_another_processs_bad_loss(deferred):
+    # the flag combined over processes (here: a stand-in reduce saying another process's loss is
+    # NaN) stops this process too, though its own loss is finite; the step is skipped when deferred
+    from vitkit.training.guard import NonFiniteLossGuard
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    guard = NonFiniteLossGuard()
+    loss = (weight**2).sum()
+    loss.backward()
+
+    def another_process_is_bad(flag):
+        return torch.ones_like(flag)
+
+    if not deferred:
+        with pytest.raises(NonFiniteLossError, match="loss of another process at step 7"):
+            guard.check(loss, "step 7", None, another_process_is_bad)
+        return
+    assert guard.check(loss, "step 7", optimizer, another_process_is_bad) is None
+    optimizer.step()
+    torch.testing.assert_close(weight.detach(), torch.ones(3), rtol=0, atol=0)  # skipped
+    with pytest.raises(NonFiniteLossError, match="loss of another process at step 7"):
+        guard.check(loss, "step 8", optimizer, another_process_is_bad)
+    assert not hasattr(optimizer, "found_inf")
+
+
 class _HostReads(torch.overrides.TorchFunctionMode):
     """Counts host reads (``item``, ``bool``...) of device values computed since ``start_window``.
 

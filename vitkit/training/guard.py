@@ -16,13 +16,20 @@ accumulation:
    A non-finite loss raises :class:`NonFiniteLossError` naming the step where it went bad.
 
 In every other setting the loss is checked at once, as a plain training loop does.
+
+With several processes (DDP) the flag "this process's loss is not finite" is all-reduced (max)
+before it is used, on the device and without a wait: every process then skips the same step and
+stops at the same point. A process that stopped alone would leave the others waiting forever in
+the next collective (the gradient all-reduce, a checkpoint's barrier).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
 
 class NonFiniteLossError(RuntimeError):
@@ -30,66 +37,93 @@ class NonFiniteLossError(RuntimeError):
 
 
 def _message(loss: float, where: str) -> str:
+    what = "The training loss of another process" if math.isfinite(loss) else f"The training loss is {loss}"
     return (
-        f"The training loss is {loss} at {where}. Training stopped so it does not continue on garbage. "
+        f"{what} at {where}. Training stopped so it does not continue on garbage. "
         "Try a lower --model.lr, a longer warmup, --trainer.gradient_clip_val 1.0, or "
         "bf16-mixed instead of 16-mixed precision; check the inputs for NaNs."
     )
+
+
+def any_process(flag: torch.Tensor) -> torch.Tensor:
+    """The maximum of ``flag`` over all processes of the default group (1 if any has 1), in place.
+
+    An all-reduce queued on the device: with NCCL the host does not wait for it.
+    """
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag
 
 
 class NonFiniteLossGuard:
     """Check each training loss; raise :class:`NonFiniteLossError` on NaN/inf (see the module doc)."""
 
     def __init__(self) -> None:
-        # the last unchecked loss: its host copy, the event that copy is ready at, and where it came from
+        # the last unchecked step: host copies of its loss and of its (all-processes) bad-step flag, the
+        # event those copies are ready at, and where the step was
         self._pending: tuple[torch.Tensor, torch.Event | None, str] | None = None
         self._armed: torch.optim.Optimizer | None = None  # the optimiser whose found_inf we set
 
     @staticmethod
     def can_defer(optimizer: torch.optim.Optimizer | None, single_step_source: bool, scaler: object) -> bool:
         """True when a bad step can be skipped on the device: a fused Adam/AdamW, a step made from
-        this one loss (one process: another rank's flag would not reach this optimiser; no gradient
-        accumulation: an earlier micro-batch's would not), and no GradScaler (it owns ``found_inf``)."""
+        this one loss (no gradient accumulation: an earlier micro-batch's flag would be overwritten),
+        and no GradScaler (it owns ``found_inf``)."""
         fused = optimizer is not None and bool(optimizer.defaults.get("fused"))
         return fused and single_step_source and scaler is None
 
     def check(
-        self, loss: torch.Tensor, where: str, optimizer: torch.optim.Optimizer | None
+        self,
+        loss: torch.Tensor,
+        where: str,
+        optimizer: torch.optim.Optimizer | None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor | None:
         """Check ``loss`` now (``optimizer`` None) or defer it to the next call, skipping the
         optimiser step on the device meanwhile (``optimizer`` given: see :meth:`can_defer`).
+        ``reduce`` combines the bad-step flag (a 0-d float, 1 = not finite) over processes, e.g.
+        :func:`any_process`; every process must call this at the same steps.
 
         Returns the newest loss already on the host, as a CPU tensor, for display: this step's when
         checked at once, the previous step's when deferred (None when there is none yet).
         """
         shown = self.flush()
         loss = loss.detach()
-        if optimizer is None:
+        if optimizer is None and reduce is None:
             value = loss.item()  # waits for the device: the price of checking at once
             if not math.isfinite(value):
                 raise NonFiniteLossError(_message(value, where))
             return torch.tensor(value)
-        optimizer.found_inf = (~torch.isfinite(loss)).float()  # read by the fused kernel: 1 = skip
+        bad = (~torch.isfinite(loss)).float()
+        if reduce is not None:
+            bad = reduce(bad)
+        pair = torch.stack([loss.float(), bad])
+        if optimizer is None:  # at once, but every process stops together
+            value, stop = pair.tolist()  # one wait for the device
+            if stop:
+                raise NonFiniteLossError(_message(value, where))
+            return torch.tensor(value)
+        optimizer.found_inf = bad  # read by the fused kernel: 1 = skip this step
         self._armed = optimizer
         ready = None
-        if loss.device.type != "cpu":
-            ready = torch.Event(device=loss.device)
-        host = loss.to("cpu", non_blocking=True)
+        if pair.device.type != "cpu":
+            ready = torch.Event(device=pair.device)
+        host = pair.to("cpu", non_blocking=True)
         if ready is not None:
             ready.record()
         self._pending = (host, ready, where)
         return shown
 
     def flush(self) -> torch.Tensor | None:
-        """Look at the deferred loss, if any: raise if it was not finite, else return it (CPU)."""
+        """Look at the deferred step, if any: raise if its loss (on any process) was not finite,
+        else return the loss (CPU)."""
         if self._pending is None:
             return None
         host, ready, where = self._pending
         self._pending = None
         if ready is not None:
             ready.synchronize()  # that copy only (queued a step ago): not the work queued since
-        value = host.item()  # a host tensor: no device involved
-        if not math.isfinite(value):
+        value, stop = host.tolist()  # a host tensor: no device involved
+        if stop:
             self.disarm()
             raise NonFiniteLossError(_message(value, where))
         return torch.tensor(value)

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -30,7 +31,7 @@ from vitkit.models import create_model
 from vitkit.weights import freeze as freeze_parameters
 from vitkit.weights import param_groups_lrd, unfreeze
 
-from .guard import NonFiniteLossError, NonFiniteLossGuard
+from .guard import NonFiniteLossError, NonFiniteLossGuard, any_process
 
 __all__ = ["ImageClassifier", "NonFiniteLossError", "load_classifier", "warmup_cosine"]
 
@@ -175,9 +176,10 @@ class ImageClassifier(L.LightningModule):
         return loss
 
     def _check_loss(self, loss: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
-        """Stop on a NaN/inf loss; with fused AdamW on one device, without a host sync per step
-        (the bad step is skipped on the device and reported one step later: see ``guard.py``).
-        Returns the newest loss already on the host (CPU tensor), for the progress bar."""
+        """Stop on a NaN/inf loss; with fused AdamW, without a host sync per step (the bad step is
+        skipped on the device and reported one step later: see ``guard.py``). Under DDP every
+        process skips and stops at the same step. Returns the newest loss already on the host
+        (CPU tensor), for the progress bar."""
         optimizer = (
             self.trainer.optimizers[0] if self._trainer is not None and self.trainer.optimizers else None
         )
@@ -185,11 +187,13 @@ class ImageClassifier(L.LightningModule):
         where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx}, lr {lr:.3g})"
         defer = self._trainer is not None and NonFiniteLossGuard.can_defer(
             optimizer,
-            # one process, one batch per step: the flag then covers everything the step applies
-            single_step_source=self.trainer.world_size == 1 and self.trainer.accumulate_grad_batches == 1,
+            # one batch per step: the flag then covers everything the step applies
+            single_step_source=self.trainer.accumulate_grad_batches == 1,
             scaler=self._loss_scaler(),
         )
-        return self._loss_guard.check(loss, where, optimizer if defer else None)
+        several = self._trainer is not None and self.trainer.world_size > 1 and dist.is_initialized()
+        reduce = any_process if several else None
+        return self._loss_guard.check(loss, where, optimizer if defer else None, reduce)
 
     def on_train_epoch_end(self) -> None:
         self._loss_guard.flush()  # the epoch's last loss
