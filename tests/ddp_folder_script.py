@@ -15,6 +15,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from ddp_script import two_cpu_ranks
 from test_training_module import TINY
 
 from vitkit.data import ImageFolderDataModule, scan_image_folder
@@ -33,17 +34,7 @@ def main() -> None:
         drop_last=False,
     )
     module = ImageClassifier(model_name="vit_tiny_patch4_32", model_options=TINY, classes=data.classes)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=1,
-        default_root_dir=out,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = two_cpu_ranks(out)
     trainer.fit(module, datamodule=data)
     loader = trainer.train_dataloader
     dataset = loader.dataset

@@ -21,6 +21,22 @@ from test_training_module import QuadrantData, _module
 from vitkit.training import AtomicCheckpointIO, NonFiniteLossError, RNGStateCheckpoint
 
 
+def two_cpu_ranks(out: Path, **options) -> L.Trainer:
+    """A Trainer for one epoch of DDP on 2 CPU processes, without logger, checkpoints or bars."""
+    defaults = dict(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=1,
+        default_root_dir=out,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return L.Trainer(**{**defaults, **options})
+
+
 def nan_on_rank_one(out: Path) -> None:
     """Rank 1 alone gets a NaN batch (step 2): both ranks must skip it and stop together."""
     L.seed_everything(0)
@@ -36,17 +52,7 @@ def nan_on_rank_one(out: Path) -> None:
         return type(module).training_step(module, (images, targets), batch_idx)
 
     module.training_step = training_step
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=1,
-        default_root_dir=out,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = two_cpu_ranks(out)
     error = ""
     try:
         trainer.fit(module, datamodule=QuadrantData(n=256))
