@@ -515,6 +515,36 @@ def test_vitkit_ema_averages_like_lightnings_without_reading_the_device(tmp_path
     assert min(lightning_reads) >= 2
 
 
+def test_ema_warmup_grows_the_window_with_the_number_of_updates(tmp_path):
+    # warmup=True: the k-th update (k earlier ones) uses min(decay, 1 - (1 + k)^-0.75), so a short
+    # run's average is not mostly the initial weights, as it is with a fixed 0.999
+    class RecordWeights(L.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.seen.append(pl_module.model.head.weight.detach().clone())
+
+    L.seed_everything(0)
+    ema, record = EMA(decay=0.999, warmup=True), RecordWeights()
+    module = _module()
+    initial = module.model.head.weight.detach().clone()
+    _trainer(tmp_path, max_epochs=1, callbacks=[record, ema], limit_val_batches=0).fit(
+        module, datamodule=QuadrantData(n=256)
+    )
+    expected = record.seen[0]
+    for k, weights in enumerate(record.seen[1:], start=1):
+        expected = torch.lerp(expected, weights, 1 - min(0.999, 1 - (1 + k) ** -0.75))
+    averaged = ema._average_model.module.model.head.weight
+    torch.testing.assert_close(averaged, expected)
+    assert ema.decay_at(1) == pytest.approx(1 - 2**-0.75) and ema.decay_at(10**6) == 0.999
+    # the average has moved most of the way from the initial weights to the trained ones
+    moved = (averaged - initial).norm() / (record.seen[-1] - initial).norm()
+    assert moved > 0.5
+    fixed = EMA(decay=0.999)
+    assert fixed.decay_at(1) == 0.999
+
+
 def test_ema_in_a_second_fit_of_the_same_trainer_averages_like_lightnings(tmp_path):
     # Lightning builds a new average at each fit's setup; the tensor lists vitkit's EMA keeps for a
     # fit must follow it (stale lists would update the first fit's discarded copy)

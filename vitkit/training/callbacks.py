@@ -125,6 +125,11 @@ class EMA(EMAWeightAveraging):
     (``if n_averaged == 0``, ``if n_averaged > 0``): on a GPU two waits per step for all queued work.
     Here the counter is read once per fit, and the update is one ``lerp`` over all floating-point
     tensors (integer buffers, such as BatchNorm's batch count, are copied).
+
+    ``warmup=True`` (as timm's ``ModelEmaV3(use_warmup=True)``) lets the window grow with the run:
+    the k-th update uses ``min(decay, 1 - (1 + k) ** -warmup_power)``, so early averages are not
+    dominated by the random initial weights (with a fixed 0.999, the initial weights still make up
+    0.999^k of the average: 68% after 390 steps, and validation sees that average).
     """
 
     def __init__(
@@ -135,6 +140,8 @@ class EMA(EMAWeightAveraging):
         update_starting_at_epoch: int | None = None,
         device: str | None = None,
         use_buffers: bool = True,
+        warmup: bool = False,
+        warmup_power: float = 0.75,
     ) -> None:
         super().__init__(
             device=device,
@@ -144,13 +151,19 @@ class EMA(EMAWeightAveraging):
             update_starting_at_step=update_starting_at_step,
             update_starting_at_epoch=update_starting_at_epoch,
         )
-        self.decay = decay
-        self._has_average: bool | None = None  # host copy of "n_averaged > 0", read once per fit
+        self.decay, self.warmup, self.warmup_power = decay, warmup, warmup_power
+        self._updates: int | None = None  # host copy of the device counter n_averaged, read once per fit
         self._pairs: _EMAPairs | None = None
 
+    def decay_at(self, updates: int) -> float:
+        """The decay of the update after ``updates`` earlier ones (>= 1)."""
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, 1.0 - (1.0 + updates) ** -self.warmup_power)
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._has_average = None  # a resumed checkpoint may hold an average already
-        self._pairs = None
+        self._updates = None  # a resumed checkpoint may hold an average already
+        self._pairs = None  # Lightning made a new average in setup
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -168,11 +181,9 @@ class EMA(EMAWeightAveraging):
             self._update(pl_module)
             self._latest_update_epoch = trainer.current_epoch
 
-    def _tensor_pairs(self, pl_module: L.LightningModule) -> _EMAPairs | None:
-        """(average, model) tensors, floating-point and other; None if the average lives elsewhere.
-
-        Built on the first update of a fit and reused: the model's tensors do not change during a fit.
-        """
+    def _tensor_pairs(self, pl_module: L.LightningModule) -> _EMAPairs:
+        """(average, model) tensors, floating-point and other, built on a fit's first update and
+        reused: the model's tensors do not change during a fit."""
         if self._pairs is None:
             average = self._average_model
             assert average is not None
@@ -181,10 +192,9 @@ class EMA(EMAWeightAveraging):
             if self._use_buffers:
                 ema += list(average.module.buffers())
                 current += list(pl_module.buffers())
-            if any(e.device != c.device for e, c in zip(ema, current, strict=True)):
-                return None
-            floats = [(e, c) for e, c in zip(ema, current, strict=True) if e.is_floating_point()]
-            others = [(e, c) for e, c in zip(ema, current, strict=True) if not e.is_floating_point()]
+            pairs = list(zip(ema, current, strict=True))
+            floats = [(e, c) for e, c in pairs if e.is_floating_point()]
+            others = [(e, c) for e, c in pairs if not e.is_floating_point()]
             self._pairs = _EMAPairs(
                 [e for e, _ in floats], [c for _, c in floats], [e for e, _ in others], [c for _, c in others]
             )
@@ -195,18 +205,19 @@ class EMA(EMAWeightAveraging):
         average = self._average_model
         assert average is not None
         pairs = self._tensor_pairs(pl_module)
-        if pairs is None:
-            average.update_parameters(pl_module)  # an average kept elsewhere (device="cpu"): PyTorch's path
-            return
-        if self._has_average is None:
-            self._has_average = bool(average.n_averaged > 0)  # the one read per fit
-        if not self._has_average:
-            torch._foreach_copy_(pairs.ema_floats + pairs.ema_others, pairs.floats + pairs.others)
-            self._has_average = True
+        floats, others = pairs.floats, pairs.others
+        if pairs.ema_floats and floats[0].device != pairs.ema_floats[0].device:  # device="cpu": copy over
+            floats = [c.to(e.device) for e, c in zip(pairs.ema_floats, floats, strict=True)]
+            others = [c.to(e.device) for e, c in zip(pairs.ema_others, others, strict=True)]
+        if self._updates is None:
+            self._updates = int(average.n_averaged)  # the one read per fit
+        if self._updates == 0:
+            torch._foreach_copy_(pairs.ema_floats + pairs.ema_others, floats + others)
         else:
-            torch._foreach_lerp_(pairs.ema_floats, pairs.floats, 1.0 - self.decay)
-            if pairs.others:
-                torch._foreach_copy_(pairs.ema_others, pairs.others)
+            torch._foreach_lerp_(pairs.ema_floats, floats, 1.0 - self.decay_at(self._updates))
+            if others:
+                torch._foreach_copy_(pairs.ema_others, others)
+        self._updates += 1
         average.n_averaged += 1  # on the device, no wait; kept so checkpoints match Lightning's
 
 
