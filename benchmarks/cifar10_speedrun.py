@@ -91,6 +91,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping; 0: off")
     parser.add_argument("--ema", type=float, default=0.999, help="EMA decay per step; 0: off")
+    parser.add_argument(
+        "--ema-warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="grow the EMA window with the step count (vitkit.training.EMA(warmup=True))",
+    )
     parser.add_argument("--target", type=float, default=0.94)
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--precision", default="bf16-mixed")
@@ -136,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     callbacks: list[L.Callback] = [timeline]
     if args.ema > 0:
-        callbacks.append(EMA(decay=args.ema))
+        callbacks.append(EMA(decay=args.ema, warmup=args.ema_warmup))
     trainer = L.Trainer(
         accelerator=args.accelerator,
         devices=1,
