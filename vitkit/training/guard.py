@@ -88,17 +88,12 @@ class NonFiniteLossGuard:
         """
         shown = self.flush()
         loss = loss.detach()
-        if optimizer is None and reduce is None:
-            value = loss.item()  # waits for the device: the price of checking at once
-            if not math.isfinite(value):
-                raise NonFiniteLossError(_message(value, where))
-            return torch.tensor(value)
         bad = (~torch.isfinite(loss)).float()
         if reduce is not None:
             bad = reduce(bad)
         pair = torch.stack([loss.float(), bad])
-        if optimizer is None:  # at once, but every process stops together
-            value, stop = pair.tolist()  # one wait for the device
+        if optimizer is None:
+            value, stop = pair.tolist()  # waits for the device: the price of checking at once
             if stop:
                 raise NonFiniteLossError(_message(value, where))
             return torch.tensor(value)
