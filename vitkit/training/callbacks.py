@@ -7,7 +7,8 @@
   place, so a killed process never leaves a half-written ``last.ckpt``.
 * :class:`ImagesPerSecond`: images/s in the progress bar and the logs.
 * :class:`EMA`: Lightning's ``EMAWeightAveraging`` (same options, same checkpoints), updated in one
-  fused pass without the two host-device synchronisations per step of ``AveragedModel``.
+  fused pass without the two host-device synchronisations per step of ``AveragedModel``; with
+  ``warmup=True``, timm's EMA warm-up.
 * :class:`RunArtifacts`: at the end of fit/test, the loss/accuracy curves and the confusion
   matrix as PNGs, a summary table, and the weights as ``model.safetensors``.
 * :class:`PredictionWriter`: class names and probabilities of ``vitkit predict`` to CSV/JSON.
