@@ -10,7 +10,11 @@ from vitkit.bench import compare, count_flops, format_table, timm_twin
 
 
 def test_timm_twin_has_the_same_weights_and_logits():
-    for extra in ({}, {"class_token": False, "global_pool": "avg", "pos_embed": "sincos", "reg_tokens": 2}):
+    for extra in (
+        {},
+        {"class_token": False, "global_pool": "avg", "pos_embed": "sincos", "reg_tokens": 2},
+        {"fused_attn": False},  # a kernel choice: the twin is timm's default ViT
+    ):
         model = vitkit.create_model("vit_tiny_patch4_32", **{**TINY, **extra}).eval()
         twin = timm_twin(model).eval()
         x = torch.randn(2, 3, 32, 32)

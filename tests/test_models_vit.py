@@ -57,6 +57,36 @@ def test_dynamic_img_size_accepts_any_divisible_size():
     torch.testing.assert_close(model(x), static(x))
 
 
+def test_fused_attn_option_picks_the_kernel_not_the_numbers():
+    torch.manual_seed(0)
+    fused = VisionTransformer(**TINY)
+    torch.manual_seed(0)
+    explicit = VisionTransformer(**TINY, fused_attn=False)
+    # a choice of kernel: no parameter added, no random number drawn
+    assert fused.state_dict().keys() == explicit.state_dict().keys()
+    for name, tensor in fused.state_dict().items():
+        assert torch.equal(tensor, explicit.state_dict()[name]), name
+    assert [block.attn.fused_attn for block in explicit.blocks] == [False, False]
+    assert all(block.attn.fused_attn for block in fused.blocks)
+    # the explicit path is the one taken: it materialises A, which attn_drop sees
+    seen = []
+    for block in explicit.blocks:
+        block.attn.attn_drop.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    x = torch.randn(2, 3, 32, 32)
+    out_explicit = explicit(x)
+    assert seen == [(2, 2, 17, 17)] * 2
+    out_fused = fused(x)
+    torch.testing.assert_close(out_explicit, out_fused, rtol=1e-5, atol=1e-5)
+    out_explicit.square().sum().backward()
+    out_fused.square().sum().backward()
+    for a, b in zip(explicit.parameters(), fused.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    # recorded only when off, so default configs stay timm's; a rebuild from the config keeps it
+    assert "fused_attn" not in fused.config and explicit.config["fused_attn"] is False
+    rebuilt = VisionTransformer(**explicit.config)
+    assert not any(block.attn.fused_attn for block in rebuilt.blocks)
+
+
 def test_sincos_positions_are_fixed_and_recomputed_for_new_grids():
     model = VisionTransformer(
         **{

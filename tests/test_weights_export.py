@@ -84,6 +84,19 @@ def test_timm_folder_round_trip(tmp_path):
         assert relative_error(loaded(x), model(x)) < 1e-5
 
 
+def test_the_attention_kernel_choice_survives_vitkit_files_and_stays_out_of_timm_ones(tmp_path):
+    model = trained_model(fused_attn=False)
+    loaded = model_from_checkpoint(save(model, tmp_path / "model.safetensors"))
+    assert loaded.config["fused_attn"] is False
+    assert not any(block.attn.fused_attn for block in loaded.blocks)
+    folder = save(model, tmp_path / "timm_export", format="timm")
+    assert "fused_attn" not in json.dumps(json.loads((folder / "config.json").read_text()))
+    reference = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()  # timm builds it as is
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(reference(x), model(x)) < 1e-5
+
+
 def test_timm_export_refuses_an_epsilon_it_cannot_record(tmp_path):
     with pytest.raises(ValueError, match="norm_eps"):
         save(trained_model(norm_eps=1e-12), tmp_path / "x", format="timm")

@@ -29,7 +29,7 @@ import vitkit
 # Dense bf16 peak FLOP/s by device name (vendor datasheets, no sparsity).
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}
 
-_TIMM_IGNORES = ("model_name", "weight_init", "norm_eps", "pos_embed")
+_TIMM_IGNORES = ("model_name", "weight_init", "norm_eps", "pos_embed", "fused_attn")
 
 
 @dataclass
@@ -214,7 +214,11 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     parser.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--explicit-attn", action="store_true", help="time the explicit softmax path")
+    parser.add_argument(
+        "--explicit-attn",
+        action="store_true",
+        help="vitkit takes the explicit softmax path (fused_attn=False); timm keeps its fused kernel",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iters", type=int, default=5)

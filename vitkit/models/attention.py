@@ -19,7 +19,7 @@ Two paths compute the same numbers:
   and the post-softmax A is the *input* of ``attn_drop``, so a forward hook there reads it
   (``vitkit.explain`` does this, on timm models too, whose attention has the same structure).
 
-Set ``module.fused_attn = False`` to take the explicit path.
+Set ``module.fused_attn = False`` (or build with ``fused_attn=False``) to take the explicit path.
 
 Hard attention (``attn_mode="hard"``)
 -------------------------------------
@@ -105,6 +105,11 @@ class SelfAttention(nn.Module):
         hard_estimator: how hard mode is trained: ``"ste"`` (straight-through, deterministic
             top-k) or ``"gumbel"`` (straight-through, top-k of Gumbel-perturbed scores during
             training, deterministic top-k in eval).
+        fused_attn: soft mode's path: ``True`` (the default) the fused
+            ``scaled_dot_product_attention`` kernel, ``False`` the explicit formula. The numbers
+            are the same; the speed is not: on a CPU without AMX, training under bf16 autocast
+            with few tokens is about twice as fast on the explicit path (BENCHMARKS.md).
+            Also an attribute: set ``module.fused_attn`` at any time.
     """
 
     def __init__(
@@ -119,6 +124,7 @@ class SelfAttention(nn.Module):
         attn_mode: str = "soft",
         hard_k: int | None = None,
         hard_estimator: str = "ste",
+        fused_attn: bool = True,
     ) -> None:
         super().__init__()
         if dim % num_heads != 0:
@@ -127,7 +133,7 @@ class SelfAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
-        self.fused_attn = True  # soft mode only: hard attention always takes the explicit path
+        self.fused_attn = fused_attn  # soft mode only: hard attention always takes the explicit path
         self.attn_mode = attn_mode
         self.hard_k = hard_k
         self.hard_estimator = hard_estimator

@@ -71,6 +71,7 @@ class TransformerBlock(nn.Module):
         drop_path: stochastic-depth rate of this block.
         norm_layer: normalisation layer constructor.
         attn_mode, hard_k, hard_estimator: soft or hard (top-k) attention, see :class:`SelfAttention`.
+        fused_attn: fused kernel or explicit formula for soft attention, see :class:`SelfAttention`.
     """
 
     def __init__(
@@ -88,6 +89,7 @@ class TransformerBlock(nn.Module):
         attn_mode: str = "soft",
         hard_k: int | None = None,
         hard_estimator: str = "ste",
+        fused_attn: bool = True,
     ) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
@@ -102,6 +104,7 @@ class TransformerBlock(nn.Module):
             attn_mode=attn_mode,
             hard_k=hard_k,
             hard_estimator=hard_estimator,
+            fused_attn=fused_attn,
         )
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = _drop_path(drop_path)

@@ -82,6 +82,12 @@ class VisionTransformer(nn.Module):
         stem_channels: replace the patch projection by a convolutional stem (:class:`ConvStem`):
             3x3 convolutions with these output channels, the first log2(patch_size) with stride 2,
             then a 1x1 convolution to ``embed_dim``. Same token grid; timm has no such option.
+        fused_attn: ``True`` (the default): soft attention through the fused
+            ``scaled_dot_product_attention`` kernel; ``False``: the explicit formula, in every
+            block. Same numbers, different speed: on this project's 2-core CPU (no AMX), bf16
+            training with 64 tokens runs about twice as fast explicit (BENCHMARKS.md), which is
+            why the CPU recipes set it. A choice of kernel, not of architecture: timm twins and
+            exports ignore it (timm's own switch is the ``TIMM_FUSED_ATTN`` environment variable).
     """
 
     def __init__(
@@ -117,6 +123,7 @@ class VisionTransformer(nn.Module):
         hard_k: int | None = None,
         hard_estimator: Literal["ste", "gumbel"] = "ste",
         stem_channels: Sequence[int] | None = None,
+        fused_attn: bool = True,
     ) -> None:
         super().__init__()
         if global_pool not in _POOLS:
@@ -136,6 +143,8 @@ class VisionTransformer(nn.Module):
             del self.config["stem_channels"]
         else:
             self.config["stem_channels"] = stem_channels = tuple(int(c) for c in stem_channels)
+        if fused_attn:  # the default kernel choice is not recorded: configs stay timm's
+            del self.config["fused_attn"]
         self.config["img_size"] = to_2tuple(img_size)
         self.config["patch_size"] = to_2tuple(patch_size)
         self.pretrained_cfg: dict[str, Any] = {}
@@ -191,6 +200,7 @@ class VisionTransformer(nn.Module):
                     attn_mode=attn_mode,
                     hard_k=hard_k,
                     hard_estimator=hard_estimator,
+                    fused_attn=fused_attn,
                 )
                 for rate in drop_path_rates
             ]
