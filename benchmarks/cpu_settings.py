@@ -1,11 +1,11 @@
 """What CPU speed each setting buys for the CPU CIFAR-10 recipe's model, in one process, alternating.
 
 The training step (forward, backward, AdamW) of ``cifar10_hybrid_cpu``'s model (read from the
-recipe; or any registered model with ``--options``) on a random batch, under: fp32; bf16 autocast;
-bf16 with the foreach instead of the fused AdamW; bf16 on one thread instead of all; bf16 with
-``torch.compile``. Every setting runs once per round, the rounds alternate, the median is reported
-with its ratio to the recipe's setting (bf16, fused AdamW, all threads, eager), so background
-load hits all alike.
+recipe; or any registered model with ``--options``) on a random batch, under: fp32; bf16 autocast
+with the fused attention kernel or the explicit formula; the foreach instead of the fused AdamW;
+one thread instead of all; ``torch.compile``. Every setting runs once per round, the rounds
+alternate, the median is reported with its ratio to the recipe's setting (bf16, explicit
+attention, fused AdamW, all threads, eager), so background load hits all alike.
 
     python benchmarks/cpu_settings.py                      # the hybrid recipe's model, batch 128
     python benchmarks/cpu_settings.py --no-compile --rounds 7
@@ -43,21 +43,29 @@ def main() -> None:
     threads = torch.get_num_threads()
     torch.manual_seed(0)
     options = json.loads(args.options)
+    options.pop("fused_attn", None)  # every setting below names its attention path
 
-    def build() -> nn.Module:
+    def build(fused_attn: bool = False) -> nn.Module:
         torch.manual_seed(0)
-        return vitkit.create_model(args.model, num_classes=10, **options).train()
+        model = vitkit.create_model(args.model, num_classes=10, fused_attn=fused_attn, **options)
+        return model.train()
 
     x = torch.randn(args.batch_size, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch_size,))
+    recipe = "bf16 autocast, explicit attention, fused AdamW (the recipe)"
     settings = {  # name: (step, threads)
-        "fp32, fused AdamW": (_train_step_fn(build(), x, y, "fp32"), threads),
-        "bf16 autocast, fused AdamW (the recipe)": (_train_step_fn(build(), x, y, "bf16"), threads),
-        "bf16 autocast, foreach AdamW": (_train_step_fn(build(), x, y, "bf16", fused=False), threads),
-        "bf16 autocast, fused AdamW, 1 thread": (_train_step_fn(build(), x, y, "bf16"), 1),
+        "fp32, fused attention kernel": (_train_step_fn(build(True), x, y, "fp32"), threads),
+        "fp32, explicit attention": (_train_step_fn(build(), x, y, "fp32"), threads),
+        "bf16 autocast, fused attention kernel": (_train_step_fn(build(True), x, y, "bf16"), threads),
+        recipe: (_train_step_fn(build(), x, y, "bf16"), threads),
+        "bf16, explicit attention, foreach AdamW": (
+            _train_step_fn(build(), x, y, "bf16", fused=False),
+            threads,
+        ),
+        "bf16, explicit attention, 1 thread": (_train_step_fn(build(), x, y, "bf16"), 1),
     }
     if args.compile:
-        settings["bf16 autocast, fused AdamW, torch.compile"] = (
+        settings["bf16, explicit attention, torch.compile"] = (
             _train_step_fn(torch.compile(build()), x, y, "bf16"),
             threads,
         )
@@ -75,7 +83,7 @@ def main() -> None:
             torch.set_num_threads(n)
             rates[name].append(args.batch_size / _time(step, args.iters, x.device))
     torch.set_num_threads(threads)
-    base = statistics.median(rates["bf16 autocast, fused AdamW (the recipe)"])
+    base = statistics.median(rates[recipe])
     print(f"{args.model} {options}, batch {args.batch_size}, {threads} threads, {args.rounds} rounds")
     print("| setting | images/s (median) | vs the recipe |\n|---|---:|---:|")
     for name, values in rates.items():
