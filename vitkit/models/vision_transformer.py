@@ -86,8 +86,9 @@ class VisionTransformer(nn.Module):
             ``scaled_dot_product_attention`` kernel; ``False``: the explicit formula, in every
             block. Same numbers, different speed: on this project's 2-core CPU (no AMX), bf16
             training with 64 tokens runs about twice as fast explicit (BENCHMARKS.md), which is
-            why the CPU recipes set it. A choice of kernel, not of architecture: timm twins and
-            exports ignore it (timm's own switch is the ``TIMM_FUSED_ATTN`` environment variable).
+            why the bf16 CPU recipe sets it. A choice of kernel, not of architecture: vitkit files
+            keep it, timm twins and timm/HF exports leave it out (timm's own switch is the
+            ``TIMM_FUSED_ATTN`` environment variable).
     """
 
     def __init__(
