@@ -9,6 +9,7 @@ attention, fused AdamW, all threads, eager), so background load hits all alike.
 
     python benchmarks/cpu_settings.py                      # the hybrid recipe's model, batch 128
     python benchmarks/cpu_settings.py --no-compile --rounds 7
+    python benchmarks/cpu_settings.py --profile            # where a bf16 step's time goes, per attention path
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iters", type=int, default=3, help="steps timed per setting and round")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--profile", action="store_true", help="instead: torch.profiler's top ops of 3 bf16 steps, both paths"
+    )
     args = parser.parse_args()
     threads = torch.get_num_threads()
     torch.manual_seed(0)
@@ -52,6 +56,16 @@ def main() -> None:
 
     x = torch.randn(args.batch_size, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch_size,))
+    if args.profile:
+        for fused_attn in (True, False):
+            step = _train_step_fn(build(fused_attn), x, y, "bf16")
+            step()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    step()
+            print(f"bf16 autocast, {'fused attention kernel' if fused_attn else 'explicit attention'}:")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+        return
     recipe = "bf16 autocast, explicit attention, fused AdamW (the recipe)"
     settings = {  # name: (step, threads)
         "fp32, fused attention kernel": (_train_step_fn(build(True), x, y, "fp32"), threads),

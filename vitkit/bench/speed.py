@@ -135,12 +135,9 @@ def compare(
     """Time vitkit and its timm twin, alternating ``rounds`` times; median images/s per setting."""
     dev = torch.device(device)
     torch.manual_seed(0)
-    ours = vitkit.create_model(model_name, **model_options).to(dev)
+    ours = vitkit.create_model(model_name, fused_attn=fused_attn, **model_options).to(dev)
     theirs = timm_twin(ours.cpu()).to(dev)
     ours.to(dev)
-    for module in ours.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = fused_attn
     eager = {"vitkit": ours, "timm": theirs}
     models = {k: torch.compile(m) for k, m in eager.items()} if compile else eager
     x = torch.randn(batch_size, ours.patch_embed.in_chans, *ours.img_size, device=dev)
