@@ -11,6 +11,7 @@ from typing import ClassVar
 import lightning as L
 import pytest
 import torch
+from conftest import HostReads
 from torch.utils.data import DataLoader, TensorDataset
 
 from vitkit.training import (
@@ -279,56 +280,13 @@ def test_guard_stops_on_another_processs_bad_loss(deferred):
     assert not hasattr(optimizer, "found_inf")
 
 
-class _HostReads(torch.overrides.TorchFunctionMode):
-    """Counts host reads (``item``, ``bool``...) of device values computed since ``start_window``.
-
-    On a GPU such a read waits for the device to finish everything queued so far, this step's work
-    included: the CPU stops feeding the GPU. This CPU stand-in follows which tensors derive from the
-    device (the batch, the parameters, and anything computed from them); tensors made from Python
-    numbers live on the host, and a value from an earlier window (already copied to the host) waits
-    for nothing, so neither counts.
-    """
-
-    READS = frozenset(
-        {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist, torch.Tensor.__float__}
-        | {torch.Tensor.__int__, torch.Tensor.numpy}
-    )
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-        self.device: dict[int, torch.Tensor] = {}  # id -> tensor, kept alive so that no id is reused
-        self.new: set[int] = set()  # device values made in this window
-
-    def start_window(self, roots) -> None:
-        self.count, self.new = 0, set()
-        self.device.update({id(t): t for t in roots})
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        flat = [
-            a
-            for arg in (*args, *(kwargs or {}).values())
-            for a in (arg if isinstance(arg, tuple | list) else (arg,))
-        ]
-        if func in self.READS and args and id(args[0]) in self.new:
-            self.count += 1
-        out = func(*args, **(kwargs or {}))
-        if any(id(a) in self.device for a in flat):
-            inputs = {id(a) for a in flat}
-            for value in out if isinstance(out, tuple | list) else (out,):
-                if isinstance(value, torch.Tensor) and id(value) not in inputs:  # not an in-place update
-                    self.device[id(value)] = value
-                    self.new.add(id(value))
-        return out
-
-
 class _CountReadsPerStep(L.Callback):
     """Host reads of this step's device values, from one batch's start to the next's (so that every
     hook of the step counts, Lightning's own conversion of the progress-bar values included)."""
 
     def __init__(self) -> None:
         self.per_step: list[int] = []
-        self.mode = _HostReads()
+        self.mode = HostReads()
         self.extra_roots = None  # a function returning more device tensors (e.g. an EMA copy's)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
