@@ -1,9 +1,11 @@
 """How many training images per second one CPU core can augment from the uint8 tensor cache.
 
 The cache's ``collate_fn`` (``BatchTrainTransform``) crops, flips and normalises a whole batch in
-tensor form; an auto-augment policy, when asked for, runs per image. This times the collate of one
-batch of CIFAR-sized uint8 images on one thread (as in a DataLoader worker) for each policy, in
-alternating rounds, to tell whether the loader workers can keep up with a GPU:
+tensor form; an auto-augment policy runs per image (torchvision / timm ops, ``augment_on="workers"``)
+or, with ``batched=True`` (what ``augment_on="device"`` runs on the GPU), as batched tensor ops.
+This times one batch of CIFAR-sized uint8 images on one thread (as in a DataLoader worker) for
+each policy and path, in alternating rounds, to tell whether the loader workers can keep up with
+a GPU:
 
     python benchmarks/augment_cost.py                 # 32x32, batch 512, the GPU recipe's policies
     python benchmarks/augment_cost.py --size 224 --batch-size 64
@@ -39,8 +41,11 @@ def main() -> None:
     images = torch.randint(0, 256, (args.batch_size, 3, args.size, args.size), dtype=torch.uint8)
     batch = [(image, 0) for image in images]
     transforms = {
-        name: BatchTrainTransform(args.size, scale=(0.35, 1.0), auto_augment=policy, re_prob=args.re_prob)
+        f"{name}, {'batched' if batched else 'per image'}": BatchTrainTransform(
+            args.size, scale=(0.35, 1.0), auto_augment=policy, re_prob=args.re_prob, batched=batched
+        )
         for name, policy in POLICIES.items()
+        for batched in (False, True)
     }
     seconds: dict[str, list[float]] = {name: [] for name in transforms}
     for _ in range(args.rounds):
@@ -49,7 +54,7 @@ def main() -> None:
             transform(batch)
             seconds[name].append(time.perf_counter() - start)
     print(f"{args.batch_size} images of {args.size}x{args.size}, 1 thread, median of {args.rounds} rounds")
-    print("| collate | images/s per core |\n|---|---:|")
+    print("| augmentation, path | images/s per core |\n|---|---:|")
     for name, values in seconds.items():
         print(f"| {name} | {args.batch_size / statistics.median(values):,.0f} |")
 

@@ -161,6 +161,56 @@ def test_mixup_in_training_only_and_classes_in_the_checkpoint(shapes, tmp_path):
         other.load_state_dict(renamed)
 
 
+def test_device_augmentation_workers_stack_uint8_and_the_batch_hook_augments(shapes, tmp_path):
+    dm = make_dm(shapes, cache=True, augment_on="device", auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.5)
+    dm.setup("fit")
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.dtype == torch.uint8 and images.shape == (8, 3, 16, 16) and labels.dtype == torch.int64
+    val_images, _ = next(iter(dm.val_dataloader()))
+    assert val_images.dtype == torch.float32  # evaluation batches are finished in the loader as before
+
+    class Probe(_Probe):
+        def training_step(self, batch, batch_idx):
+            self.seen.setdefault("images", []).append(batch[0])
+            return super().training_step(batch, batch_idx)
+
+    model = Probe(dm.num_classes)
+    _trainer(tmp_path, limit_train_batches=3).fit(model, datamodule=dm)
+    seen = model.seen["images"]
+    assert len(seen) == 3 and all(x.dtype == torch.float32 and x.shape == (8, 3, 16, 16) for x in seen)
+    # normalised with ImageNet statistics: values well below 0 and above 1 appear
+    assert min(float(x.min()) for x in seen) < -1.0 and max(float(x.max()) for x in seen) > 1.5
+    assert all(t.dtype == torch.int64 for t in model.seen["val"])
+
+
+def test_device_augmentation_then_mixup(shapes, tmp_path):
+    dm = make_dm(shapes, cache=True, augment_on="device", mixup_alpha=0.8)
+    model = _Probe(dm.num_classes)
+    _trainer(tmp_path).fit(model, datamodule=dm)
+    assert all(t.shape == (8, 5) and t.dtype == torch.float32 for t in model.seen["train"])
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"augment_on": "device"}, "turn the tensor cache on"),
+        ({"augment_on": "gpu", "cache": True}, "'workers' or 'device', got 'gpu'"),
+    ],
+)
+def test_device_augmentation_needs_the_cache(shapes, options, match):
+    with pytest.raises(ValueError, match=match):
+        make_dm(shapes, **options)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [({"auto_augment": "augmix"}, "augmix.*no batched version"), ({"color_jitter": (0, 0, 0, 0.2)}, "hue")],
+)
+def test_device_augmentation_refuses_what_it_cannot_batch_when_built(shapes, options, match):
+    with pytest.raises(ValueError, match=match):
+        make_dm(shapes, cache=True, augment_on="device", **options)
+
+
 def test_model_summary_of_a_classifier_with_mixup(shapes, tmp_path):
     # Lightning sends the classifier's example image (a bare tensor, for the summary's FLOPs) through
     # the data module's batch hook while training: Mixup must leave it alone, and still mix batches

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -59,3 +61,14 @@ def test_arrays_become_a_tensor_cache_with_batch_transforms(tmp_path, monkeypatc
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
     x, y = next(iter(dm.val_dataloader()))
     assert y.tolist() == [0, 1, 2, 3]
+    # augment_on="device": the loader only stacks uint8 images; the batch hook augments in training
+    on_device = TorchvisionDataModule(
+        "cifar10", root=str(tmp_path), batch_size=4, num_workers=0, augment_on="device"
+    )
+    on_device.setup("fit")
+    images, labels = next(iter(on_device.train_dataloader()))
+    assert images.dtype == torch.uint8 and images.shape == (4, 3, 32, 32)
+    on_device.trainer = SimpleNamespace(training=True)
+    x, y = on_device.on_after_batch_transfer((images, labels), 0)
+    assert x.dtype == torch.float32 and x.shape == (4, 3, 32, 32) and torch.equal(y, labels)
+    assert next(iter(on_device.val_dataloader()))[0].dtype == torch.float32

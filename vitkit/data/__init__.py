@@ -10,6 +10,8 @@ Public surface:
   the pieces, usable without Lightning.
 - :func:`build_train_transform`, :func:`build_eval_transform`, :func:`resolve_data_config`,
   :class:`BatchMixer`: preprocessing (torchvision v2 / timm).
+- :class:`BatchRandAugment`: RandAugment / TrivialAugment on a whole batch, on its device, each
+  image with its own draw (``augment_on="device"`` in the data modules; :mod:`.batch_augment`).
 - :class:`TorchvisionDataModule`: CIFAR-10 / CIFAR-100 by name (downloads only when asked).
 - :func:`pack_image_folder` (``vitkit data pack``), :class:`StreamingDataModule`: streaming shards
   (litdata chunks or WebDataset tars, ``pip install 'vitkit[stream]'``) for data beyond one disk;
@@ -18,6 +20,7 @@ Public surface:
   with ground-truth object masks.
 """
 
+from .batch_augment import BatchRandAugment
 from .cache import TensorCache, load_or_build_tensor_cache
 from .datamodule import ImageFolderDataModule
 from .decode import DecodeError, load_rgb
@@ -48,6 +51,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "SHAPE_CLASSES",
     "BatchMixer",
+    "BatchRandAugment",
     "DataConfig",
     "DecodeError",
     "DecodeErrorLog",

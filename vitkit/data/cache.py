@@ -12,7 +12,10 @@ Batches are augmented as tensors by the DataLoader's ``collate_fn``: :class:`Bat
 draws one random-resized-crop box per image and resamples them all with one
 ``torchvision.ops.roi_align`` call (bilinear, averaging several samples per output pixel when
 shrinking), flips, normalises and erases in batch form; :class:`BatchEvalTransform` resizes and
-centre-crops the batch with torchvision's functional ops.
+centre-crops the batch with torchvision's functional ops. With ``batched=True`` the auto-augment
+policy, colour jitter and erasing are batched too (:mod:`vitkit.data.batch_augment`), so that
+:meth:`BatchTrainTransform.augment` can run on the GPU after the loader has only stacked the uint8
+images (:func:`stack_batch`; the data modules' ``augment_on="device"``).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from .batch_augment import BatchRandAugment, batch_color_jitter, batch_random_erasing, device_constant
 from .decode import DecodeError, load_rgb
 from .errors import DecodeErrorLog
 from .transforms import (
@@ -293,15 +297,17 @@ def random_resized_crop_boxes(
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     trials: int = 10,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """``n`` boxes (x1, y1, x2, y2) sampled as torchvision's RandomResizedCrop does, all at once.
 
     Per box: area ~ U(scale)·H·W and log aspect ~ U(log ratio); the first of ``trials`` draws that
-    fits is used, else the centre crop clamped to ``ratio``; the position is uniform.
+    fits is used, else the centre crop clamped to ``ratio``; the position is uniform. The draws are
+    made on ``device`` (default CPU), so boxes for a batch on a GPU never pass through the host.
     """
     area = height * width
-    target = area * torch.empty(n, trials).uniform_(*scale)
-    aspect = torch.exp(torch.empty(n, trials).uniform_(math.log(ratio[0]), math.log(ratio[1])))
+    target = area * torch.empty(n, trials, device=device).uniform_(*scale)
+    aspect = torch.exp(torch.empty(n, trials, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])))
     w = torch.sqrt(target * aspect).round()
     h = torch.sqrt(target / aspect).round()
     fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
@@ -318,19 +324,25 @@ def random_resized_crop_boxes(
     any_fit = fits.any(dim=1)
     w = torch.where(any_fit, w, torch.full_like(w, fw))
     h = torch.where(any_fit, h, torch.full_like(h, fh))
-    left = torch.floor(torch.rand(n) * (width - w + 1))
-    top = torch.floor(torch.rand(n) * (height - h + 1))
+    left = torch.floor(torch.rand(n, device=device) * (width - w + 1))
+    top = torch.floor(torch.rand(n, device=device) * (height - h + 1))
     return torch.stack([left, top, left + w, top + h], dim=1)
 
 
 def _normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], scale: float) -> torch.Tensor:
     """(x / scale - mean) / std per channel, in one multiply-add."""
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    return torch.addcmul(-mean_t / std_t, x.float(), 1.0 / (scale * std_t))
+    x = x.float()
+    shift = device_constant([-m / s for m, s in zip(mean, std, strict=True)], like=x).view(1, 3, 1, 1)
+    factor = device_constant([1.0 / (scale * s) for s in std], like=x).view(1, 3, 1, 1)
+    return torch.addcmul(shift, x, factor)
 
 
-def _stack(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_batch(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``collate_fn`` that only stacks: list of (uint8 image, label) -> (uint8 (B, 3, S, S), labels (B,)).
+
+    What the loader workers do when the augmentation runs on the device (see
+    :meth:`BatchTrainTransform.augment`): a quarter of the bytes of a float batch cross to the GPU.
+    """
     images = torch.stack([image for image, _ in batch])
     labels = torch.tensor([label for _, label in batch], dtype=torch.int64)
     return images, labels
@@ -340,9 +352,14 @@ class BatchTrainTransform:
     """``collate_fn`` for training on cached uint8 images: list of (image, label) -> (x, labels).
 
     x = normalise(erase(jitter(augment(flip(random_resized_crop(images)))))), float32 (B, 3, H, W).
-    Crops and flips are per image but computed in batch form; an auto-augment policy and colour
-    jitter, when asked for, run per image (v2 / timm ops on uint8 tensors), which is slower.
-    Random numbers come from the torch / Python RNGs of the process (seeded per DataLoader worker).
+    Crops and flips are per image but computed in batch form. An auto-augment policy, colour jitter
+    and random erasing run per image with torchvision v2 / timm ops by default; with
+    ``batched=True`` they run as batched tensor ops (:mod:`vitkit.data.batch_augment`: per-image
+    draws, no loop over images), which is what lets :meth:`augment` run on a GPU; ``select`` says
+    how those ops give each image its own result ("auto": without any host read on a GPU, only
+    the drawn work on a CPU; see :class:`~vitkit.data.batch_augment.BatchRandAugment`).
+    Random numbers come from the torch / Python RNGs of the process (seeded per DataLoader worker),
+    on the device of the images.
     """
 
     def __init__(
@@ -359,10 +376,25 @@ class BatchTrainTransform:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         interpolation: str = "bilinear",
+        batched: bool = False,
+        select: str = "auto",
     ) -> None:
         self.img_size = img_size
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
         self.mean, self.std = tuple(mean), tuple(std)
+        self.batched = batched
+        self.per_image = self.policy = None
+        self.jitter: tuple[float, float, float] | None = None
+        self.erase: RandomErasing | None = None
+        self.re_prob, self.re_mode, self.select = re_prob, re_mode, select
+        if batched:
+            if auto_augment is not None and auto_augment.lower() not in ("", "none"):
+                fill = tuple(min(255.0, round(255 * m)) for m in mean)
+                self.policy = BatchRandAugment.from_name(auto_augment, fill=fill, select=select)
+            self.jitter = _jitter_strengths(color_jitter)
+            if re_prob > 0 and re_mode not in ("pixel", "rand", "const"):
+                raise ValueError(f"Random erasing mode must be 'pixel', 'rand' or 'const', got {re_mode!r}.")
+            return
         steps = build_auto_augment(auto_augment, img_size, mean, interpolation)
         jitter = build_color_jitter(color_jitter)
         if jitter is not None:
@@ -371,21 +403,47 @@ class BatchTrainTransform:
         self.erase = RandomErasing(re_prob, mode=re_mode, device="cpu") if re_prob > 0 else None
 
     def __call__(self, batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = _stack(batch)
+        images, labels = stack_batch(batch)
+        return self.augment(images), labels
+
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, S, S) on any device -> augmented, normalised float32 (B, 3, img_size, img_size)."""
         n, _, height, width = images.shape
-        boxes = random_resized_crop_boxes(n, height, width, self.scale, self.ratio)
-        rois = torch.cat([torch.arange(n, dtype=torch.float32).unsqueeze(1), boxes], dim=1)
+        device = images.device
+        boxes = random_resized_crop_boxes(n, height, width, self.scale, self.ratio, device=device)
+        rois = torch.cat([torch.arange(n, dtype=torch.float32, device=device).unsqueeze(1), boxes], dim=1)
         x = roi_align(images.float(), rois, (self.img_size, self.img_size), sampling_ratio=-1, aligned=True)
         if self.hflip > 0:
-            flip = torch.rand(n) < self.hflip
-            x[flip] = x[flip].flip(-1)
+            flip = torch.rand(n, device=device) < self.hflip
+            x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+        if self.policy is not None:
+            x = self.policy(x)
+        if self.jitter is not None:
+            x = batch_color_jitter(x, *self.jitter)
         if self.per_image is not None:
             x = x.round_().clamp_(0, 255).to(torch.uint8)
             x = torch.stack([self.per_image(image).as_subclass(torch.Tensor) for image in x])
         x = _normalize(x, self.mean, self.std, 255.0)
         if self.erase is not None:
             x = self.erase(x)
-        return x, labels
+        elif self.batched and self.re_prob > 0:
+            x = batch_random_erasing(x, self.re_prob, self.re_mode, select=self.select)
+        return x
+
+
+def _jitter_strengths(value: float | Sequence[float]) -> tuple[float, float, float] | None:
+    """color_jitter as (brightness, contrast, saturation) for the batched path (no hue there)."""
+    strengths = [float(value)] * 3 if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(strengths) not in (3, 4):
+        raise ValueError(
+            f"color_jitter is a float or (brightness, contrast, saturation[, hue]), got {value}."
+        )
+    if len(strengths) == 4 and strengths[3] > 0:
+        raise ValueError(
+            f"color_jitter {tuple(value)} asks for hue jitter, which has no batched version; "
+            "drop the hue or augment per image in the loader workers (augment_on='workers')."
+        )
+    return tuple(strengths[:3]) if any(v > 0 for v in strengths[:3]) else None
 
 
 class BatchEvalTransform:
@@ -407,7 +465,7 @@ class BatchEvalTransform:
         self.interpolation = interpolation_mode(interpolation)
 
     def __call__(self, batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = _stack(batch)
+        images, labels = stack_batch(batch)
         if min(images.shape[-2:]) != self.resize_size:
             images = TF.resize(images, self.resize_size, interpolation=self.interpolation, antialias=True)
         images = TF.center_crop(images, [self.img_size, self.img_size])

@@ -9,7 +9,8 @@ reaches the device, in :meth:`on_after_batch_transfer`, training only).
 
 Two input paths with the same batches: decoding files on the fly (any dataset size), or with
 ``cache=True`` / ``"memory"`` / ``"disk"`` / a folder, decoding once into a uint8 tensor and
-augmenting whole batches as tensors (:mod:`vitkit.data.cache`; for datasets that fit in RAM).
+augmenting whole batches as tensors (:mod:`vitkit.data.cache`; for datasets that fit in RAM), in
+the loader workers or, with ``augment_on="device"``, on the GPU after the transfer.
 The class list is saved in the checkpoint (hyper-parameter ``classes`` and :meth:`state_dict`).
 """
 
@@ -33,6 +34,7 @@ from .cache import (
     TensorCache,
     default_cache_dir,
     load_or_build_tensor_cache,
+    stack_batch,
 )
 from .errors import DecodeErrorLog
 from .folder import (
@@ -68,6 +70,25 @@ def auto_num_workers(max_workers: int = 8) -> int:
     return max(0, min(max_workers, available_cpus() - 1))
 
 
+AUGMENT_ON = ("workers", "device")
+
+
+def check_augment_on(
+    augment_on: str, cached: bool, auto_augment: str | None = None, color_jitter: Any = 0.0
+) -> None:
+    """Raise ValueError unless ``augment_on`` is one of :data:`AUGMENT_ON` and possible with these
+    options (the cache, and a policy and colour jitter that have a batched version)."""
+    if augment_on not in AUGMENT_ON:
+        raise ValueError(f"augment_on must be 'workers' or 'device', got {augment_on!r}.")
+    if augment_on == "device" and not cached:
+        raise ValueError(
+            "augment_on='device' augments batches of cached uint8 images on the training device; "
+            "turn the tensor cache on (cache=True, --data.cache memory) or use augment_on='workers'."
+        )
+    if augment_on == "device":
+        BatchTrainTransform(8, auto_augment=auto_augment, color_jitter=color_jitter, batched=True)
+
+
 class _ImageDataModule(L.LightningDataModule):
     """What vitkit's image data modules share: the training augmentation options, the preprocessing
     (a :class:`DataConfig`, adopted from the model's ``pretrained_cfg`` unless given) and batch-level
@@ -77,6 +98,7 @@ class _ImageDataModule(L.LightningDataModule):
     """
 
     _mixer: BatchMixer | None = None
+    _device_augment: BatchTrainTransform | None = None
     data_config: DataConfig
 
     @property
@@ -137,15 +159,34 @@ class _ImageDataModule(L.LightningDataModule):
         train = build_train_transform(cfg.img_size, **common, **self.train_options)
         return train, build_eval_transform(cfg.img_size, crop_pct=cfg.crop_pct, **common)
 
+    @property
+    def augment_on(self) -> str:
+        """Where training batches are augmented: "workers" (in the loader) or "device" (after transfer)."""
+        return self.hparams.get("augment_on", "workers")
+
+    def _train_collate(self, transform: BatchTrainTransform) -> Any:
+        """The training loader's ``collate_fn`` for cached images: the whole augmentation, or (with
+        ``augment_on="device"``) a plain stack, the augmentation then running in
+        :meth:`on_after_batch_transfer`."""
+        if self.augment_on == "device":
+            self._device_augment = transform
+            return stack_batch
+        return transform
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Mixup / CutMix on training batches (on the device): int targets -> soft (B, C)."""
+        """Training batches, on the device: the augmentation when ``augment_on="device"`` (uint8
+        images in, normalised float out), then Mixup / CutMix (int targets -> soft (B, C))."""
         trainer = self.trainer
         # (not the model's example_input_array, a bare tensor Lightning also passes through this hook)
         labelled = isinstance(batch, list | tuple)
-        if self.mixer is not None and trainer is not None and trainer.training and labelled:
-            images, targets = batch
+        if trainer is None or not trainer.training or not labelled:
+            return batch
+        images, targets = batch
+        if self._device_augment is not None and images.dtype == torch.uint8:
+            images = self._device_augment.augment(images)
+        if self.mixer is not None:
             return self.mixer(images, targets)
-        return batch
+        return images, targets
 
     def state_dict(self) -> dict[str, Any]:
         return {"classes": self.classes, "data_config": asdict(self.data_config)}
@@ -167,6 +208,12 @@ class ImageFolderDataModule(_ImageDataModule):
             uint8 tensor; "disk" also saves it under ``~/.cache/vitkit/tensor-cache`` (or
             ``$VITKIT_CACHE_DIR``); any other string is the folder to save it in.
         cache_size: the square size images are cached at; default ``floor(img_size / crop_pct)``.
+        augment_on: with the cache, where training batches are augmented: "workers" (in the
+            loader processes; auto-augment and colour jitter per image with torchvision / timm ops)
+            or "device" (the workers only gather uint8 images; crop, flip, auto-augment, colour
+            jitter and erasing run as batched tensor ops on the training device, after the
+            transfer: :mod:`vitkit.data.batch_augment`). "device" is the fast path on a GPU; it
+            takes "randaugment", "trivialaugment" and timm "rand-..." policies, no hue jitter.
         scale, ratio: RandomResizedCrop area and aspect ranges.
         hflip: horizontal flip probability.
         auto_augment: "randaugment", "trivialaugment", "autoaugment", "augmix", "3augment" or a timm
@@ -197,6 +244,7 @@ class ImageFolderDataModule(_ImageDataModule):
         num_workers: int | None = None,
         cache: bool | str = False,
         cache_size: int | None = None,
+        augment_on: str = "workers",
         scale: tuple[float, float] = (0.08, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
@@ -228,6 +276,7 @@ class ImageFolderDataModule(_ImageDataModule):
                 self.hparams[key] = str(value)
         if cache not in (False, True, "memory", "disk") and not isinstance(cache, (str, os.PathLike)):
             raise ValueError(f"cache must be False, True, 'memory', 'disk' or a folder, got {cache!r}.")
+        check_augment_on(augment_on, bool(cache), auto_augment, color_jitter)
         self.root = Path(root).expanduser()
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -377,7 +426,13 @@ class ImageFolderDataModule(_ImageDataModule):
         common = {"mean": cfg.mean, "std": cfg.std}
         # The cache is already at floor(img_size / crop_pct); a tensor resize supports bilinear / bicubic.
         interpolation = cfg.interpolation if cfg.interpolation in ("bilinear", "bicubic") else "bilinear"
-        train = BatchTrainTransform(cfg.img_size, **common, **self.train_options, interpolation="bilinear")
+        train = BatchTrainTransform(
+            cfg.img_size,
+            **common,
+            **self.train_options,
+            interpolation="bilinear",
+            batched=self.augment_on == "device",
+        )
         return train, BatchEvalTransform(
             cfg.img_size, crop_pct=cfg.crop_pct, interpolation=interpolation, **common
         )
@@ -395,7 +450,7 @@ class ImageFolderDataModule(_ImageDataModule):
         collate = None
         if isinstance(dataset, CachedTensorDataset):
             train_batch, eval_batch = self._batch_transforms()
-            collate = train_batch if train else eval_batch
+            collate = self._train_collate(train_batch) if train else eval_batch
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 
 from .cache import BatchEvalTransform, BatchTrainTransform, CachedTensorDataset, TensorCache
-from .datamodule import _ImageDataModule, auto_num_workers
+from .datamodule import _ImageDataModule, auto_num_workers, check_augment_on
 from .transforms import resolve_data_config
 
 DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
@@ -78,6 +78,7 @@ class TorchvisionDataModule(_ImageDataModule):
         download: fetch the dataset if it is not in ``root`` (never done otherwise).
         img_size: model input size; default from ``pretrained_cfg``, else the native 32.
         mean, std: default: the dataset's own statistics (or ``pretrained_cfg``'s).
+        augment_on: "workers" or "device" (augment on the GPU), as in ImageFolderDataModule.
         Other arguments as in :class:`~vitkit.data.ImageFolderDataModule`.
     """
 
@@ -90,6 +91,7 @@ class TorchvisionDataModule(_ImageDataModule):
         img_size: int | None = None,
         seed: int = 0,
         num_workers: int | None = None,
+        augment_on: str = "workers",
         scale: tuple[float, float] = (0.08, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
@@ -108,6 +110,7 @@ class TorchvisionDataModule(_ImageDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
+        check_augment_on(augment_on, True, auto_augment, color_jitter)
         key = name.lower().replace("-", "")
         if key not in DATASETS:
             raise ValueError(f"Unknown dataset {name!r}; vitkit knows {', '.join(DATASETS)} by name.")
@@ -160,7 +163,14 @@ class TorchvisionDataModule(_ImageDataModule):
             raise RuntimeError("Call setup() first.")
         cfg = self.data_config
         if train:
-            collate: Any = BatchTrainTransform(cfg.img_size, mean=cfg.mean, std=cfg.std, **self.train_options)
+            transform = BatchTrainTransform(
+                cfg.img_size,
+                mean=cfg.mean,
+                std=cfg.std,
+                **self.train_options,
+                batched=self.augment_on == "device",
+            )
+            collate: Any = self._train_collate(transform)
         else:
             collate = BatchEvalTransform(cfg.img_size, crop_pct=cfg.crop_pct, mean=cfg.mean, std=cfg.std)
         return DataLoader(
