@@ -51,10 +51,14 @@ def test_loop_benchmark_runs_both_loops_on_an_image_folder(tmp_path):
         "model_name": "vit_tiny_patch4_32",
         "model_options": {k: v for k, v in TINY.items() if k != "num_classes"},
     }
+    policy = {"auto_augment": "rand-m9-mstd0.5-inc1"}
     for rate in (
         vitkit_loop(tmp_path, options, batch_size=8, steps=3, workers=0, cache=False),
-        vitkit_loop(tmp_path, options, batch_size=8, steps=3, workers=0, cache=True),
-        plain_loop(tmp_path, options, batch_size=8, steps=3, workers=0),
+        vitkit_loop(tmp_path, options, batch_size=8, steps=3, workers=0, cache=True, **policy),
+        vitkit_loop(
+            tmp_path, options, batch_size=8, steps=3, workers=0, cache=True, augment_on="device", **policy
+        ),
+        plain_loop(tmp_path, options, batch_size=8, steps=3, workers=0, **policy),
     ):
         assert 0 < rate < float("inf")
 

@@ -5,15 +5,18 @@ with the same batch size, optimiser and train transforms, reading the same JPEG 
 same number of workers. The plain side is what a minimal script does:
 ``torchvision.datasets.ImageFolder`` + ``DataLoader`` + a ``for`` loop of forward, backward,
 AdamW step. vitkit runs its ``ImageClassifier`` and ``ImageFolderDataModule`` under a Lightning
-``Trainer`` (folder decoding, and optionally the uint8 tensor cache). The settings alternate, and
+``Trainer``: decoding the folder, from the uint8 tensor cache augmented in the loader workers, and
+from the cache augmented on the device (``augment_on="device"``). ``--auto-augment`` adds a policy
+to every loop (per image in the plain loop's workers, as timm does). The settings alternate, and
 the clock runs from the first training batch to the last, so start-up is not counted. Last, the
 training step alone on a batch already on the device gives the ceiling: a loop's rate over it is
 the fraction of the time its data path keeps the device busy.
 
     python -m vitkit.bench.loop --root ~/.cache/vitkit/cifar10 --steps 60 --rounds 2
     python -m vitkit.bench.loop --root DIR --model vit_small_patch4_32 --options '{}' \
-        --batch-size 512 --workers 14 --device cuda --precision bf16-mixed
-    python -m vitkit.bench.loop --root DIR ... --steps 40 --profile OUT   # where a step's time goes
+        --batch-size 512 --workers 14 --device cuda --precision bf16-mixed \
+        --auto-augment rand-m9-mstd0.5-inc1
+    python -m vitkit.bench.loop --root DIR ... --steps 40 --profile OUT [--augment-on device]
 """
 
 from __future__ import annotations
@@ -65,8 +68,13 @@ def vitkit_loop(
     accelerator: str = "cpu",
     precision: str = "32-true",
     profile: Path | None = None,
+    augment_on: str = "workers",
+    auto_augment: str | None = None,
 ) -> float:
     """Images/s of ``steps`` training steps of vitkit's Trainer (no validation, no checkpoints).
+
+    ``cache``: the uint8 tensor cache instead of decoding files; ``augment_on``: where the cached
+    batches are augmented ("workers" or "device").
 
     ``profile``: a folder for Lightning's ``PyTorchProfiler`` report of up to 10 steps after 5 of
     warm-up (an op table sorted by device or CPU time, and a Chrome trace); the rate is then the
@@ -86,7 +94,9 @@ def vitkit_loop(
         img_size=32,
         num_workers=workers,
         cache="memory" if cache else False,
+        augment_on=augment_on,
         scale=(0.6, 1.0),
+        auto_augment=auto_augment,
         crop_pct=1.0,
     )
     clock = _Clock()
@@ -129,6 +139,7 @@ def plain_loop(
     workers: int,
     device: str = "cpu",
     precision: str = "32-true",
+    auto_augment: str | None = None,
 ) -> float:
     """Images/s of the same training with timm's model in a minimal PyTorch loop."""
     import vitkit
@@ -136,7 +147,7 @@ def plain_loop(
     torch.manual_seed(0)
     model = timm_twin(vitkit.create_model(options["model_name"], num_classes=10, **options["model_options"]))
     model.to(device)
-    transform = build_train_transform(32, scale=(0.6, 1.0))
+    transform = build_train_transform(32, scale=(0.6, 1.0), auto_augment=auto_augment)
     loader = DataLoader(
         ImageFolder(str(root / "train"), transform=transform),
         batch_size=batch_size,
@@ -201,6 +212,15 @@ def loop_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     parser.add_argument(
+        "--auto-augment", default=None, help="a policy for every loop, e.g. rand-m9-mstd0.5-inc1"
+    )
+    parser.add_argument(
+        "--augment-on",
+        default="workers",
+        choices=["workers", "device"],
+        help="with --profile: where the cached batches are augmented",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         default=None,
@@ -214,18 +234,30 @@ def loop_main(argv: Sequence[str] | None = None) -> int:
     rates: dict[str, list[float]] = {
         "vitkit (folder)": [],
         "vitkit (tensor cache)": [],
+        "vitkit (tensor cache, augmented on the device)": [],
         "plain timm loop": [],
         "vitkit step only (batch on device)": [],
     }
     common = (args.root, options, args.batch_size, args.steps, args.workers)
+    policy = {"auto_augment": args.auto_augment}
     if args.profile is not None:
-        rate = vitkit_loop(*common, True, accelerator, args.precision, profile=args.profile)
-        print(f"vitkit (tensor cache), profiled: {rate:.1f} images/s; report in {args.profile}")
+        rate = vitkit_loop(
+            *common, True, accelerator, args.precision, args.profile, augment_on=args.augment_on, **policy
+        )
+        print(
+            f"vitkit (tensor cache, augmented in the {args.augment_on}), profiled: "
+            f"{rate:.1f} images/s; report in {args.profile}"
+        )
         return 0
     for _ in range(args.rounds):
-        rates["vitkit (folder)"].append(vitkit_loop(*common, False, accelerator, args.precision))
-        rates["vitkit (tensor cache)"].append(vitkit_loop(*common, True, accelerator, args.precision))
-        rates["plain timm loop"].append(plain_loop(*common, args.device, args.precision))
+        for name, cache, augment_on in (
+            ("vitkit (folder)", False, "workers"),
+            ("vitkit (tensor cache)", True, "workers"),
+            ("vitkit (tensor cache, augmented on the device)", True, "device"),
+        ):
+            rate = vitkit_loop(*common, cache, accelerator, args.precision, augment_on=augment_on, **policy)
+            rates[name].append(rate)
+        rates["plain timm loop"].append(plain_loop(*common, args.device, args.precision, **policy))
         rates["vitkit step only (batch on device)"].append(
             step_only(options, args.batch_size, args.steps, args.device, args.precision)
         )
@@ -233,7 +265,7 @@ def loop_main(argv: Sequence[str] | None = None) -> int:
     ceiling = statistics.median(rates["vitkit step only (batch on device)"])
     print(
         f"{args.model} {options['model_options']}, batch {args.batch_size}, {args.steps} steps, "
-        f"{args.workers} workers, {torch.get_num_threads()} threads"
+        f"{args.workers} workers, {torch.get_num_threads()} threads, auto-augment {args.auto_augment}"
     )
     print("| loop | images/s (median) | vs plain | device busy (vs step only) |\n|---|---|---|---|")
     for name, values in rates.items():
