@@ -81,3 +81,21 @@ def test_loop_benchmark_profiles_vitkits_loop_into_a_report(tmp_path):
     text = reports[0].read_text()
     assert "aten::" in text and "Self CPU" in text  # an op table, not an empty file
     assert list((tmp_path / "p").glob("*.json"))  # the Chrome trace
+
+
+def test_bench_passes_the_compile_mode_to_both_models(monkeypatch):
+    from vitkit.bench import speed
+
+    modes = []
+
+    def fake_compile(model, mode=None):
+        modes.append(mode)
+        return model
+
+    monkeypatch.setattr(speed.torch, "compile", fake_compile)
+    options = {k: v for k, v in TINY.items() if k != "num_classes"}
+    argv = "--model vit_tiny_patch4_32 --batch-size 2 --modes infer --rounds 1 --iters 1 --device cpu"
+    assert speed.bench_main([*argv.split(), "--compile-mode", "max-autotune-no-cudagraphs"]) == 0
+    assert modes == ["max-autotune-no-cudagraphs"] * 2
+    speed.compare("vit_tiny_patch4_32", 2, modes=("infer",), rounds=1, iters=1, **options)
+    assert len(modes) == 2  # no compile unless asked

@@ -126,20 +126,25 @@ def compare(
     device: str = "cpu",
     fused_attn: bool = True,
     compile: bool = False,
+    compile_mode: str | None = None,
     rounds: int = 5,
     iters: int = 5,
     warmup: int = 3,
     peak_tflops: float | None = None,
     **model_options,
 ) -> list[SpeedResult]:
-    """Time vitkit and its timm twin, alternating ``rounds`` times; median images/s per setting."""
+    """Time vitkit and its timm twin, alternating ``rounds`` times; median images/s per setting.
+
+    ``compile_mode``: torch.compile's ``mode`` (e.g. "max-autotune-no-cudagraphs": Triton matmul
+    templates with fused epilogues, a longer first compilation), with ``compile=True``.
+    """
     dev = torch.device(device)
     torch.manual_seed(0)
     ours = vitkit.create_model(model_name, fused_attn=fused_attn, **model_options).to(dev)
     theirs = timm_twin(ours.cpu()).to(dev)
     ours.to(dev)
     eager = {"vitkit": ours, "timm": theirs}
-    models = {k: torch.compile(m) for k, m in eager.items()} if compile else eager
+    models = {k: torch.compile(m, mode=compile_mode) for k, m in eager.items()} if compile else eager
     x = torch.randn(batch_size, ours.patch_embed.in_chans, *ours.img_size, device=dev)
     y = torch.randint(0, max(ours.num_classes, 1), (batch_size,), device=dev)
     peak = _peak_tflops(dev, peak_tflops)
@@ -217,6 +222,12 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         help="vitkit takes the explicit softmax path (fused_attn=False); timm keeps its fused kernel",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile's mode, with --compile",
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -234,7 +245,8 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         modes=args.modes,
         device=args.device,
         fused_attn=not args.explicit_attn,
-        compile=args.compile,
+        compile=args.compile or args.compile_mode is not None,
+        compile_mode=args.compile_mode,
         rounds=args.rounds,
         iters=args.iters,
         peak_tflops=args.peak_tflops,
