@@ -103,6 +103,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument(
+        "--augment-on",
+        default="device",
+        choices=["workers", "device"],
+        help="augment the cached batches on the GPU (batched ops) or per image in the loader workers",
+    )
+    parser.add_argument(
         "--max-minutes", type=float, default=None, help="stop (early, mid-schedule) after this wall time"
     )
     parser.add_argument("--limit-train-batches", type=float, default=1.0)
@@ -119,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         img_size=32,
         num_workers=args.workers,
         cache="memory",
+        augment_on=args.augment_on,
         scale=(0.35, 1.0),
         auto_augment=args.auto_augment or None,
         re_prob=args.re_prob,
@@ -132,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     module = ImageClassifier(
         model_name=args.model,
         model_options=json.loads(args.options),
-        num_classes=10,
+        num_classes=data.num_classes,  # 10 for CIFAR-10; any other folder works too
         lr=args.lr,
         lr_batch_size=512,
         weight_decay=args.weight_decay,

@@ -83,6 +83,30 @@ def test_loop_benchmark_profiles_vitkits_loop_into_a_report(tmp_path):
     assert list((tmp_path / "p").glob("*.json"))  # the Chrome trace
 
 
+def test_cifar10_speedrun_script_trains_and_reports_when_the_target_is_reached(tmp_path):
+    # the GPU time-to-accuracy script, on CPU with a tiny model and the shapes data (train/ + val/),
+    # batches augmented by the batched (device) path as on a GPU
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from vitkit.data import make_shapes_dataset
+
+    make_shapes_dataset(tmp_path / "data", num_train=64, num_val=16, img_size=32, seed=0)
+    path = Path(__file__).parents[1] / "benchmarks" / "cifar10_speedrun.py"
+    spec = importlib.util.spec_from_file_location("cifar10_speedrun", path)
+    speedrun = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speedrun)
+    options = json.dumps({k: v for k, v in TINY.items() if k != "num_classes"})
+    argv = "--epochs 2 --batch-size 16 --warmup-epochs 1 --accelerator cpu --precision 32-true --no-compile"
+    argv += f" --workers 0 --target 0.0 --model vit_tiny_patch4_32 --json {tmp_path / 'timeline.json'}"
+    summary = speedrun.main([*argv.split(), "--root", str(tmp_path / "data"), "--options", options])
+    assert [row["epoch"] for row in summary["timeline"]] == [1, 2]
+    assert summary["reached"]["epoch"] == 1 and summary["settings"]["augment_on"] == "device"
+    assert summary["train_images_per_s_after_epoch_1"] > 0
+    assert json.loads((tmp_path / "timeline.json").read_text())["best"] == summary["best"]
+
+
 def test_bench_passes_the_compile_mode_to_both_models(monkeypatch):
     from vitkit.bench import speed
 
