@@ -247,6 +247,35 @@ def test_a_nan_step_never_reaches_the_weights_and_is_reported_by_step(tmp_path, 
     assert not hasattr(optimizer, "found_inf")  # a later fit with this optimiser is not skipped
 
 
+@pytest.mark.parametrize("bad", [2, 3], ids=["first-micro-batch", "second-micro-batch"])
+def test_with_gradient_accumulation_a_nan_in_any_micro_batch_skips_the_whole_step(tmp_path, bad):
+    # two batches per optimiser step: batches 2 and 3 make step 1. A NaN in either leaves the
+    # weights and optimiser state as they were after step 0, and the message names the bad batch.
+    snapshot = _Snapshot(at=2)
+    trainer = _trainer(tmp_path, max_epochs=1, accumulate_grad_batches=2, callbacks=[snapshot])
+    module = _module()
+    with pytest.raises(NonFiniteLossError, match=rf"loss is nan at step 1 \(epoch 0, batch {bad}, lr"):
+        trainer.fit(module, datamodule=_NaNBatch(bad=bad))
+    for name, value in module.model.state_dict().items():
+        torch.testing.assert_close(value, snapshot.weights[name], rtol=0, atol=0, msg=name)
+    assert (
+        [float(s["step"]) for s in trainer.optimizers[0].state.values()]
+        == snapshot.steps
+        == [1.0] * len(snapshot.steps)
+    )
+
+
+def test_accumulated_steps_do_not_wait_for_their_own_results(tmp_path):
+    counter = _CountReadsPerStep()
+    trainer = _trainer(
+        tmp_path, max_epochs=1, limit_val_batches=0, accumulate_grad_batches=2, callbacks=[counter]
+    )
+    module = _module()
+    trainer.fit(module, datamodule=QuadrantData(n=256))
+    assert counter.per_step[1:] == [0] * 10  # batch windows 2..11: micro-batches of 5 steps
+    assert trainer.global_step == 6 and not hasattr(trainer.optimizers[0], "found_inf")
+
+
 def test_a_nan_in_the_last_batch_of_the_run_is_reported(tmp_path):
     data = _NaNBatch(bad=5)  # 96 training images = 6 batches: the last one is bad
     with pytest.raises(NonFiniteLossError, match=r"at step 5 "):

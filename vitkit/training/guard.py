@@ -4,8 +4,7 @@ The obvious guard, ``if not torch.isfinite(loss): raise``, reads a device tensor
 stops until every kernel queued so far has run, and the GPU then idles while the CPU prepares the
 next step. :class:`NonFiniteLossGuard` keeps the same promise (the weights never take a step computed
 from a non-finite loss, and the run stops with the step, epoch and learning rate in the message)
-without that wait on the fast path — one process, fused AdamW, no fp16 loss scaler, no gradient
-accumulation:
+without that wait on the fast path — fused AdamW and no fp16 loss scaler:
 
 1. the loss's finiteness is computed on the device and handed to the fused optimiser as
    ``found_inf``, the hook PyTorch's ``GradScaler`` uses: a non-finite step leaves the weights and the
@@ -14,6 +13,10 @@ accumulation:
    one step later: by then that copy has long finished, so waiting for its event does not drain the
    queue (``loss.item()`` would wait for everything queued on the stream, this step's work included).
    A non-finite loss raises :class:`NonFiniteLossError` naming the step where it went bad.
+
+Gradient accumulation changes nothing: a bad micro-batch that is not the last of its step is
+reported at the next micro-batch, before the step that would apply it; the last one's own flag
+skips the step.
 
 In every other setting the loss is checked at once, as a plain training loop does.
 
@@ -64,12 +67,11 @@ class NonFiniteLossGuard:
         self._armed: torch.optim.Optimizer | None = None  # the optimiser whose found_inf we set
 
     @staticmethod
-    def can_defer(optimizer: torch.optim.Optimizer | None, single_step_source: bool, scaler: object) -> bool:
-        """True when a bad step can be skipped on the device: a fused Adam/AdamW, a step made from
-        this one loss (no gradient accumulation: an earlier micro-batch's flag would be overwritten),
-        and no GradScaler (it owns ``found_inf``)."""
+    def can_defer(optimizer: torch.optim.Optimizer | None, scaler: object) -> bool:
+        """True when a bad step can be skipped on the device: a fused Adam/AdamW and no GradScaler
+        (it owns ``found_inf``)."""
         fused = optimizer is not None and bool(optimizer.defaults.get("fused"))
-        return fused and single_step_source and scaler is None
+        return fused and scaler is None
 
     def check(
         self,

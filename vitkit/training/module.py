@@ -185,12 +185,7 @@ class ImageClassifier(L.LightningModule):
         )
         lr = optimizer.param_groups[0]["lr"] if optimizer is not None else float("nan")
         where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx}, lr {lr:.3g})"
-        defer = self._trainer is not None and NonFiniteLossGuard.can_defer(
-            optimizer,
-            # one batch per step: the flag then covers everything the step applies
-            single_step_source=self.trainer.accumulate_grad_batches == 1,
-            scaler=self._loss_scaler(),
-        )
+        defer = self._trainer is not None and NonFiniteLossGuard.can_defer(optimizer, self._loss_scaler())
         several = self._trainer is not None and self.trainer.world_size > 1 and dist.is_initialized()
         reduce = any_process if several else None
         return self._loss_guard.check(loss, where, optimizer if defer else None, reduce)
