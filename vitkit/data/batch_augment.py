@@ -324,9 +324,6 @@ _TIMM_CHOICE_WEIGHTS = {
     "Invert": 0.0,
 }
 
-BATCHED_POLICY_NAMES = ("randaugment", "trivialaugment", "rand-...")
-"""Policies :class:`BatchRandAugment` can build; timm's ``rand-`` strings take any of their options."""
-
 
 class BatchRandAugment:
     """RandAugment on a batch: ``num_layers`` rounds, in each of which every image draws one
@@ -376,7 +373,7 @@ class BatchRandAugment:
         self.num_layers = num_layers
         self.prob = prob
         self.sample_level = sample_level or (lambda n, device: torch.ones(n, device=device))
-        self.weights = None if weights is None else torch.tensor(weights, dtype=torch.float32)
+        self.weights = None if weights is None else [float(w) for w in weights]
         self.fill = fill
         self.select = select
 
@@ -441,10 +438,8 @@ class BatchRandAugment:
         """(n, num_layers) operation indices."""
         if self.weights is None:
             return torch.randint(len(self.ops), (n, self.num_layers), device=device)
-        weights = repeat(
-            device_constant(self.weights.tolist(), like=torch.empty(0, device=device)), "k -> n k", n=n
-        )
-        return torch.multinomial(weights, self.num_layers, replacement=False)
+        weights = device_constant(self.weights, like=torch.empty(0, device=device))
+        return torch.multinomial(repeat(weights, "k -> n k", n=n), self.num_layers, replacement=False)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x float (B, 3, H, W) in [0, 255] -> the same shape, each image augmented on its own."""
@@ -458,14 +453,15 @@ class BatchRandAugment:
             level = self.sample_level(n, x.device)
             sign = torch.where(torch.rand(n, device=x.device) < 0.5, -1.0, 1.0)
             out = x.clone() if select == "index" else x
-            if geometric:
+            if geometric:  # one affine matrix per image (identity unless it drew a geometric op)
                 matrix = repeat(torch.eye(2, 3, device=x.device), "i j -> b i j", b=n)
-                for k in geometric:
-                    pick = rearrange(chosen == k, "b -> b 1 1")
-                    matrix = torch.where(pick, self.ops[k].matrix(level, sign, h, w), matrix)
                 is_geometric = torch.zeros_like(applied)
                 for k in geometric:
-                    is_geometric |= chosen == k
+                    pick = chosen == k
+                    matrix = torch.where(
+                        rearrange(pick, "b -> b 1 1"), self.ops[k].matrix(level, sign, h, w), matrix
+                    )
+                    is_geometric |= pick
                 warp = partial(affine_warp, fill=self.fill)
                 out = _replace(out, is_geometric, select, warp, x, matrix)
             for k, op in enumerate(self.ops):
