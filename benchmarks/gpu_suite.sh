@@ -17,8 +17,9 @@
 #                  the speed / MFU / explanation tables (eager ~90 s, compiled ~150-200 s each)
 #
 # On the lent machine (python3 3.12 with torch, timm, lightning, einops, safetensors, torchmetrics),
-# vitkit runs from the working tree: `PYTHONPATH=. bash benchmarks/gpu_suite.sh "$OUT" DATA`, with
-# the CIFAR-10 tarball carried in an ignored folder and extracted first.
+# vitkit runs from the working tree. Here, once: mkdir -p .gpu && cp ../shared/data/cifar10.tar.gz .gpu/
+# && echo /.gpu/ >>.git/info/exclude; then one device call carrying .gpu:
+#     tar -xzf .gpu/cifar10.tar.gz -C /tmp && PYTHONPATH=. bash benchmarks/gpu_suite.sh "$OUT" /tmp/cifar10
 set -u
 out=${1:-gpu_out}
 data=${2:-}
