@@ -222,7 +222,7 @@ def test_random_erasing_one_box_per_image_with_its_probability():
 
 def test_colour_jitter_factors_differ_per_image():
     x = torch.full((500, 3, 4, 4), 100.0)
-    out = ba.batch_color_jitter(x, brightness=0.4)
+    out = ba.batch_color_jitter(x, brightness=(0.6, 1.4))
     ratio = out[:, 0, 0, 0] / 100
     assert ratio.min() >= 0.6 - 1e-5 and ratio.max() <= 1.4 + 1e-5 and ratio.std() > 0.15
     with pytest.raises(ValueError, match="hue"):

@@ -514,20 +514,32 @@ def _uniform_bins(bins: int) -> Callable[[int, torch.device], torch.Tensor]:
 
 
 def batch_color_jitter(
-    x: torch.Tensor, brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0
+    x: torch.Tensor,
+    brightness: tuple[float, float] | None = None,
+    contrast: tuple[float, float] | None = None,
+    saturation: tuple[float, float] | None = None,
 ) -> torch.Tensor:
-    """torchvision's ColorJitter without hue, per image: each factor ~ U[max(0, 1 - s), 1 + s].
+    """torchvision's ColorJitter without hue, per image: each factor ~ U[low, high] of its range
+    (the ranges of a ``v2.ColorJitter``; None leaves that adjustment out).
 
-    The three adjustments run in one random order per batch (torchvision draws one per image).
+    The adjustments run in one random order per batch (torchvision draws one per image).
     """
     n = x.shape[0]
     steps = [(adjust_brightness, brightness), (adjust_contrast, contrast), (adjust_color, saturation)]
     for i in torch.randperm(3).tolist():  # a CPU draw: no device sync
-        fn, strength = steps[i]
-        if strength > 0:
-            low, high = max(0.0, 1.0 - strength), 1.0 + strength
-            x = fn(x, torch.empty(n, device=x.device).uniform_(low, high))
+        fn, bounds = steps[i]
+        if bounds is not None:
+            x = fn(x, torch.empty(n, device=x.device).uniform_(*bounds))
     return x
+
+
+ERASE_MODES = ("pixel", "rand", "const")
+
+
+def check_erase_mode(mode: str) -> None:
+    """Raise ValueError unless ``mode`` is one of :data:`ERASE_MODES`."""
+    if mode not in ERASE_MODES:
+        raise ValueError(f"Random erasing mode must be 'pixel', 'rand' or 'const', got {mode!r}.")
 
 
 def batch_random_erasing(
@@ -547,8 +559,7 @@ def batch_random_erasing(
     (``"const"``). ``select`` as in :class:`BatchRandAugment` ("index" draws noise for the erased
     images only).
     """
-    if mode not in ("pixel", "rand", "const"):
-        raise ValueError(f"Random erasing mode must be 'pixel', 'rand' or 'const', got {mode!r}.")
+    check_erase_mode(mode)
     n, c, h, w = x.shape
     device = x.device
     area = h * w * torch.empty(n, attempts, device=device).uniform_(*scale)
@@ -582,9 +593,5 @@ def batch_random_erasing(
             noise = torch.zeros_like(x)
         return torch.where(mask, noise, x)
 
-    if _resolve_select(select, device) == "where":
-        return fill(x, mask)
-    rows = erase.nonzero().squeeze(1)  # noise for the erased images only
-    out = x.clone()
-    out[rows] = fill(x[rows], mask[rows])
-    return out
+    select = _resolve_select(select, device)
+    return _replace(x.clone() if select == "index" else x, erase, select, fill, x, mask)

@@ -39,7 +39,13 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .batch_augment import BatchRandAugment, batch_color_jitter, batch_random_erasing, device_constant
+from .batch_augment import (
+    BatchRandAugment,
+    batch_color_jitter,
+    batch_random_erasing,
+    check_erase_mode,
+    device_constant,
+)
 from .decode import DecodeError, load_rgb
 from .errors import DecodeErrorLog
 from .transforms import (
@@ -384,16 +390,21 @@ class BatchTrainTransform:
         self.mean, self.std = tuple(mean), tuple(std)
         self.batched = batched
         self.per_image = self.policy = None
-        self.jitter: tuple[float, float, float] | None = None
+        self.jitter: v2.ColorJitter | None = None
         self.erase: RandomErasing | None = None
         self.re_prob, self.re_mode, self.select = re_prob, re_mode, select
         if batched:
             if auto_augment is not None and auto_augment.lower() not in ("", "none"):
                 fill = tuple(min(255.0, round(255 * m)) for m in mean)
                 self.policy = BatchRandAugment.from_name(auto_augment, fill=fill, select=select)
-            self.jitter = _jitter_strengths(color_jitter)
-            if re_prob > 0 and re_mode not in ("pixel", "rand", "const"):
-                raise ValueError(f"Random erasing mode must be 'pixel', 'rand' or 'const', got {re_mode!r}.")
+            self.jitter = build_color_jitter(color_jitter)  # its ranges, drawn per image
+            if self.jitter is not None and self.jitter.hue is not None:
+                raise ValueError(
+                    f"color_jitter {tuple(color_jitter)} asks for hue jitter, which has no batched "
+                    "version; drop the hue or augment per image in the loader workers (augment_on='workers')."
+                )
+            if re_prob > 0:
+                check_erase_mode(re_mode)
             return
         steps = build_auto_augment(auto_augment, img_size, mean, interpolation)
         jitter = build_color_jitter(color_jitter)
@@ -419,7 +430,7 @@ class BatchTrainTransform:
         if self.policy is not None:
             x = self.policy(x)
         if self.jitter is not None:
-            x = batch_color_jitter(x, *self.jitter)
+            x = batch_color_jitter(x, self.jitter.brightness, self.jitter.contrast, self.jitter.saturation)
         if self.per_image is not None:
             x = x.round_().clamp_(0, 255).to(torch.uint8)
             x = torch.stack([self.per_image(image).as_subclass(torch.Tensor) for image in x])
@@ -429,21 +440,6 @@ class BatchTrainTransform:
         elif self.batched and self.re_prob > 0:
             x = batch_random_erasing(x, self.re_prob, self.re_mode, select=self.select)
         return x
-
-
-def _jitter_strengths(value: float | Sequence[float]) -> tuple[float, float, float] | None:
-    """color_jitter as (brightness, contrast, saturation) for the batched path (no hue there)."""
-    strengths = [float(value)] * 3 if isinstance(value, (int, float)) else [float(v) for v in value]
-    if len(strengths) not in (3, 4):
-        raise ValueError(
-            f"color_jitter is a float or (brightness, contrast, saturation[, hue]), got {value}."
-        )
-    if len(strengths) == 4 and strengths[3] > 0:
-        raise ValueError(
-            f"color_jitter {tuple(value)} asks for hue jitter, which has no batched version; "
-            "drop the hue or augment per image in the loader workers (augment_on='workers')."
-        )
-    return tuple(strengths[:3]) if any(v > 0 for v in strengths[:3]) else None
 
 
 class BatchEvalTransform:
