@@ -231,13 +231,13 @@ def loop_main(argv: Sequence[str] | None = None) -> int:
     import json
 
     options = {"model_name": args.model, "model_options": json.loads(args.options)}
-    rates: dict[str, list[float]] = {
-        "vitkit (folder)": [],
-        "vitkit (tensor cache)": [],
-        "vitkit (tensor cache, augmented on the device)": [],
-        "plain timm loop": [],
-        "vitkit step only (batch on device)": [],
+    vitkit_loops = {  # name: (tensor cache, where batches are augmented)
+        "vitkit (folder)": (False, "workers"),
+        "vitkit (tensor cache)": (True, "workers"),
+        "vitkit (tensor cache, augmented on the device)": (True, "device"),
     }
+    names = [*vitkit_loops, "plain timm loop", "vitkit step only (batch on device)"]
+    rates: dict[str, list[float]] = {name: [] for name in names}
     common = (args.root, options, args.batch_size, args.steps, args.workers)
     policy = {"auto_augment": args.auto_augment}
     if args.profile is not None:
@@ -250,11 +250,7 @@ def loop_main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
     for _ in range(args.rounds):
-        for name, cache, augment_on in (
-            ("vitkit (folder)", False, "workers"),
-            ("vitkit (tensor cache)", True, "workers"),
-            ("vitkit (tensor cache, augmented on the device)", True, "device"),
-        ):
+        for name, (cache, augment_on) in vitkit_loops.items():
             rate = vitkit_loop(*common, cache, accelerator, args.precision, augment_on=augment_on, **policy)
             rates[name].append(rate)
         rates["plain timm loop"].append(plain_loop(*common, args.device, args.precision, **policy))
