@@ -338,8 +338,11 @@ def random_resized_crop_boxes(
 def _normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], scale: float) -> torch.Tensor:
     """(x / scale - mean) / std per channel, in one multiply-add."""
     x = x.float()
-    shift = device_constant([-m / s for m, s in zip(mean, std, strict=True)], like=x).view(1, 3, 1, 1)
-    factor = device_constant([1.0 / (scale * s) for s in std], like=x).view(1, 3, 1, 1)
+    # the constants in float32 arithmetic, as they always were (the same bits, the same runs), then
+    # copied to the device once
+    mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+    shift = device_constant((-mean_t / std_t).tolist(), like=x).view(1, 3, 1, 1)
+    factor = device_constant((1.0 / (scale * std_t)).tolist(), like=x).view(1, 3, 1, 1)
     return torch.addcmul(shift, x, factor)
 
 
