@@ -12,6 +12,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import HostReads
+from lightning.pytorch.callbacks import Timer
 from torch.utils.data import DataLoader, TensorDataset
 
 from vitkit.training import (
@@ -139,6 +140,73 @@ def test_warmup_then_cosine_schedule():
     assert schedule(110) == pytest.approx(0.1)
     values = [schedule(s) for s in range(10, 111)]
     assert all(a >= b for a, b in itertools.pairwise(values))
+
+
+def test_a_time_budget_pulls_the_cosine_forward_but_never_back():
+    schedule = warmup_cosine(warmup=10, total=110, min_ratio=0.1)
+    for step in range(10):  # the warmup is by steps only; its end starts the cosine's clock (at 20 s)
+        schedule.observe_time(step, elapsed=2.0 * (step + 1), budget=220.0)
+        assert schedule(step) == pytest.approx((step + 1) / 11)
+    assert (schedule.warmup_time, schedule(10)) == (20.0, pytest.approx(1.0))
+    schedule.observe_time(30, elapsed=120.0, budget=220.0)  # half the post-warmup time, a fifth of the steps
+    assert schedule(30) == pytest.approx(0.1 + 0.9 * 0.5)
+    schedule.observe_time(90, elapsed=60.0, budget=220.0)  # 80% of the steps, a fifth of the time: steps lead
+    assert schedule(90) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.8)))
+    schedule.observe_time(40, elapsed=500.0, budget=220.0)  # past the budget: the floor, not beyond
+    assert schedule(40) == pytest.approx(0.1)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1)], lr=1.0), schedule)
+    restored = warmup_cosine(warmup=10, total=110, min_ratio=0.1)
+    torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1)], lr=1.0), restored).load_state_dict(
+        scheduler.state_dict()
+    )
+    assert (restored.time_progress, restored.warmup_time) == (1.0, 20.0)  # a resumed run keeps its clock
+
+
+class _StepClock(Timer):
+    """A deterministic Timer: each training batch takes 10 s (the clock reads 10 k s during batch k)."""
+
+    def __init__(self, duration: str) -> None:
+        super().__init__(duration=duration, interval="step", verbose=False)
+        self.batches = 0
+
+    def time_elapsed(self, stage: str = "train") -> float:
+        return 10.0 * self.batches if stage == "train" else 0.0
+
+    def on_train_batch_start(self, *args, **kwargs) -> None:
+        self.batches += 1
+
+
+class _LastLR(L.Callback):
+    def on_train_batch_start(self, trainer, *args, **kwargs) -> None:
+        self.used = trainer.optimizers[0].param_groups[0]["lr"]  # the LR this batch trains with
+
+    def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
+        self.lr = trainer.optimizers[0].param_groups[0]["lr"]
+        self.step = trainer.global_step
+
+
+@pytest.mark.parametrize("anneal_by_time", [True, False])
+def test_a_time_limit_ends_training_at_the_lowest_lr_only_when_annealing_by_time(tmp_path, anneal_by_time):
+    # 2 epochs of 24 steps, but 200 s of "time" at 10 s a step: Lightning stops after step 20.
+    last = _LastLR()
+    trainer = _trainer(tmp_path, max_epochs=2, callbacks=[_StepClock("00:00:03:20"), last])
+    module = _module(warmup_steps=4, min_lr=3e-5, anneal_by_time=anneal_by_time)
+    trainer.fit(module, datamodule=QuadrantData())
+    assert last.step == 20
+    if anneal_by_time:
+        assert last.lr == pytest.approx(3e-5)  # the cosine ran its course in the time there was
+        assert last.used < 3e-3 * 0.05  # and the last step trained near the floor
+    else:
+        assert last.used > 3e-3 * 0.5  # cut off a third of the way down the cosine
+
+
+def test_anneal_by_time_without_a_time_limit_warns_and_follows_the_steps(tmp_path):
+    last = _LastLR()
+    trainer = _trainer(tmp_path, max_epochs=1, callbacks=[last])
+    with pytest.warns(UserWarning, match="--trainer.max_time"):
+        trainer.fit(_module(warmup_steps=4, min_lr=3e-5, anneal_by_time=True), datamodule=QuadrantData())
+    assert (last.step, last.lr) == (24, pytest.approx(3e-5))
 
 
 def test_linear_probe_then_unfreeze(tmp_path):

@@ -6,7 +6,8 @@ devices) from the Lightning Trainer and callbacks.
 
 Optimisation follows the ViT/DeiT recipes: AdamW, weight decay on weight matrices only (not on
 norms, biases, position/class/register tokens), optional layer-wise LR decay, linear warmup per
-step then cosine decay to ``min_lr``.
+step then cosine decay to ``min_lr``. With ``anneal_by_time`` and a time limit
+(``--trainer.max_time``), the cosine follows whichever runs out first, the steps or the time.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MetricCollection
@@ -69,6 +71,14 @@ class ImageClassifier(L.LightningModule):
         fused_optimizer: use the fused AdamW kernel where available (the foreach one when the
             trainer clips gradients under 16-mixed: its loss scaler cannot clip a fused optimiser).
         compile: wrap the model in ``torch.compile``.
+        anneal_by_time: with a time limit on training (``--trainer.max_time``, or a ``Timer``
+            callback with a duration), the cosine decay reaches ``min_lr`` when either the steps
+            (``max_epochs``/``max_steps``) or the time run out, whichever comes first. Without
+            it a time limit cuts the schedule off wherever it happens to be. A run then adapts
+            to the machine's speed (a slow day trains fewer epochs, but still anneals), at the
+            price of exact reproducibility: the LR depends on the wall time. Off by default,
+            so that a time limit used as a safety stop (a cluster job resumed later) leaves the
+            schedule alone.
     """
 
     def __init__(
@@ -93,6 +103,7 @@ class ImageClassifier(L.LightningModule):
         unfreeze_at_epoch: int | None = None,
         fused_optimizer: bool = True,
         compile: bool = False,
+        anneal_by_time: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -174,6 +185,20 @@ class ImageClassifier(L.LightningModule):
             lr = max(group["lr"] for group in self.trainer.optimizers[0].param_groups)
             self.log("lr", torch.tensor(lr), prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # The scheduler computes the next step's LR right after this step: tell it the time now.
+        schedule, timer = getattr(self, "_schedule", None), self._time_limit()
+        if self.hparams.anneal_by_time and schedule is not None and timer is not None:
+            elapsed = timer.time_elapsed("train")
+            schedule.observe_time(self.global_step, elapsed, elapsed + timer.time_remaining("train"))
+
+    def _time_limit(self) -> Timer | None:
+        """The trainer's Timer callback, if it has a duration (``--trainer.max_time``)."""
+        if self._trainer is None:
+            return None
+        timers = (cb for cb in self.trainer.callbacks if isinstance(cb, Timer))
+        return next((timer for timer in timers if timer.time_remaining() is not None), None)
 
     def _check_loss(self, loss: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
         """Stop on a NaN/inf loss; with fused AdamW, without a host sync per step (the bad step is
@@ -329,19 +354,50 @@ class ImageClassifier(L.LightningModule):
             warmup = round(self.hparams.warmup_epochs * steps_per_epoch)
         schedule = warmup_cosine(warmup, total, min_ratio=self.hparams.min_lr / max(lr, 1e-12))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        self.__dict__["_schedule"] = schedule  # LambdaLR.load_state_dict updates this same object on resume
+        if self.hparams.anneal_by_time:
+            timer = self._time_limit()
+            if timer is None:
+                rank_zero_warn(
+                    "--model.anneal_by_time is on but training has no time limit: the LR anneals over "
+                    f"{total} steps only. Set --trainer.max_time (e.g. 00:00:55:00) to anneal by time too."
+                )
+            else:
+                budget = timer.time_elapsed("train") + timer.time_remaining("train")
+                rank_zero_info(
+                    f"The LR anneals to {self.hparams.min_lr:g} at step {total} or after "
+                    f"{budget / 60:.1f} minutes of training, whichever comes first."
+                )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 class _WarmupCosine:
-    """LR multiplier: linear from ~0 to 1 over ``warmup`` steps, then cosine to ``min_ratio``."""
+    """LR multiplier: linear from ~0 to 1 over ``warmup`` steps, then cosine to ``min_ratio``.
+
+    The cosine's progress is the fraction of the post-warmup steps done, or, once
+    :meth:`observe_time` has been told of a time budget, the fraction of the post-warmup time
+    spent, whichever is further along. Its state is plain numbers, so ``LambdaLR`` stores it in
+    checkpoints and a resumed run continues where it was.
+    """
+
+    time_progress: float = 0.0  # class defaults: checkpoints written before these existed still load
+    warmup_time: float | None = None
 
     def __init__(self, warmup: int, total: int, min_ratio: float) -> None:
         self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+
+    def observe_time(self, step: int, elapsed: float, budget: float) -> None:
+        """Record that ``elapsed`` of ``budget`` seconds are spent at the end of optimiser step ``step``."""
+        if step < self.warmup or self.warmup_time is None:
+            self.warmup_time = elapsed  # the cosine's time starts where the warmup ends
+        spent = (elapsed - self.warmup_time) / max(budget - self.warmup_time, 1e-9)
+        self.time_progress = min(max(spent, 0.0), 1.0)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
             return (step + 1) / (self.warmup + 1)
         progress = min((step - self.warmup) / max(self.total - self.warmup, 1), 1.0)
+        progress = max(progress, self.time_progress)
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
