@@ -164,6 +164,19 @@ class _ImageDataModule(L.LightningDataModule):
         """Where training batches are augmented: "workers" (in the loader) or "device" (after transfer)."""
         return self.hparams.get("augment_on", "workers")
 
+    def _batch_train_transform(self) -> BatchTrainTransform:
+        """The training augmentation for cached uint8 batches, batched per image where it runs on
+        the device (``augment_on="device"``). The cache is already at the size to crop from."""
+        cfg = self.data_config
+        return BatchTrainTransform(
+            cfg.img_size,
+            mean=cfg.mean,
+            std=cfg.std,
+            **self.train_options,
+            interpolation="bilinear",
+            batched=self.augment_on == "device",
+        )
+
     def _train_collate(self, transform: BatchTrainTransform) -> Any:
         """The training loader's ``collate_fn`` for cached images: the whole augmentation, or (with
         ``augment_on="device"``) a plain stack, the augmentation then running in
@@ -423,19 +436,12 @@ class ImageFolderDataModule(_ImageDataModule):
 
     def _batch_transforms(self) -> tuple[BatchTrainTransform, BatchEvalTransform]:
         cfg = self.data_config
-        common = {"mean": cfg.mean, "std": cfg.std}
         # The cache is already at floor(img_size / crop_pct); a tensor resize supports bilinear / bicubic.
         interpolation = cfg.interpolation if cfg.interpolation in ("bilinear", "bicubic") else "bilinear"
-        train = BatchTrainTransform(
-            cfg.img_size,
-            **common,
-            **self.train_options,
-            interpolation="bilinear",
-            batched=self.augment_on == "device",
+        evaluate = BatchEvalTransform(
+            cfg.img_size, crop_pct=cfg.crop_pct, interpolation=interpolation, mean=cfg.mean, std=cfg.std
         )
-        return train, BatchEvalTransform(
-            cfg.img_size, crop_pct=cfg.crop_pct, interpolation=interpolation, **common
-        )
+        return self._batch_train_transform(), evaluate
 
     # -- loaders -------------------------------------------------------------------------------
 

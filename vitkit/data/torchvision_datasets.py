@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 
-from .cache import BatchEvalTransform, BatchTrainTransform, CachedTensorDataset, TensorCache
+from .cache import BatchEvalTransform, CachedTensorDataset, TensorCache
 from .datamodule import _ImageDataModule, auto_num_workers, check_augment_on
 from .transforms import resolve_data_config
 
@@ -163,14 +163,7 @@ class TorchvisionDataModule(_ImageDataModule):
             raise RuntimeError("Call setup() first.")
         cfg = self.data_config
         if train:
-            transform = BatchTrainTransform(
-                cfg.img_size,
-                mean=cfg.mean,
-                std=cfg.std,
-                **self.train_options,
-                batched=self.augment_on == "device",
-            )
-            collate: Any = self._train_collate(transform)
+            collate: Any = self._train_collate(self._batch_train_transform())
         else:
             collate = BatchEvalTransform(cfg.img_size, crop_pct=cfg.crop_pct, mean=cfg.mean, std=cfg.std)
         return DataLoader(
