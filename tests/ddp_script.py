@@ -1,10 +1,11 @@
 """Run by test_training_ddp.py as a real script: Lightning's DDP launcher re-executes it per rank.
 
-Usage: python ddp_script.py OUT_DIR [CKPT_TO_RESUME | nan]
+Usage: python ddp_script.py OUT_DIR [CKPT_TO_RESUME | nan | time]
 Trains a tiny ViT with strategy='ddp' on 2 CPU processes (gloo), then each rank writes its
 final weights to OUT_DIR/rank<r>.pt; rank 0's checkpoint is OUT_DIR/checkpoints/last.ckpt.
 With ``nan``, rank 1's third training batch is NaN: each rank writes the error it stopped with and
-its weights before and after that batch to OUT_DIR/nan_rank<r>.pt.
+its weights before and after that batch to OUT_DIR/nan_rank<r>.pt. With ``time``, an
+``anneal_by_time`` run whose ranks' clocks disagree writes OUT_DIR/time_rank<r>.pt.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_training_module import QuadrantData, _module
+from test_training_module import QuadrantData, _LastLR, _module, _StepClock
 
+import vitkit.training.module as module_code
 from vitkit.training import AtomicCheckpointIO, NonFiniteLossError, RNGStateCheckpoint
 
 
@@ -62,6 +64,31 @@ def nan_on_rank_one(out: Path) -> None:
     torch.save({"error": error, "before": before, "after": after}, out / f"nan_rank{trainer.global_rank}.pt")
 
 
+def skewed_clocks(out: Path) -> None:
+    """anneal_by_time with a 100 s limit, each batch taking 10 s, rank 1's clock 7 s ahead of rank 0's:
+    the ranks must still use the same LRs (rank 0's clock), so their weights stay identical."""
+    module_code._TIME_SYNC_EVERY = 1  # a 12-step run: read the (shared) clock at every step
+
+    class Skewed(_StepClock):
+        rank = 0
+
+        def on_train_start(self, trainer, *args) -> None:
+            super().on_train_start(trainer, *args)
+            self.rank = trainer.global_rank
+
+        def time_elapsed(self, stage: str = "train") -> float:
+            return super().time_elapsed(stage) + 7.0 * self.rank
+
+    L.seed_everything(0)
+    module = _module(warmup_steps=2, min_lr=3e-5, anneal_by_time=True)
+    last = _LastLR()
+    trainer = two_cpu_ranks(out, max_epochs=2, callbacks=[Skewed("00:00:01:40"), last])
+    trainer.fit(module, datamodule=QuadrantData(n=256))
+    state = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+    result = {"weights": state, "step": last.step, "lr": last.lr}
+    torch.save(result, out / f"time_rank{trainer.global_rank}.pt")
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     resume = sys.argv[2] if len(sys.argv) > 2 else None
@@ -93,5 +120,7 @@ def main() -> None:
 if __name__ == "__main__":
     if sys.argv[2:] == ["nan"]:
         nan_on_rank_one(Path(sys.argv[1]))
+    elif sys.argv[2:] == ["time"]:
+        skewed_clocks(Path(sys.argv[1]))
     else:
         main()

@@ -66,6 +66,17 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
             torch.testing.assert_close(result["after"][name], weight, rtol=0, atol=0, msg=name)
 
 
+def test_annealing_by_time_gives_every_rank_the_same_lr(tmp_path):
+    # The ranks' clocks differ by 7 s (of 100): each reading its own would give each its own LR,
+    # and the replicas' weights would drift apart although their gradients are all-reduced.
+    _run(str(tmp_path), "time")
+    rank0, rank1 = (torch.load(tmp_path / f"time_rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0["step"] == rank1["step"] == 10  # Lightning stops both at 100 s on rank 0's clock
+    assert rank0["lr"] == rank1["lr"] == pytest.approx(3e-5)  # annealed to the floor in the time
+    for name, weight in rank0["weights"].items():
+        torch.testing.assert_close(weight, rank1["weights"][name], rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("cache", ["none", "memory"])
 def test_folder_data_is_split_between_ranks_without_duplicates(tmp_path, cache):
     root = tmp_path / "data"

@@ -37,6 +37,10 @@ from .guard import NonFiniteLossError, NonFiniteLossGuard, any_process
 
 __all__ = ["ImageClassifier", "NonFiniteLossError", "load_classifier", "warmup_cosine"]
 
+# Under DDP, anneal_by_time reads rank 0's clock (a broadcast, so a host-device sync on GPUs) once
+# every this many optimiser steps; a single process reads its own clock at every step.
+_TIME_SYNC_EVERY = 50
+
 
 class ImageClassifier(L.LightningModule):
     """Train, validate, test and predict with a vitkit Vision Transformer.
@@ -189,9 +193,16 @@ class ImageClassifier(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # The scheduler computes the next step's LR right after this step: tell it the time now.
         schedule, timer = getattr(self, "_schedule", None), self._time_limit()
-        if self.hparams.anneal_by_time and schedule is not None and timer is not None:
-            elapsed = timer.time_elapsed("train")
-            schedule.observe_time(self.global_step, elapsed, elapsed + timer.time_remaining("train"))
+        if not (self.hparams.anneal_by_time and schedule is not None and timer is not None):
+            return
+        several = self.trainer.world_size > 1
+        if several and self.global_step % _TIME_SYNC_EVERY:
+            return
+        elapsed = timer.time_elapsed("train")
+        budget = elapsed + timer.time_remaining("train")
+        if several:  # every rank must use the same LR, or DDP's replicas drift apart: rank 0's clock
+            elapsed = self.trainer.strategy.broadcast(elapsed, src=0)
+        schedule.observe_time(self.global_step, elapsed, budget)
 
     def _time_limit(self) -> Timer | None:
         """The trainer's Timer callback, if it has a duration (``--trainer.max_time``)."""
