@@ -20,6 +20,7 @@ images (:func:`stack_batch`; the data modules' ``augment_on="device"``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -335,15 +336,22 @@ def random_resized_crop_boxes(
     return torch.stack([left, top, left + w, top + h], dim=1)
 
 
+@functools.lru_cache(maxsize=64)
+def _normalize_constants(
+    mean: tuple[float, ...], std: tuple[float, ...], scale: float
+) -> tuple[list[float], list[float]]:
+    """(-mean / std, 1 / (scale · std)) in float32 arithmetic, as they always were (the same bits,
+    the same runs); computed once per normalisation, not per batch."""
+    mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+    return (-mean_t / std_t).tolist(), (1.0 / (scale * std_t)).tolist()
+
+
 def _normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], scale: float) -> torch.Tensor:
     """(x / scale - mean) / std per channel, in one multiply-add."""
     x = x.float()
-    # the constants in float32 arithmetic, as they always were (the same bits, the same runs), then
-    # copied to the device once
-    mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
-    shift = device_constant((-mean_t / std_t).tolist(), like=x).view(1, 3, 1, 1)
-    factor = device_constant((1.0 / (scale * std_t)).tolist(), like=x).view(1, 3, 1, 1)
-    return torch.addcmul(shift, x, factor)
+    shift, factor = _normalize_constants(tuple(mean), tuple(std), scale)
+    shift_t = device_constant(shift, like=x).view(1, 3, 1, 1)  # copied to the device once
+    return torch.addcmul(shift_t, x, device_constant(factor, like=x).view(1, 3, 1, 1))
 
 
 def stack_batch(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
