@@ -192,8 +192,11 @@ class ImageClassifier(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # The scheduler computes the next step's LR right after this step: tell it the time now.
-        schedule, timer = getattr(self, "_schedule", None), self._time_limit()
-        if not (self.hparams.anneal_by_time and schedule is not None and timer is not None):
+        if not self.hparams.anneal_by_time:
+            return
+        scheduler, timer = self.lr_schedulers(), self._time_limit()
+        schedule = getattr(scheduler, "lr_lambdas", [None])[0]  # the same object on resume (load_state_dict)
+        if not isinstance(schedule, _WarmupCosine) or timer is None:
             return
         several = self.trainer.world_size > 1
         if several and self.global_step % _TIME_SYNC_EVERY:
@@ -365,7 +368,6 @@ class ImageClassifier(L.LightningModule):
             warmup = round(self.hparams.warmup_epochs * steps_per_epoch)
         schedule = warmup_cosine(warmup, total, min_ratio=self.hparams.min_lr / max(lr, 1e-12))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        self.__dict__["_schedule"] = schedule  # LambdaLR.load_state_dict updates this same object on resume
         if self.hparams.anneal_by_time:
             timer = self._time_limit()
             if timer is None:
