@@ -11,7 +11,12 @@ a Lightning ``Trainer``), validating on the 10,000 test images after every epoch
         --accelerator cpu --precision 32-true --limit-train-batches 5                     # smoke test
 
 Prints one line per epoch (wall s, val top-1, EMA or not) and, at the end, the first epoch and
-second at which ``--target`` was reached; writes the same as JSON with ``--json``.
+second at which ``--target`` was reached; writes the same as JSON with ``--json``. With
+``--max-minutes`` the run is a fixed-time try: up to ``--epochs`` epochs, the cosine ending when the
+time does (``anneal_by_time``); ``--stop-at-target`` ends it at the first epoch at ``--target``.
+
+    python benchmarks/cifar10_speedrun.py --root ~/.cache/vitkit/cifar10 --epochs 200 \
+        --max-minutes 5 --stop-at-target                                                 # 5 minutes at most
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import EarlyStopping
 
 from vitkit.data import ImageFolderDataModule
 from vitkit.data.torchvision_datasets import CIFAR_MEAN_STD
@@ -109,11 +115,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="augment the cached batches on the GPU (batched ops) or per image in the loader workers",
     )
     parser.add_argument(
-        "--max-minutes", type=float, default=None, help="stop (early, mid-schedule) after this wall time"
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop after this wall time (Lightning's max_time: training and validation)",
+    )
+    parser.add_argument(
+        "--anneal-by-time",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --max-minutes, end the cosine when the time ends rather than after --epochs "
+        "(ImageClassifier(anneal_by_time=True)); default: on when --max-minutes is given",
+    )
+    parser.add_argument(
+        "--stop-at-target",
+        action="store_true",
+        help="stop as soon as the test accuracy reaches --target (Lightning's EarlyStopping threshold)",
     )
     parser.add_argument("--limit-train-batches", type=float, default=1.0)
     parser.add_argument("--json", type=Path, default=None, help="write the timeline here")
     args = parser.parse_args(argv)
+    if args.anneal_by_time is None:
+        args.anneal_by_time = args.max_minutes is not None
 
     timeline = _Timeline()
     L.seed_everything(0, workers=True)
@@ -146,10 +169,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         warmup_epochs=args.warmup_epochs,
         label_smoothing=args.label_smoothing,
         compile=args.compile,
+        anneal_by_time=args.anneal_by_time,
     )
     callbacks: list[L.Callback] = [timeline]
     if args.ema > 0:
         callbacks.append(EMA(decay=args.ema, warmup=args.ema_warmup))
+    if args.stop_at_target:
+        # patience never runs out: only the threshold stops the run
+        callbacks.append(
+            EarlyStopping("val/acc1", mode="max", stopping_threshold=args.target, patience=args.epochs + 1)
+        )
     trainer = L.Trainer(
         accelerator=args.accelerator,
         devices=1,

@@ -100,11 +100,17 @@ def test_cifar10_speedrun_script_trains_and_reports_when_the_target_is_reached(t
     options = json.dumps({k: v for k, v in TINY.items() if k != "num_classes"})
     argv = "--epochs 2 --batch-size 16 --warmup-epochs 1 --accelerator cpu --precision 32-true --no-compile"
     argv += f" --workers 0 --target 0.0 --model vit_tiny_patch4_32 --json {tmp_path / 'timeline.json'}"
-    summary = speedrun.main([*argv.split(), "--root", str(tmp_path / "data"), "--options", options])
+    argv = [*argv.split(), "--root", str(tmp_path / "data"), "--options", options]
+    summary = speedrun.main(argv)
     assert [row["epoch"] for row in summary["timeline"]] == [1, 2]
     assert summary["reached"]["epoch"] == 1 and summary["settings"]["augment_on"] == "device"
     assert summary["train_images_per_s_after_epoch_1"] > 0
     assert json.loads((tmp_path / "timeline.json").read_text())["best"] == summary["best"]
+    assert summary["settings"]["anneal_by_time"] is False  # no time limit: the steps set the cosine
+    # a fixed-time try that stops at the target: the first validation already reaches 0%
+    summary = speedrun.main([*argv, "--epochs", "3", "--max-minutes", "30", "--stop-at-target"])
+    assert [row["epoch"] for row in summary["timeline"]] == [1]
+    assert summary["settings"]["anneal_by_time"] is True
 
 
 def test_bench_passes_the_compile_mode_to_both_models(monkeypatch):
