@@ -47,6 +47,7 @@ def main() -> None:
         train_files = [path for path, _ in scan_image_folder(root / "train")[1]]
         files = [str(Path(train_files[source[i]]).relative_to(root)) for i in indices]
     record = {"files": files, "classes": data.classes, "sampler": type(loader.sampler).__name__}
+    record["shuffle"] = loader.sampler.shuffle
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 

@@ -76,10 +76,12 @@ def test_cache_path_gives_the_same_batches_as_the_folder_path(shapes, held_out):
 
 
 @pytest.mark.parametrize("cache", [False, True])
-def test_same_seed_same_batches_with_workers(shapes, cache):
-    def first_batches(seed):
+def test_same_seed_same_batches_whatever_the_number_of_workers(shapes, cache):
+    # each batch's augmentations are seeded by (seed, its indices) in whichever worker reads it:
+    # with one worker, that worker reads both batches; with two, one each
+    def first_batches(seed, workers=2):
         dm = make_dm(
-            shapes, seed=seed, num_workers=2, cache=cache, auto_augment="trivialaugment", re_prob=0.5
+            shapes, seed=seed, num_workers=workers, cache=cache, auto_augment="trivialaugment", re_prob=0.5
         )
         dm.setup("fit")
         loader = iter(dm.train_dataloader())
@@ -88,10 +90,30 @@ def test_same_seed_same_batches_with_workers(shapes, cache):
         gc.collect()  # shut the persistent workers down now, not in the middle of the next loader's start
         return batches
 
-    a, b, c = first_batches(0), first_batches(0), first_batches(1)
+    a, b, c = first_batches(0), first_batches(0, workers=1), first_batches(1)
     for (xa, ya), (xb, yb) in zip(a, b, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     assert not torch.equal(a[0][0], c[0][0])
+
+
+def test_epoch_shuffle_is_a_function_of_seed_and_epoch():
+    from vitkit.data.seeding import EpochShuffle
+
+    sampler = EpochShuffle(range(50), seed=3)
+    sampler.set_epoch(2)
+    second = list(sampler)
+    assert sorted(second) == list(range(50))
+    sampler.set_epoch(0)
+    first = list(sampler)
+    assert list(sampler) != first  # without set_epoch, the next pass draws the next permutation
+    sampler.set_epoch(2)
+    assert list(sampler) == second != first  # whatever came before
+    epoch = [2]  # a trainer's epoch count, read when a pass begins
+    follows = EpochShuffle(range(50), seed=3, current_epoch=lambda: epoch[0])
+    assert list(follows) == second
+    epoch[0] = 0
+    assert list(follows) == first
+    assert list(EpochShuffle(range(50), seed=4, current_epoch=lambda: 0)) != first
 
 
 def test_two_epochs_differ(shapes):

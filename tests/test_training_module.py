@@ -466,6 +466,29 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
         torch.testing.assert_close(a, b, msg=name)
 
 
+def test_resumed_run_on_the_folder_data_module_is_exact(tmp_path):
+    # vitkit's own loaders: the order of epoch e is seeded by (seed, e), not the e-th draw of a
+    # generator that a resumed run would restart (it trained epoch 1 in epoch 0's order)
+    from vitkit.data import ImageFolderDataModule, make_shapes_dataset
+
+    root = make_shapes_dataset(tmp_path / "data", num_train=48, num_val=8, img_size=16, seed=0)
+
+    def run(folder, callbacks=(), ckpt_path=None):
+        L.seed_everything(0)
+        data = ImageFolderDataModule(root, batch_size=16, img_size=16, num_workers=0, cache=True, re_prob=0.5)
+        module = ImageClassifier(model_name="vit_tiny_patch4_32", model_options=TINY, num_classes=5, lr=3e-3)
+        trainer = _trainer(folder, max_epochs=3, logger=False, callbacks=[RNGStateCheckpoint(), *callbacks])
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        return module, trainer
+
+    straight, _ = run(tmp_path / "straight")
+    _, interrupted = run(tmp_path / "resumed", callbacks=[StopAfterEpoch(0)])
+    interrupted.save_checkpoint(tmp_path / "interrupted.ckpt")
+    resumed, _ = run(tmp_path / "resumed", ckpt_path=tmp_path / "interrupted.ckpt")
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
 def test_without_rng_state_the_resumed_run_differs(tmp_path):
     # the RNG callback is what makes resume exact: dropout/drop-path and shuffling draw from it
     def run(folder, callbacks, ckpt_path=None):

@@ -49,6 +49,7 @@ from .batch_augment import (
 )
 from .decode import DecodeError, load_rgb
 from .errors import DecodeErrorLog
+from .seeding import SeededBatches
 from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -265,11 +266,13 @@ def load_or_build_tensor_cache(
     return cache
 
 
-class CachedTensorDataset(Dataset):
+class CachedTensorDataset(SeededBatches, Dataset):
     """(uint8 image (3, S, S), label) from a :class:`TensorCache`, optionally a subset of its positions.
 
     Meant for a DataLoader whose ``collate_fn`` is :class:`BatchTrainTransform` or
-    :class:`BatchEvalTransform`; a per-image ``transform`` (e.g. a v2 pipeline) also works.
+    :class:`BatchEvalTransform`; a per-image ``transform`` (e.g. a v2 pipeline) also works. With
+    ``augment_seed``, each batch read in a DataLoader worker is augmented from generators seeded by
+    it and the batch's indices (:class:`~vitkit.data.seeding.SeededBatches`).
     """
 
     def __init__(
@@ -277,7 +280,9 @@ class CachedTensorDataset(Dataset):
         cache: TensorCache,
         positions: Sequence[int] | torch.Tensor | None = None,
         transform: Callable[[Any], Any] | None = None,
+        augment_seed: int | None = None,
     ) -> None:
+        self.augment_seed = augment_seed
         self.cache = cache
         self.positions = None if positions is None else torch.as_tensor(positions, dtype=torch.int64)
         self.classes = cache.classes
@@ -375,8 +380,8 @@ class BatchTrainTransform:
     draws, no loop over images), which is what lets :meth:`augment` run on a GPU; ``select`` says
     how those ops give each image its own result ("auto": without any host read on a GPU, only
     the drawn work on a CPU; see :class:`~vitkit.data.batch_augment.BatchRandAugment`).
-    Random numbers come from the torch / Python RNGs of the process (seeded per DataLoader worker),
-    on the device of the images.
+    Random numbers come from the torch / Python RNGs of the process (in a DataLoader worker of the
+    data modules, seeded per batch: :mod:`vitkit.data.seeding`), on the device of the images.
     """
 
     def __init__(

@@ -48,6 +48,7 @@ from .folder import (
     scan_image_folder,
     split_holdout,
 )
+from .seeding import EpochShuffle
 from .transforms import (
     BatchMixer,
     DataConfig,
@@ -176,6 +177,16 @@ class _ImageDataModule(L.LightningDataModule):
             interpolation="bilinear",
             batched=self.augment_on == "device",
         )
+
+    def _train_sampler(self, dataset: Dataset) -> EpochShuffle:
+        """The training order: epoch e shuffled by (seed, e) (:mod:`vitkit.data.seeding`)."""
+        return EpochShuffle(dataset, self.seed, current_epoch=self._epochs_begun)
+
+    def _epochs_begun(self) -> int:
+        """The epoch Lightning passes to ``set_epoch``; read when a pass over the data begins, since
+        a resumed run's loader is made before the loop's progress is restored."""
+        trainer = self.trainer
+        return trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
 
     def _train_collate(self, transform: BatchTrainTransform) -> Any:
         """The training loader's ``collate_fn`` for cached images: the whole augmentation, or (with
@@ -401,7 +412,7 @@ class ImageFolderDataModule(_ImageDataModule):
                 cache = self._tensor_cache("train", scan["train"])
                 keep = set(scan["train_indices"])
                 positions = [p for p, i in enumerate(cache.source_index.tolist()) if i in keep]
-                self.train_dataset = CachedTensorDataset(cache, positions)
+                self.train_dataset = CachedTensorDataset(cache, positions, augment_seed=self.seed)
                 if "val" in scan:
                     self.val_dataset = CachedTensorDataset(self._tensor_cache("val", scan["val"]))
                 elif "val_indices" in scan:
@@ -410,7 +421,12 @@ class ImageFolderDataModule(_ImageDataModule):
                     self.val_dataset = CachedTensorDataset(cache, val_positions)
             else:
                 full = ImageFolderDataset(
-                    scan["train"], self.classes, train_tf, self.decode_error_log, "train"
+                    scan["train"],
+                    self.classes,
+                    train_tf,
+                    self.decode_error_log,
+                    "train",
+                    augment_seed=self.seed,
                 )
                 self.train_dataset = Subset(full, scan["train_indices"]) if "val_indices" in scan else full
                 if "val" in scan:
@@ -460,12 +476,14 @@ class ImageFolderDataModule(_ImageDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            # the order of epoch e is seeded by (seed, e); the training datasets seed each batch's
+            # augmentations by (seed, its indices): a resumed run draws what an uninterrupted one would
+            sampler=self._train_sampler(dataset) if train else None,
             drop_last=train and self.hparams.drop_last and len(dataset) > self.batch_size,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
-            generator=generator,  # seeds the shuffle and each worker's torch / random / NumPy RNGs
+            generator=generator,  # the workers' initial seeds
             collate_fn=collate,
         )
 

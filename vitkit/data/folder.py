@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from .decode import DecodeError, load_rgb
 from .errors import DecodeErrorLog
+from .seeding import SeededBatches
 
 IMAGE_EXTENSIONS = frozenset(
     {
@@ -245,7 +246,7 @@ def split_holdout(
     return [i for i in range(len(samples)) if i not in val_set], sorted(val)
 
 
-class ImageFolderDataset(Dataset):
+class ImageFolderDataset(SeededBatches, Dataset):
     """(image, label) pairs from a list of samples, decoded with :func:`load_rgb`.
 
     A file that fails to decode is recorded in ``error_log`` (shared by all DataLoader workers via
@@ -259,6 +260,8 @@ class ImageFolderDataset(Dataset):
         error_log: where decode failures are recorded; a fresh temporary one when omitted.
         split: a name recorded with each failure ("train", "val"...).
         max_tries: give up (RuntimeError) after this many consecutive undecodable files.
+        augment_seed: in DataLoader workers, seed each batch's transforms from this and the batch's
+            indices (:class:`~vitkit.data.seeding.SeededBatches`); None: the workers' own streams.
     """
 
     def __init__(
@@ -269,6 +272,7 @@ class ImageFolderDataset(Dataset):
         error_log: DecodeErrorLog | None = None,
         split: str = "train",
         max_tries: int = 50,
+        augment_seed: int | None = None,
     ) -> None:
         if not samples:
             raise ValueError("ImageFolderDataset needs at least one sample.")
@@ -280,6 +284,7 @@ class ImageFolderDataset(Dataset):
         self.error_log = error_log if error_log is not None else DecodeErrorLog()
         self.split = split
         self.max_tries = max_tries
+        self.augment_seed = augment_seed
         self._bad: set[int] = set()  # per process: known-bad indices are not decoded twice
 
     def __len__(self) -> int:

@@ -150,7 +150,8 @@ class TorchvisionDataModule(_ImageDataModule):
             dataset = load_torchvision_dataset(self.name, self.root, train, download=False)
             self.classes = list(dataset.classes)
             cache = CachedTensorDataset(
-                tensor_cache_from_arrays(dataset.data, dataset.targets, self.classes, size)
+                tensor_cache_from_arrays(dataset.data, dataset.targets, self.classes, size),
+                augment_seed=self.seed if train else None,
             )
             if train:
                 self.train_dataset = cache
@@ -169,7 +170,9 @@ class TorchvisionDataModule(_ImageDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            sampler=self._train_sampler(dataset)
+            if train
+            else None,  # epoch-seeded; see ImageFolderDataModule
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

@@ -2,7 +2,8 @@
 
 * :class:`RNGStateCheckpoint`: puts the Python, NumPy and torch RNG states in every checkpoint
   and restores them on resume (Lightning's checkpoints do not hold them), so a resumed run
-  draws the same augmentations and dropout masks as an uninterrupted one.
+  draws the same augmentations and dropout masks as an uninterrupted one (loader workers: see
+  :mod:`vitkit.data.seeding`).
 * :class:`AtomicCheckpointIO`: writes a checkpoint to a temporary file and renames it into
   place, so a killed process never leaves a half-written ``last.ckpt``.
 * :class:`ImagesPerSecond`: images/s in the progress bar and the logs.
