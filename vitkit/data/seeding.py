@@ -13,19 +13,19 @@ where it happens instead:
   its iterator exists, which on resume is before that call (Lightning issue #21938), so the data
   modules also give the sampler the trainer's epoch count to read when a pass begins. Under DDP
   Lightning puts a ``DistributedSampler`` in its place, which follows the same rule.
+* :class:`SeededBatches`: in a loader worker, Python's, NumPy's and torch's generators are re-seeded
+  from (seed, the batch's sample indices) before the batch is read, so its per-image transforms and
+  the ``collate_fn``'s batch augmentation draw the same numbers whichever worker reads it, and
+  whenever: a resumed run draws what the uninterrupted one did, the augmentations do not depend on
+  ``num_workers`` (once it is at least 1), and DDP ranks, which read disjoint indices, augment
+  differently. Without workers the batches draw from the main process's generators, which
+  :class:`~vitkit.training.RNGStateCheckpoint` saves and restores.
 
 What neither can mend: a LightningModule that reads ``trainer.estimated_stepping_batches`` in
 ``configure_optimizers`` (vitkit's does, for its schedule) makes Lightning create the training
 iterator before it restores a checkpoint's epoch count. With loader workers, the first epoch of a
 resumed run then repeats epoch 0's batches; later epochs are those of the uninterrupted run, and
 without workers the whole run is.
-* :class:`SeededBatches`: in a loader worker, Python's, NumPy's and torch's generators are re-seeded
-  from (seed, the batch's sample indices) before the batch is read, so its per-image transforms and
-  the ``collate_fn``'s batch augmentation draw the same numbers whichever worker reads it, and
-  whenever: a resumed run is exact, the augmentations do not depend on ``num_workers`` (once it is
-  at least 1), and DDP ranks, which read disjoint indices, augment differently. Without workers the
-  batches draw from the main process's generators, which :class:`~vitkit.training.RNGStateCheckpoint`
-  saves and restores.
 """
 
 from __future__ import annotations

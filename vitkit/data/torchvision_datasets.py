@@ -170,9 +170,8 @@ class TorchvisionDataModule(_ImageDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=self._train_sampler(dataset)
-            if train
-            else None,  # epoch-seeded; see ImageFolderDataModule
+            # epoch e shuffled by (seed, e), batches augmented by (seed, indices): see ImageFolderDataModule
+            sampler=self._train_sampler(dataset) if train else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
