@@ -48,6 +48,7 @@ def main() -> None:
         files = [str(Path(train_files[source[i]]).relative_to(root)) for i in indices]
     record = {"files": files, "classes": data.classes, "sampler": type(loader.sampler).__name__}
     record["shuffle"] = loader.sampler.shuffle
+    record["loader"] = type(loader).__name__  # Lightning re-creates it with the sampler: same class
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 

@@ -189,6 +189,9 @@ def build_tensor_cache(
         batch_size=128,
         num_workers=num_workers,
         collate_fn=_as_list,
+        # its own generator: a loader draws its workers' seed from the global one otherwise, and a
+        # run that builds a disk cache would then train with other random numbers than one that loads it
+        generator=torch.Generator(),
     )
     for batch in loader:
         for index, image, error in batch:

@@ -48,7 +48,7 @@ from .folder import (
     scan_image_folder,
     split_holdout,
 )
-from .seeding import EpochShuffle
+from .seeding import EpochLoader, EpochShuffle
 from .transforms import (
     BatchMixer,
     DataConfig,
@@ -180,13 +180,7 @@ class _ImageDataModule(L.LightningDataModule):
 
     def _train_sampler(self, dataset: Dataset) -> EpochShuffle:
         """The training order: epoch e shuffled by (seed, e) (:mod:`vitkit.data.seeding`)."""
-        return EpochShuffle(dataset, self.seed, current_epoch=self._epochs_begun)
-
-    def _epochs_begun(self) -> int:
-        """The epoch Lightning passes to ``set_epoch``; read when a pass over the data begins, since
-        a resumed run's loader is made before the loop's progress is restored."""
-        trainer = self.trainer
-        return trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
+        return EpochShuffle(dataset, self.seed)
 
     def _train_collate(self, transform: BatchTrainTransform) -> Any:
         """The training loader's ``collate_fn`` for cached images: the whole augmentation, or (with
@@ -473,7 +467,7 @@ class ImageFolderDataModule(_ImageDataModule):
         if isinstance(dataset, CachedTensorDataset):
             train_batch, eval_batch = self._batch_transforms()
             collate = self._train_collate(train_batch) if train else eval_batch
-        return DataLoader(
+        return EpochLoader(  # a pass starts at its first batch: after Lightning's set_epoch
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             # the order of epoch e is seeded by (seed, e); the training datasets seed each batch's

@@ -8,11 +8,13 @@ left off. A run resumed at epoch e starts both streams afresh, so it would see e
 again and other augmentations than the uninterrupted run. Two rules make each draw a function of
 where it happens instead:
 
-* :class:`EpochShuffle`: the order of epoch e is the permutation seeded by (seed, e). Lightning calls
-  ``set_epoch(e)`` before every epoch, but a loader with workers draws its first indices as soon as
-  its iterator exists, which on resume is before that call (Lightning issue #21938), so the data
-  modules also give the sampler the trainer's epoch count to read when a pass begins. Under DDP
-  Lightning puts a ``DistributedSampler`` in its place, which follows the same rule.
+* :class:`EpochShuffle`: the order of epoch e is the permutation seeded by (seed, e); Lightning calls
+  ``set_epoch(e)`` before every epoch (under DDP it puts a ``DistributedSampler`` in its place,
+  which follows the same rule). A loader with workers draws its first indices as soon as its
+  iterator exists, and Lightning makes the training iterator before it restores a checkpoint's
+  epoch count and calls ``set_epoch`` (Lightning issue #21938; with vitkit's schedule, earlier still,
+  through ``estimated_stepping_batches``), so the data modules' :class:`EpochLoader` starts each
+  pass at its first batch instead: after ``set_epoch``.
 * :class:`SeededBatches`: in a loader worker, Python's, NumPy's and torch's generators are re-seeded
   from (seed, the batch's sample indices) before the batch is read, so its per-image transforms and
   the ``collate_fn``'s batch augmentation draw the same numbers whichever worker reads it, and
@@ -20,12 +22,6 @@ where it happens instead:
   ``num_workers`` (once it is at least 1), and DDP ranks, which read disjoint indices, augment
   differently. Without workers the batches draw from the main process's generators, which
   :class:`~vitkit.training.RNGStateCheckpoint` saves and restores.
-
-What neither can mend: a LightningModule that reads ``trainer.estimated_stepping_batches`` in
-``configure_optimizers`` (vitkit's does, for its schedule) makes Lightning create the training
-iterator before it restores a checkpoint's epoch count. With loader workers, the first epoch of a
-resumed run then repeats epoch 0's batches; later epochs are those of the uninterrupted run, and
-without workers the whole run is.
 """
 
 from __future__ import annotations
@@ -36,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import RandomSampler, get_worker_info
+from torch.utils.data import DataLoader, RandomSampler, get_worker_info
 
 
 def mix_seed(*numbers: int) -> int:
@@ -48,25 +44,39 @@ def mix_seed(*numbers: int) -> int:
 class EpochShuffle(RandomSampler):
     """A :class:`~torch.utils.data.RandomSampler` whose permutation for epoch e is seeded by (seed, e).
 
-    The epoch is ``current_epoch()`` when a pass begins if given, else the last ``set_epoch``; with
-    neither (a plain loop) each pass draws the next permutation of epoch 0's generator.
+    Without ``set_epoch`` calls (a plain loop) each pass draws the next permutation of epoch 0's
+    generator.
     """
 
-    def __init__(
-        self, data_source: Sized, seed: int = 0, current_epoch: Callable[[], int] | None = None
-    ) -> None:
+    def __init__(self, data_source: Sized, seed: int = 0) -> None:
         super().__init__(data_source, generator=torch.Generator())
         self.seed = seed
-        self.current_epoch = current_epoch
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         self.generator.manual_seed(mix_seed(self.seed, epoch))
 
-    def __iter__(self) -> Iterator[int]:
-        if self.current_epoch is not None:
-            self.set_epoch(self.current_epoch())
-        return super().__iter__()
+
+class EpochLoader(DataLoader):
+    """A :class:`~torch.utils.data.DataLoader` whose pass over the data begins at its first batch, not
+    when ``iter()`` is called, so that a ``set_epoch`` made in between decides the pass's order."""
+
+    def __iter__(self) -> Iterator[Any]:
+        return _StartOnFirstBatch(super().__iter__)
+
+
+class _StartOnFirstBatch:
+    def __init__(self, start: Callable[[], Iterator[Any]]) -> None:
+        self._start = start
+        self._batches: Iterator[Any] | None = None
+
+    def __iter__(self) -> _StartOnFirstBatch:
+        return self
+
+    def __next__(self) -> Any:
+        if self._batches is None:
+            self._batches = self._start()
+        return next(self._batches)
 
 
 class SeededBatches:

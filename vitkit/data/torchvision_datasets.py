@@ -21,6 +21,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from .cache import BatchEvalTransform, CachedTensorDataset, TensorCache
 from .datamodule import _ImageDataModule, auto_num_workers, check_augment_on
+from .seeding import EpochLoader
 from .transforms import resolve_data_config
 
 DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
@@ -167,7 +168,7 @@ class TorchvisionDataModule(_ImageDataModule):
             collate: Any = self._train_collate(self._batch_train_transform())
         else:
             collate = BatchEvalTransform(cfg.img_size, crop_pct=cfg.crop_pct, mean=cfg.mean, std=cfg.std)
-        return DataLoader(
+        return EpochLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             # epoch e shuffled by (seed, e), batches augmented by (seed, indices): see ImageFolderDataModule
