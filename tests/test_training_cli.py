@@ -150,6 +150,22 @@ def test_fit_writes_the_run_folder_and_resumes_from_last(tmp_path, shapes):
     torch.testing.assert_close(model(x), resumed.model.model.eval()(x))
 
 
+def test_a_fresh_fit_moves_the_earlier_run_of_its_folder_aside(tmp_path, shapes, capsys):
+    _fit(tmp_path, shapes, "--trainer.max_epochs", "1")
+    run = tmp_path / "quickstart"
+    first = (run / "checkpoints" / "best.ckpt").read_bytes()
+    _fit(tmp_path, shapes, "--trainer.max_epochs", "1", "--seed_everything", "1")  # a new run, same name
+    # the folder holds the new run alone (no best-v1.ckpt beside an older best.ckpt) ...
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert (run / "checkpoints" / "best.ckpt").read_bytes() != first
+    assert yaml.safe_load((run / "config.yaml").read_text())["seed_everything"] == 1
+    # ... and the earlier run is kept whole beside it
+    (earlier,) = [p for p in tmp_path.iterdir() if p.name.startswith("quickstart-")]
+    assert (earlier / "checkpoints" / "best.ckpt").read_bytes() == first
+    assert (earlier / "config.yaml").is_file() and (earlier / "metrics.csv").is_file()
+    assert f"moved it to {earlier}" in capsys.readouterr().err
+
+
 def test_the_command_line_parses_without_lightnings_args_warning(tmp_path, shapes, monkeypatch, recwarn):
     argv = ["--config", "quickstart", "--data.root", str(shapes), "--runs_dir", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", ["vitkit", *argv])  # as the `vitkit` command runs it

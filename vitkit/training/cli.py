@@ -9,7 +9,9 @@ Every run lives in one folder, ``<runs_dir>/<run_name>/`` (default ``runs/<recip
     model.safetensors       the trained weights with their config, for inference and sharing
     plots/                  loss.png, accuracy.png, confusion_val.png, confusion_test.png
 
-``--ckpt_path last`` resumes from ``checkpoints/last.ckpt`` of the same run folder.
+``--ckpt_path last`` resumes from ``checkpoints/last.ckpt`` of the same run folder. A fresh ``fit``
+into a run folder that holds an earlier run's checkpoints first moves that run to
+``<run_name>-<its last write time>/``, so every file of a run folder belongs to one run.
 Recipes are YAML files: ``--config recipes/quickstart.yaml``, or by name, ``--config quickstart``.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +29,7 @@ import lightning as L
 from jsonargparse import lazy_instance
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from vitkit.data import DecodeErrorMonitor
 
@@ -100,9 +104,34 @@ class VitkitCLI(LightningCLI):
         trainer = config["trainer"]
         if trainer.get("default_root_dir") in (None, ""):
             trainer["default_root_dir"] = str(root)
+            if self.subcommand == "fit" and not config.get("ckpt_path"):
+                _set_aside_earlier_run(root)
         root = Path(trainer["default_root_dir"])
         if trainer.get("logger") in (None, True):
             trainer["logger"] = _default_loggers(root, resuming=bool(config.get("ckpt_path")))
+
+
+def _set_aside_earlier_run(root: Path) -> None:
+    """Move a run folder holding checkpoints to ``<root>-<time of its last checkpoint>``.
+
+    Without this a fresh run in the same folder writes ``best-v1.ckpt`` beside the earlier run's
+    ``best.ckpt`` and its plots over the earlier ones: ``checkpoints/best.ckpt`` would name another
+    run's model. Moving keeps everything. Only the first process of a run does it (DDP ranks re-run
+    the command line).
+    """
+    checkpoints = sorted((root / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if rank_zero_only.rank != 0 or not checkpoints:
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(checkpoints[-1].stat().st_mtime))
+    target, n = root.with_name(f"{root.name}-{stamp}"), 1
+    while target.exists():
+        target, n = root.with_name(f"{root.name}-{stamp}-{n}"), n + 1
+    root.rename(target)
+    print(
+        f"vitkit: {root} held an earlier run; moved it to {target} (to continue a run instead, "
+        "pass --ckpt_path last)",
+        file=sys.stderr,
+    )
 
 
 def _recipe_name(config: Any) -> str | None:
