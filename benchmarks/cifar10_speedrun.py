@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "best": best,
         "target": args.target,
         "reached": reached,
+        "final_lr": trainer.optimizers[0].param_groups[0]["lr"],  # the floor when the cosine ran its course
         "train_images_per_s_after_epoch_1": (
             timeline.train_images / timeline.train_seconds if timeline.train_seconds else None
         ),
@@ -221,6 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     if rate := summary["train_images_per_s_after_epoch_1"]:
         print(f"training throughput after epoch 1: {rate:.0f} images/s")
+    print(f"last LR {summary['final_lr']:.2e} after {trainer.global_step} steps")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
     return summary

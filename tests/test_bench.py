@@ -111,6 +111,7 @@ def test_cifar10_speedrun_script_trains_and_reports_when_the_target_is_reached(t
     summary = speedrun.main([*argv, "--epochs", "3", "--max-minutes", "30", "--stop-at-target"])
     assert [row["epoch"] for row in summary["timeline"]] == [1]
     assert summary["settings"]["anneal_by_time"] is True
+    assert 0 < summary["final_lr"] <= 1e-3
 
 
 def test_bench_passes_the_compile_mode_to_both_models(monkeypatch):
