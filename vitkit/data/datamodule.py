@@ -178,9 +178,25 @@ class _ImageDataModule(L.LightningDataModule):
             batched=self.augment_on == "device",
         )
 
-    def _train_sampler(self, dataset: Dataset) -> EpochShuffle:
-        """The training order: epoch e shuffled by (seed, e) (:mod:`vitkit.data.seeding`)."""
-        return EpochShuffle(dataset, self.seed)
+    def _epoch_loader(
+        self, dataset: Dataset, train: bool, collate: Any, drop_last: bool = False
+    ) -> DataLoader:
+        """The loader both data modules hand to Lightning (:mod:`vitkit.data.seeding`): a pass starts
+        at its first batch, after Lightning's ``set_epoch``; training shuffles epoch e by (seed, e),
+        and the training datasets seed each batch's augmentations by (seed, its indices), so a
+        resumed run draws what an uninterrupted one would."""
+        workers = self.num_workers
+        return EpochLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            sampler=EpochShuffle(dataset, self.seed) if train else None,
+            drop_last=drop_last,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(self.seed + (0 if train else 1)),  # workers' first seeds
+            collate_fn=collate,
+        )
 
     def _train_collate(self, transform: BatchTrainTransform) -> Any:
         """The training loader's ``collate_fn`` for cached images: the whole augmentation, or (with
@@ -461,25 +477,12 @@ class ImageFolderDataModule(_ImageDataModule):
                 f"No {name} data: call setup() first, or give the dataset a {name} split "
                 f"(found: {self.splits})."
             )
-        workers = self.num_workers
-        generator = torch.Generator().manual_seed(self.seed + (0 if train else 1))
         collate = None
         if isinstance(dataset, CachedTensorDataset):
             train_batch, eval_batch = self._batch_transforms()
             collate = self._train_collate(train_batch) if train else eval_batch
-        return EpochLoader(  # a pass starts at its first batch: after Lightning's set_epoch
-            dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            # the order of epoch e is seeded by (seed, e); the training datasets seed each batch's
-            # augmentations by (seed, its indices): a resumed run draws what an uninterrupted one would
-            sampler=self._train_sampler(dataset) if train else None,
-            drop_last=train and self.hparams.drop_last and len(dataset) > self.batch_size,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            generator=generator,  # the workers' initial seeds
-            collate_fn=collate,
-        )
+        drop_last = train and self.hparams.drop_last and len(dataset) > self.batch_size
+        return self._epoch_loader(dataset, train, collate, drop_last)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, True, "training")

@@ -21,7 +21,6 @@ from torchvision.transforms.v2 import functional as TF
 
 from .cache import BatchEvalTransform, CachedTensorDataset, TensorCache
 from .datamodule import _ImageDataModule, auto_num_workers, check_augment_on
-from .seeding import EpochLoader
 from .transforms import resolve_data_config
 
 DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
@@ -168,17 +167,7 @@ class TorchvisionDataModule(_ImageDataModule):
             collate: Any = self._train_collate(self._batch_train_transform())
         else:
             collate = BatchEvalTransform(cfg.img_size, crop_pct=cfg.crop_pct, mean=cfg.mean, std=cfg.std)
-        return EpochLoader(
-            dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            # epoch e shuffled by (seed, e), batches augmented by (seed, indices): see ImageFolderDataModule
-            sampler=self._train_sampler(dataset) if train else None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            generator=torch.Generator().manual_seed(self.seed + (0 if train else 1)),
-            collate_fn=collate,
-        )
+        return self._epoch_loader(dataset, train, collate)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, True)
