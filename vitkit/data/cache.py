@@ -358,8 +358,9 @@ def _normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], sca
     """(x / scale - mean) / std per channel, in one multiply-add."""
     x = x.float()
     shift, factor = _normalize_constants(tuple(mean), tuple(std), scale)
-    shift_t = device_constant(shift, like=x).view(1, 3, 1, 1)  # copied to the device once
-    return torch.addcmul(shift_t, x, device_constant(factor, like=x).view(1, 3, 1, 1))
+    # copied to the device once
+    shift_t, factor_t = (device_constant(c, like=x).view(1, 3, 1, 1) for c in (shift, factor))
+    return torch.addcmul(shift_t, x, factor_t)
 
 
 def stack_batch(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:

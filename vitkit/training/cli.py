@@ -119,10 +119,12 @@ def _set_aside_earlier_run(root: Path) -> None:
     run's model. Moving keeps everything. Only the first process of a run does it (DDP ranks re-run
     the command line).
     """
-    checkpoints = sorted((root / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if rank_zero_only.rank != 0 or not checkpoints:
+    if rank_zero_only.rank != 0:
         return
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(checkpoints[-1].stat().st_mtime))
+    last_write = max((p.stat().st_mtime for p in (root / "checkpoints").glob("*.ckpt")), default=None)
+    if last_write is None:
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(last_write))
     target, n = root.with_name(f"{root.name}-{stamp}"), 1
     while target.exists():
         target, n = root.with_name(f"{root.name}-{stamp}-{n}"), n + 1
