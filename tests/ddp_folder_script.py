@@ -2,7 +2,7 @@
 
 Usage: python ddp_folder_script.py DATA_ROOT OUT_DIR CACHE   (CACHE: none | memory)
 Each rank writes OUT_DIR/rank<r>.json: the training files it loaded in its one epoch (from the
-distributed sampler Lightning put in front of the DataModule's loader) and the class list.
+DataModule's distributed sampler) and the class list.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def main() -> None:
         num_workers=0,
         cache=False if cache == "none" else cache,
         drop_last=False,
+        seed=7,  # the shuffling's seed, not seed_everything's
     )
     module = ImageClassifier(model_name="vit_tiny_patch4_32", model_options=TINY, classes=data.classes)
     trainer = two_cpu_ranks(out)
@@ -48,7 +49,8 @@ def main() -> None:
         files = [str(Path(train_files[source[i]]).relative_to(root)) for i in indices]
     record = {"files": files, "classes": data.classes, "sampler": type(loader.sampler).__name__}
     record["shuffle"] = loader.sampler.shuffle
-    record["loader"] = type(loader).__name__  # Lightning re-creates it with the sampler: same class
+    record["seed"] = loader.sampler.seed
+    record["loader"] = type(loader).__name__  # Lightning kept the data module's loader and sampler
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 

@@ -84,6 +84,7 @@ def test_folder_data_is_split_between_ranks_without_duplicates(tmp_path, cache):
     _run(str(root), str(tmp_path), cache, script=FOLDER_SCRIPT)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["sampler"] == "DistributedSampler" and r["shuffle"] for r in ranks)
+    assert all(r["seed"] == 7 for r in ranks)  # the data module's seed (Lightning's would be 0)
     assert all(r["loader"] == "EpochLoader" for r in ranks)  # its pass still starts after set_epoch
     assert ranks[0]["classes"] == ranks[1]["classes"]
     seen0, seen1 = ranks[0]["files"], ranks[1]["files"]

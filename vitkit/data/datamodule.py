@@ -25,7 +25,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from .cache import (
     BatchEvalTransform,
@@ -189,7 +189,7 @@ class _ImageDataModule(L.LightningDataModule):
         return EpochLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=EpochShuffle(dataset, self.seed) if train else None,
+            sampler=self._train_sampler(dataset) if train else None,
             drop_last=drop_last,
             num_workers=workers,
             persistent_workers=workers > 0,
@@ -197,6 +197,17 @@ class _ImageDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed + (0 if train else 1)),  # workers' first seeds
             collate_fn=collate,
         )
+
+    def _train_sampler(self, dataset: Dataset) -> Sampler:
+        """:class:`EpochShuffle`; under DDP, this rank's share of a ``DistributedSampler`` seeded by
+        ``seed`` too (it shuffles epoch e by seed + e). Lightning leaves a loader that already has one
+        as it is; the one it would put in instead takes its seed from ``seed_everything``."""
+        trainer = self.trainer
+        shards = trainer.distributed_sampler_kwargs if trainer is not None else None
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if shards and trainer.world_size > 1 and getattr(connector, "use_distributed_sampler", True):
+            return DistributedSampler(dataset, shuffle=True, seed=self.seed, **shards)
+        return EpochShuffle(dataset, self.seed)
 
     def _train_collate(self, transform: BatchTrainTransform) -> Any:
         """The training loader's ``collate_fn`` for cached images: the whole augmentation, or (with

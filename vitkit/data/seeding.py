@@ -9,8 +9,8 @@ again and other augmentations than the uninterrupted run. Two rules make each dr
 where it happens instead:
 
 * :class:`EpochShuffle`: the order of epoch e is the permutation seeded by (seed, e); Lightning calls
-  ``set_epoch(e)`` before every epoch (under DDP it puts a ``DistributedSampler`` in its place,
-  which follows the same rule). A loader with workers draws its first indices as soon as its
+  ``set_epoch(e)`` before every epoch. Under DDP the data modules shard the epoch with a
+  ``DistributedSampler`` seeded by the same seed, which shuffles epoch e by seed + e. A loader with workers draws its first indices as soon as its
   iterator exists, and Lightning makes the training iterator before it restores a checkpoint's
   epoch count and calls ``set_epoch`` (Lightning issue #21938; with vitkit's schedule, earlier still,
   through ``estimated_stepping_batches``), so the data modules' :class:`EpochLoader` starts each
