@@ -2,7 +2,8 @@
 
 Usage: python ddp_script.py OUT_DIR [CKPT_TO_RESUME | nan | time]
 Trains a tiny ViT with strategy='ddp' on 2 CPU processes (gloo), then each rank writes its
-final weights to OUT_DIR/rank<r>.pt; rank 0's checkpoint is OUT_DIR/checkpoints/last.ckpt.
+final weights and one draw per step from its torch generator to OUT_DIR/rank<r>.pt; rank 0's
+checkpoint is OUT_DIR/checkpoints/last.ckpt.
 With ``nan``, rank 1's third training batch is NaN: each rank writes the error it stopped with and
 its weights before and after that batch to OUT_DIR/nan_rank<r>.pt. With ``time``, an
 ``anneal_by_time`` run whose ranks' clocks disagree writes OUT_DIR/time_rank<r>.pt.
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_training_module import QuadrantData, _LastLR, _module, _StepClock
 
 import vitkit.training.module as module_code
-from vitkit.training import AtomicCheckpointIO, NonFiniteLossError, RNGStateCheckpoint
+from vitkit.training import AtomicCheckpointIO, NonFiniteLossError, PerRankRandomness, RNGStateCheckpoint
 
 
 def two_cpu_ranks(out: Path, **options) -> L.Trainer:
@@ -89,6 +90,17 @@ def skewed_clocks(out: Path) -> None:
     torch.save(result, out / f"time_rank{trainer.global_rank}.pt")
 
 
+class _Draws(L.Callback):
+    """One number per step from the rank's main-process torch generator (what device augmentation,
+    Mixup and dropout draw from)."""
+
+    def __init__(self) -> None:
+        self.draws: list[float] = []
+
+    def on_train_batch_start(self, *args) -> None:
+        self.draws.append(float(torch.rand(())))
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     resume = sys.argv[2] if len(sys.argv) > 2 else None
@@ -101,7 +113,12 @@ def main() -> None:
         max_epochs=2 if resume else 1,
         default_root_dir=out,
         logger=L.pytorch.loggers.CSVLogger(out, name="", version=""),
-        callbacks=[RNGStateCheckpoint(), L.pytorch.callbacks.ModelCheckpoint(save_last=True)],
+        callbacks=[
+            RNGStateCheckpoint(),
+            PerRankRandomness(),
+            draws := _Draws(),
+            L.pytorch.callbacks.ModelCheckpoint(save_last=True),
+        ],
         plugins=[AtomicCheckpointIO()],
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -109,7 +126,7 @@ def main() -> None:
     trainer.fit(module, datamodule=QuadrantData(n=256), ckpt_path=resume)
     state = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
     torch.save(
-        {"weights": state, "step": trainer.global_step, "world": trainer.world_size},
+        {"weights": state, "step": trainer.global_step, "world": trainer.world_size, "draws": draws.draws},
         out / f"rank{trainer.global_rank}{'_resumed' if resume else ''}.pt",
     )
     if trainer.global_rank == 0:

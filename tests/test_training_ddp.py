@@ -38,6 +38,10 @@ def test_ddp_two_cpu_processes_sync_checkpoint_and_resume(tmp_path):
     assert rank0["step"] == rank1["step"] == 6
     for name, weight in rank0["weights"].items():
         torch.testing.assert_close(weight, rank1["weights"][name], rtol=0, atol=0, msg=name)
+    # seed_everything seeds both ranks alike; PerRankRandomness gives each its own draws
+    # (augmentation on the device, Mixup, dropout), while the all-reduce keeps the weights equal
+    assert len(rank0["draws"]) == len(rank1["draws"]) == 6
+    assert all(a != b for a, b in zip(rank0["draws"], rank1["draws"], strict=True))
     start = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert start["global_step"] == 6
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
@@ -51,6 +55,8 @@ def test_ddp_two_cpu_processes_sync_checkpoint_and_resume(tmp_path):
     for name, weight in resumed0["weights"].items():
         torch.testing.assert_close(weight, resumed1["weights"][name], rtol=0, atol=0, msg=name)
     assert not torch.equal(resumed0["weights"]["head.weight"], rank0["weights"]["head.weight"])
+    # the checkpoint holds rank 0's generators: both ranks restore them, and rank 1 splits off again
+    assert all(a != b for a, b in zip(resumed0["draws"], resumed1["draws"], strict=True))
 
 
 def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import random
 from types import SimpleNamespace
 from typing import ClassVar
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from conftest import HostReads
@@ -21,6 +23,7 @@ from vitkit.training import (
     ImageClassifier,
     ImagesPerSecond,
     NonFiniteLossError,
+    PerRankRandomness,
     RNGStateCheckpoint,
     RunArtifacts,
     load_classifier,
@@ -510,6 +513,21 @@ def test_without_rng_state_the_resumed_run_differs(tmp_path):
     first.save_checkpoint(tmp_path / "b.ckpt")
     resumed = run(tmp_path / "b", [], ckpt_path=tmp_path / "b.ckpt")
     assert not torch.allclose(straight.model.cls_token, resumed.model.cls_token)
+
+
+def test_per_rank_randomness_splits_ranks_after_the_first_deterministically():
+    def draws_after_train_start(world_size, rank):
+        L.seed_everything(0)  # every rank starts from the same generators, as under DDP
+        trainer = SimpleNamespace(world_size=world_size, global_rank=rank)
+        PerRankRandomness().on_train_start(trainer, None)
+        return torch.rand(4).tolist(), random.random(), np.random.rand()
+
+    single = draws_after_train_start(1, 0)
+    assert draws_after_train_start(2, 0) == single  # rank 0 draws what a one-process run would
+    rank1, rank2 = draws_after_train_start(4, 1), draws_after_train_start(4, 2)
+    for a, b, c in zip(single, rank1, rank2, strict=True):  # torch, Python and NumPy
+        assert a != b and a != c and b != c
+    assert draws_after_train_start(4, 1) == rank1  # a function of the shared state and the rank
 
 
 def test_checkpoints_store_each_weight_once():

@@ -4,6 +4,8 @@
   and restores them on resume (Lightning's checkpoints do not hold them), so a resumed run
   draws the same augmentations and dropout masks as an uninterrupted one (loader workers: see
   :mod:`vitkit.data.seeding`).
+* :class:`PerRankRandomness`: under DDP, each rank's main process draws its own random numbers
+  (augmentation on the device, Mixup / CutMix, dropout, drop path) instead of every rank the same.
 * :class:`AtomicCheckpointIO`: writes a checkpoint to a temporary file and renames it into
   place, so a killed process never leaves a half-written ``last.ckpt``.
 * :class:`ImagesPerSecond`: images/s in the progress bar and the logs.
@@ -55,6 +57,40 @@ class RNGStateCheckpoint(Callback):
         torch.set_rng_state(state_dict["torch"])
         if "cuda" in state_dict and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+class PerRankRandomness(Callback):
+    """Under DDP, give every rank's main process a random stream of its own when training starts.
+
+    ``seed_everything`` seeds every rank alike (the replicas' weights start equal that way), so
+    without this each rank would draw the same numbers at every step: the same crop boxes and
+    RandAugment operations for the i-th image of its batch (``augment_on="device"``), the same
+    Mixup / CutMix pairs and ratio, the same dropout and drop-path masks, on other images. timm
+    seeds rank r with ``seed + r`` for the same reason. Here rank 0 keeps its stream, the one of a
+    single-process run, and rank r > 0 re-seeds Python, NumPy and torch (CPU and CUDA) from
+    (a number drawn from the stream all ranks share at that point, r). Loader workers draw per
+    batch (:mod:`vitkit.data.seeding`), so ranks, which read different images, differ there already.
+
+    On resume the stream they share is rank 0's, from the checkpoint
+    (:class:`RNGStateCheckpoint`): rank 0 carries on exactly, and every other rank gets a stream that
+    is a function of the checkpoint and its rank: the same for every resume of that checkpoint, but
+    not the one it had before the interruption (a checkpoint holds rank 0's generators only).
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size > 1 and trainer.global_rank > 0:
+            _seed_rank(trainer.global_rank)
+
+
+def _seed_rank(rank: int) -> int:
+    """Re-seed Python, NumPy and torch from (a draw from the current torch stream, ``rank``)."""
+    from vitkit.data.seeding import mix_seed  # (the training package leaves the data package unloaded)
+
+    seed = mix_seed(int(torch.randint(2**62, ())), rank)
+    torch.manual_seed(seed)  # the CUDA generators too
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    return seed
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

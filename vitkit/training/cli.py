@@ -36,6 +36,7 @@ from vitkit.data import DecodeErrorMonitor
 from .callbacks import (
     AtomicCheckpointIO,
     ImagesPerSecond,
+    PerRankRandomness,
     PredictionWriter,
     RNGStateCheckpoint,
     RunArtifacts,
@@ -66,6 +67,7 @@ def default_callbacks() -> list[L.Callback]:
         LearningRateMonitor(logging_interval="step"),
         ImagesPerSecond(),
         RNGStateCheckpoint(),
+        PerRankRandomness(),
         RunArtifacts(),
         SaveOnInterrupt(),
         PredictionWriter(),
