@@ -136,6 +136,16 @@ def test_drop_path_rises_linearly_over_blocks():
     assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
 
 
+def test_builds_on_the_meta_device_without_weights():
+    # `with torch.device("meta")` is how one builds a large model's skeleton (FSDP, benchmarks, loading
+    # weights straight into place); construction must not read any tensor's values
+    options = {**TINY, "drop_path_rate": 0.2, "pos_embed": "sincos", "stem_channels": (8, 16, 32)}
+    with torch.device("meta"):
+        model = VisionTransformer(**options)
+    assert all(p.is_meta for p in model.parameters()) and model.img_size == (32, 32)
+    assert [getattr(b.drop_path1, "p", 0.0) for b in model.blocks] == pytest.approx([0.0, 0.2])
+
+
 def test_forward_intermediates_formats_and_indices():
     model = VisionTransformer(**{**TINY, "reg_tokens": 2, "img_size": (32, 48)}).eval()
     x = torch.randn(2, 3, 32, 48)

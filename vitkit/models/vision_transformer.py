@@ -184,7 +184,7 @@ class VisionTransformer(nn.Module):
         self.pos_drop = nn.Dropout(pos_drop_rate)
         self.norm_pre = norm_layer(embed_dim) if pre_norm else nn.Identity()
 
-        drop_path_rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        drop_path_rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # (also on meta)
         self.blocks = nn.Sequential(
             *[
                 TransformerBlock(
