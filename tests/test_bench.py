@@ -130,3 +130,40 @@ def test_bench_passes_the_compile_mode_to_both_models(monkeypatch):
     assert modes == ["max-autotune-no-cudagraphs"] * 2
     speed.compare("vit_tiny_patch4_32", 2, modes=("infer",), rounds=1, iters=1, **options)
     assert len(modes) == 2  # no compile unless asked
+
+
+def test_bench_takes_input_size_channels_layout_and_model_options(monkeypatch, capsys):
+    from vitkit.bench import speed
+
+    seen = []
+
+    def recording_infer_fn(model, x, precision):
+        seen.append((type(model).__module__, x, model.patch_embed.proj.weight))
+        return lambda: None
+
+    monkeypatch.setattr(speed, "_infer_fn", recording_infer_fn)
+    argv = "--model vit_tiny_patch4_32 --batch-size 2 --modes infer --rounds 1 --iters 1 --device cpu --json"
+    options = '{"depth": 2, "embed_dim": 32, "num_heads": 2}'
+    extra = ["--img-size", "48", "--in-chans", "1", "--channels-last", "--options", options]
+    extra.append("--no-cpu-memory")
+    assert speed.bench_main([*argv.split(), *extra]) == 0
+    out = capsys.readouterr().out
+    assert "vit_tiny_patch4_32, 1x48x48 input, channels-last, batch 2" in out
+    assert '"input_size": [\n      1,\n      48,\n      48\n    ]' in out
+    assert {module.split(".")[0] for module, _, _ in seen} == {"vitkit", "timm"}
+    for _, x, kernel in seen:
+        assert x.shape == (2, 1, 48, 48) and x.is_contiguous(memory_format=torch.channels_last)
+        assert kernel.shape == (32, 1, 4, 4) and kernel.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_cpu_peak_memory_is_measured_per_library_in_fresh_processes():
+    # vitkit and timm run the same kernels, so they hold about the same memory; a training step
+    # (gradients, AdamW state, saved activations) holds far more than inference
+    results = compare(
+        "vit_tiny_patch4_32", batch_size=16, rounds=1, iters=1, warmup=1, cpu_memory=True, depth=4
+    )
+    memory = {(r.library, r.mode): r.peak_memory_mb for r in results}
+    assert all(m is not None and m > 0 for m in memory.values()), memory
+    for library in ("vitkit", "timm"):
+        assert memory[(library, "train")] > 2 * memory[(library, "infer")], memory
+    assert 0.8 < memory[("vitkit", "train")] / memory[("timm", "train")] < 1.25, memory

@@ -8,16 +8,21 @@ The two models get the same weights and the same inputs, and are timed in altern
 that a shared, noisy machine slows both alike; the ratio is the number to read.
 
     python -m vitkit.bench --model vit_tiny_patch4_32 --batch-size 128 --precision fp32 bf16
+    python -m vitkit.bench --model vit_small_patch16_224 --img-size 384 --channels-last --compile
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
+import json
+import multiprocessing
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import timm
 import torch
@@ -41,17 +46,23 @@ class SpeedResult:
     flops_per_image: float
     peak_memory_mb: float | None
     mfu: float | None
+    input_size: tuple[int, int, int] | None = None  # (C, H, W), as timm's pretrained_cfg writes it
 
 
 def timm_twin(model: nn.Module) -> nn.Module:
     """The timm ``VisionTransformer`` with the same options and weights as a vitkit model."""
+    twin = _timm_architecture(model)
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def _timm_architecture(model: nn.Module) -> nn.Module:
+    """timm's ``VisionTransformer`` with a vitkit model's options (its own initial weights)."""
     if lacking := model.options_timm_lacks():
         raise ValueError(f"timm's ViT has no {' and no '.join(lacking)}: compare models without them.")
     options = {k: v for k, v in model.config.items() if k not in _TIMM_IGNORES}
     options["pos_embed"] = "learn" if model.pos_embed is not None else "none"  # sincos tables load as weights
-    twin = timm.models.vision_transformer.VisionTransformer(**options)
-    twin.load_state_dict(model.state_dict())
-    return twin
+    return timm.models.vision_transformer.VisionTransformer(**options)
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -109,6 +120,71 @@ def _time(step: Callable[[], None], iters: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / iters
 
 
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1])
+
+
+def _cpu_peak_mib(
+    library: str,
+    model_name: str,
+    model_options: dict,
+    batch_size: int,
+    mode: str,
+    precision: str,
+    compile: bool,
+    compile_mode: str | None,
+    channels_last: bool,
+    threads: int,
+) -> float | None:
+    """Run in a fresh process: how far one step (after a first one) raises the process's peak
+    resident memory above what it held before the model existed (weights, gradients, optimizer
+    state, activations and what the allocator keeps). Linux only (``/proc``); else None.
+
+    A process of its own for each library and setting, because memory a step frees stays resident
+    (the C allocator keeps it for reuse), so the second model timed in one process would look
+    cheaper than the first.
+    """
+    torch.set_num_threads(threads)
+    before = _proc_status_kib("VmRSS")
+    if before is None:
+        return None
+    torch.manual_seed(0)
+    with torch.device("meta"):  # the architecture without weights, so that only one model is resident
+        spec = vitkit.create_model(model_name, **model_options)
+    if library == "timm":
+        model = _timm_architecture(spec)
+    else:
+        model = vitkit.create_model(model_name, **model_options)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format).train(mode == "train")
+    x = torch.randn(batch_size, spec.patch_embed.in_chans, *spec.img_size)
+    x = x.contiguous(memory_format=memory_format)
+    y = torch.randint(0, max(spec.num_classes, 1), (batch_size,))
+    if compile:
+        model = torch.compile(model, mode=compile_mode)
+    step = _train_step_fn(model, x, y, precision) if mode == "train" else _infer_fn(model, x, precision)
+    step()
+    try:  # reset the high-water mark to the current resident size (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
+    step()
+    peak = _proc_status_kib("VmHWM")
+    return None if peak is None else (peak - before) / 1024
+
+
+def _in_fresh_process(fn: Callable[..., float | None], *args: Any) -> float | None:
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def _peak_tflops(device: torch.device, override: float | None) -> float | None:
     if override:
         return override
@@ -131,21 +207,31 @@ def compare(
     iters: int = 5,
     warmup: int = 3,
     peak_tflops: float | None = None,
+    channels_last: bool = False,
+    cpu_memory: bool = False,
     **model_options,
 ) -> list[SpeedResult]:
     """Time vitkit and its timm twin, alternating ``rounds`` times; median images/s per setting.
 
-    ``compile_mode``: torch.compile's ``mode`` (e.g. "max-autotune-no-cudagraphs": Triton matmul
-    templates with fused epilogues, a longer first compilation), with ``compile=True``.
+    ``model_options`` go to :func:`vitkit.create_model` (``img_size``, ``in_chans``, ...) and, through
+    the model's config, to the timm twin. ``compile_mode``: torch.compile's ``mode`` (e.g.
+    "max-autotune-no-cudagraphs": Triton matmul templates with fused epilogues, a longer first
+    compilation), with ``compile=True``. ``channels_last``: images and the patch-embedding
+    convolution in channels-last memory format (timm's ``benchmark.py --channels-last``).
+    Peak memory: on a GPU, the allocator's peak during one step; on a CPU with ``cpu_memory=True``,
+    the peak resident memory one step adds, each library and setting measured in a fresh process
+    (:func:`_cpu_peak_mib`; a few seconds each).
     """
     dev = torch.device(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
-    ours = vitkit.create_model(model_name, fused_attn=fused_attn, **model_options).to(dev)
-    theirs = timm_twin(ours.cpu()).to(dev)
-    ours.to(dev)
+    ours = vitkit.create_model(model_name, fused_attn=fused_attn, **model_options)
+    theirs = timm_twin(ours).to(dev, memory_format=memory_format)
+    ours.to(dev, memory_format=memory_format)
     eager = {"vitkit": ours, "timm": theirs}
     models = {k: torch.compile(m, mode=compile_mode) for k, m in eager.items()} if compile else eager
     x = torch.randn(batch_size, ours.patch_embed.in_chans, *ours.img_size, device=dev)
+    x = x.contiguous(memory_format=memory_format)
     y = torch.randint(0, max(ours.num_classes, 1), (batch_size,), device=dev)
     peak = _peak_tflops(dev, peak_tflops)
 
@@ -177,11 +263,26 @@ def compare(
                     torch.cuda.reset_peak_memory_stats(dev)
                     steps[name]()
                     memory = torch.cuda.max_memory_allocated(dev) / 2**20
+                elif cpu_memory:
+                    memory = _in_fresh_process(
+                        _cpu_peak_mib,
+                        name,
+                        model_name,
+                        {"fused_attn": fused_attn, **model_options},
+                        batch_size,
+                        mode,
+                        precision,
+                        compile,
+                        compile_mode,
+                        channels_last,
+                        torch.get_num_threads(),
+                    )
                 else:
                     memory = None
                 rate = batch_size / statistics.median(times[name])
                 mfu = rate * flops[name] / (peak * 1e12) if peak and mode == "train" else None
-                results.append(SpeedResult(name, mode, precision, rate, flops[name], memory, mfu))
+                shape = (x.shape[1], x.shape[2], x.shape[3])
+                results.append(SpeedResult(name, mode, precision, rate, flops[name], memory, mfu, shape))
     return results
 
 
@@ -213,6 +314,14 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vitkit bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="vit_tiny_patch4_32")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
+    parser.add_argument("--in-chans", type=int, default=None, help="input channels (default: the model's)")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="images and patch convolution in channels-last format"
+    )
+    parser.add_argument(
+        "--options", type=json.loads, default={}, help="other model options as JSON, e.g. '{\"depth\": 6}'"
+    )
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     parser.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -234,10 +343,18 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--peak-tflops", type=float, default=None, help="device peak for MFU (default: by name)"
     )
+    parser.add_argument(
+        "--cpu-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on a CPU, measure each setting's peak memory in a fresh process (default: on)",
+    )
     parser.add_argument("--json", action="store_true", help="print raw results as JSON too")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    sizes = {"img_size": args.img_size, "in_chans": args.in_chans}
+    options = {**args.options, **{k: v for k, v in sizes.items() if v is not None}}
     results = compare(
         args.model,
         batch_size=args.batch_size,
@@ -250,16 +367,20 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         rounds=args.rounds,
         iters=args.iters,
         peak_tflops=args.peak_tflops,
+        channels_last=args.channels_last,
+        cpu_memory=args.cpu_memory,
+        **options,
     )
     device = (
         torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU x{torch.get_num_threads()}"
     )
+    chans, height, width = results[0].input_size
+    layout = ", channels-last" if args.channels_last else ""
     print(
-        f"{args.model}, batch {args.batch_size}, {device}, torch {torch.__version__}, timm {timm.__version__}"
+        f"{args.model}, {chans}x{height}x{width} input{layout}, batch {args.batch_size}, {device}, "
+        f"torch {torch.__version__}, timm {timm.__version__}"
     )
     print(format_table(results))
     if args.json:
-        import json
-
         print(json.dumps([asdict(r) for r in results], indent=2))
     return 0
