@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from vitkit.data.batch_augment import random_resized_crop_boxes
 from vitkit.data.cache import (
     BatchEvalTransform,
     BatchTrainTransform,
@@ -17,7 +18,6 @@ from vitkit.data.cache import (
     build_tensor_cache,
     cache_key,
     load_or_build_tensor_cache,
-    random_resized_crop_boxes,
 )
 from vitkit.data.errors import DecodeErrorLog
 from vitkit.data.folder import scan_image_folder

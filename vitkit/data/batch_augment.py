@@ -20,7 +20,8 @@ Images are float with values in [0, 255] (what a crop of uint8 data gives) until
 
 - :class:`BatchRandAugment`: RandAugment / TrivialAugment, from a timm policy string
   (``"rand-m9-mstd0.5-inc1"``) or torchvision's names (``"randaugment"``, ``"trivialaugment"``).
-- :func:`batch_color_jitter`, :func:`batch_random_erasing`: per-image colour jitter and erasing.
+- :func:`batch_color_jitter`, :func:`batch_random_erasing`: per-image colour jitter and erasing;
+  :func:`random_resized_crop_boxes`: torchvision's RandomResizedCrop boxes for a whole batch.
 - The operations themselves (``adjust_brightness`` ... ``equalize``, :func:`affine_warp`), each for
   per-image parameters of shape (B,).
 """
@@ -542,6 +543,63 @@ def check_erase_mode(mode: str) -> None:
         raise ValueError(f"Random erasing mode must be 'pixel', 'rand' or 'const', got {mode!r}.")
 
 
+def random_resized_crop_boxes(
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    trials: int = 10,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """``n`` boxes (x1, y1, x2, y2) sampled as torchvision's RandomResizedCrop does, all at once.
+
+    Per box: area ~ U(scale)·H·W and log aspect ~ U(log ratio); the first of ``trials`` draws that
+    fits is used, else the centre crop clamped to ``ratio``; the position is uniform. The draws are
+    made on ``device`` (default CPU), so boxes for a batch on a GPU never pass through the host.
+    """
+    w, h = _candidate_box_sides(n, height * width, scale, ratio, trials, device)
+    fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    w, h = _first_that_fits(fits, w, h)
+    # Fallback when no draw fits: the whole image, cropped to the nearest allowed aspect ratio.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        fw, fh = round(height * max(ratio)), height
+    else:
+        fw, fh = width, height
+    any_fit = fits.any(dim=1)
+    w = torch.where(any_fit, w, torch.full_like(w, fw))
+    h = torch.where(any_fit, h, torch.full_like(h, fh))
+    left = torch.floor(torch.rand(n, device=device) * (width - w + 1))
+    top = torch.floor(torch.rand(n, device=device) * (height - h + 1))
+    return torch.stack([left, top, left + w, top + h], dim=1)
+
+
+def _candidate_box_sides(
+    n: int,
+    area: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    trials: int,
+    device: torch.device | str | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``trials`` candidate boxes per image, (n, trials) each: with a ~ U(scale)·area and log r ~
+    U(log ratio), the sides round(√(a·r)) and round(√(a/r)) (which is the width and which the height
+    is the caller's convention: torchvision's crop and timm's erasing differ)."""
+    target = area * torch.empty(n, trials, device=device).uniform_(*scale)
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    aspect = torch.exp(torch.empty(n, trials, device=device).uniform_(*log_ratio))
+    return torch.sqrt(target * aspect).round(), torch.sqrt(target / aspect).round()
+
+
+def _first_that_fits(fits: torch.Tensor, *sides: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each (n, trials) side at the first trial that ``fits`` (the first trial where none does), (n,)."""
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)
+    return tuple(side.gather(1, first).squeeze(1) for side in sides)
+
+
 def batch_random_erasing(
     x: torch.Tensor,
     prob: float,
@@ -562,15 +620,9 @@ def batch_random_erasing(
     check_erase_mode(mode)
     n, c, h, w = x.shape
     device = x.device
-    area = h * w * torch.empty(n, attempts, device=device).uniform_(*scale)
-    aspect = torch.exp(
-        torch.empty(n, attempts, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
-    )
-    box_h = torch.sqrt(area * aspect).round()
-    box_w = torch.sqrt(area / aspect).round()
+    box_h, box_w = _candidate_box_sides(n, h * w, scale, ratio, attempts, device)
     fits = (box_h < h) & (box_w < w)
-    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)
-    box_h, box_w = box_h.gather(1, first).squeeze(1), box_w.gather(1, first).squeeze(1)
+    box_h, box_w = _first_that_fits(fits, box_h, box_w)
     erase = (torch.rand(n, device=device) < prob) & fits.any(dim=1)
     top = torch.floor(torch.rand(n, device=device) * (h - box_h + 1))
     left = torch.floor(torch.rand(n, device=device) * (w - box_w + 1))

@@ -46,6 +46,7 @@ from .batch_augment import (
     batch_random_erasing,
     check_erase_mode,
     device_constant,
+    random_resized_crop_boxes,
 )
 from .decode import DecodeError, load_rgb
 from .errors import DecodeErrorLog
@@ -303,45 +304,6 @@ class CachedTensorDataset(SeededBatches, Dataset):
         i = index if self.positions is None else int(self.positions[index])
         image, label = self.cache.images[i], int(self.cache.labels[i])
         return (self.transform(image) if self.transform is not None else image), label
-
-
-def random_resized_crop_boxes(
-    n: int,
-    height: int,
-    width: int,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    trials: int = 10,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """``n`` boxes (x1, y1, x2, y2) sampled as torchvision's RandomResizedCrop does, all at once.
-
-    Per box: area ~ U(scale)·H·W and log aspect ~ U(log ratio); the first of ``trials`` draws that
-    fits is used, else the centre crop clamped to ``ratio``; the position is uniform. The draws are
-    made on ``device`` (default CPU), so boxes for a batch on a GPU never pass through the host.
-    """
-    area = height * width
-    target = area * torch.empty(n, trials, device=device).uniform_(*scale)
-    aspect = torch.exp(torch.empty(n, trials, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])))
-    w = torch.sqrt(target * aspect).round()
-    h = torch.sqrt(target / aspect).round()
-    fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
-    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)
-    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
-    # Fallback when no draw fits: the whole image, cropped to the nearest allowed aspect ratio.
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fw, fh = width, round(width / min(ratio))
-    elif in_ratio > max(ratio):
-        fw, fh = round(height * max(ratio)), height
-    else:
-        fw, fh = width, height
-    any_fit = fits.any(dim=1)
-    w = torch.where(any_fit, w, torch.full_like(w, fw))
-    h = torch.where(any_fit, h, torch.full_like(h, fh))
-    left = torch.floor(torch.rand(n, device=device) * (width - w + 1))
-    top = torch.floor(torch.rand(n, device=device) * (height - h + 1))
-    return torch.stack([left, top, left + w, top + h], dim=1)
 
 
 @functools.lru_cache(maxsize=64)
