@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import TINY
 
@@ -61,6 +62,35 @@ def test_loop_benchmark_runs_both_loops_on_an_image_folder(tmp_path):
         plain_loop(tmp_path, options, batch_size=8, steps=3, workers=0, **policy),
     ):
         assert 0 < rate < float("inf")
+
+
+def test_loop_benchmark_follows_the_folders_classes_and_the_models_size(tmp_path, capsys):
+    # 12 classes (more than CIFAR's 10) of 20x20 images, for a model that takes 24x24 inputs
+    from PIL import Image
+
+    from vitkit.bench.loop import loop_main
+
+    rng = torch.Generator().manual_seed(0)
+    for k in range(12):
+        folder = tmp_path / "data" / "train" / f"class{k:02d}"
+        folder.mkdir(parents=True)
+        for i in range(2):
+            pixels = torch.randint(0, 256, (20, 20, 3), dtype=torch.uint8, generator=rng).numpy()
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    options = '{"img_size": 24, "embed_dim": 32, "depth": 2, "num_heads": 2}'
+    argv = ["--root", str(tmp_path / "data"), "--model", "vit_tiny_patch4_32", "--options", options]
+    argv += ["--batch-size", "4", "--steps", "3", "--workers", "0", "--rounds", "1"]
+    assert loop_main([*argv, "--loops", "folder", "plain", "step"]) == 0
+    out = capsys.readouterr().out
+    assert "at 24x24, 12 classes" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "images/s" not in line]
+    names = [row.split(" | ")[0].removeprefix("| ") for row in rows]
+    assert names == ["vitkit (folder)", "plain timm loop", "vitkit step only (batch on device)"]
+    assert rows[1].split(" | ")[2] == "1.00x" and rows[2].split(" | ")[3] == "100% |"
+    assert loop_main([*argv, "--loops", "folder"]) == 0  # nothing to compare with: n/a, not an error
+    assert capsys.readouterr().out.splitlines()[-1].endswith("| n/a | n/a |")
+    with pytest.raises(FileNotFoundError, match="has no train/ folder"):
+        loop_main(["--root", str(tmp_path), "--loops", "step"])
 
 
 def test_loop_benchmark_profiles_vitkits_loop_into_a_report(tmp_path):

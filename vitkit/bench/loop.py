@@ -17,6 +17,8 @@ the fraction of the time its data path keeps the device busy.
         --batch-size 512 --workers 14 --device cuda --precision bf16-mixed \
         --auto-augment rand-m9-mstd0.5-inc1
     python -m vitkit.bench.loop --root DIR ... --steps 40 --profile OUT [--augment-on device]
+    python -m vitkit.bench.loop --root ~/data/imagenet --model vit_small_patch16_224 --options '{}' \
+        --loops folder plain step     # the image size and the classes follow the model and the folder
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import find_classes
 
 from vitkit.bench.speed import timm_twin
 from vitkit.data import ImageFolderDataModule, build_train_transform
@@ -58,6 +61,27 @@ class _Clock(L.Callback):
         self.end = time.perf_counter()
 
 
+def _task(root: Path, options: dict[str, Any]) -> tuple[int, int]:
+    """(the number of classes under ``root/train``, the model's square input size): both loops train
+    that many classes on images cropped to the size the model takes."""
+    import vitkit
+
+    if not (root / "train").is_dir():
+        raise FileNotFoundError(
+            f"{root} has no train/ folder: give --root an ImageNet-style folder, train/<class>/*.jpg"
+        )
+    classes, _ = find_classes(str(root / "train"))
+    with torch.device("meta"):  # the architecture only
+        model = vitkit.create_model(options["model_name"], **options["model_options"])
+    height, width = model.img_size
+    if height != width:
+        raise ValueError(
+            f"The loop benchmark crops square images; {options['model_name']} takes {height}x{width}. "
+            f"Give it a square size: --options '{{\"img_size\": {height}}}'."
+        )
+    return len(classes), height
+
+
 def vitkit_loop(
     root: Path,
     options: dict[str, Any],
@@ -80,18 +104,19 @@ def vitkit_loop(
     warm-up (an op table sorted by device or CPU time, and a Chrome trace); the rate is then the
     profiled run's, slower than an unprofiled one.
     """
+    num_classes, size = _task(root, options)
     torch.manual_seed(0)
     module = ImageClassifier(
         model_name=options["model_name"],
         model_options=options["model_options"],
-        num_classes=10,
+        num_classes=num_classes,
         lr=1e-3,
         warmup_steps=10,
     )
     data = ImageFolderDataModule(
         root,
         batch_size=batch_size,
-        img_size=32,
+        img_size=size,
         num_workers=workers,
         cache="memory" if cache else False,
         augment_on=augment_on,
@@ -144,10 +169,11 @@ def plain_loop(
     """Images/s of the same training with timm's model in a minimal PyTorch loop."""
     import vitkit
 
+    num_classes, size = _task(root, options)
     torch.manual_seed(0)
-    model = timm_twin(vitkit.create_model(options["model_name"], num_classes=10, **options["model_options"]))
-    model.to(device)
-    transform = build_train_transform(32, scale=(0.6, 1.0), auto_augment=auto_augment)
+    model = vitkit.create_model(options["model_name"], num_classes=num_classes, **options["model_options"])
+    model = timm_twin(model).to(device)
+    transform = build_train_transform(size, scale=(0.6, 1.0), auto_augment=auto_augment)
     loader = DataLoader(
         ImageFolder(str(root / "train"), transform=transform),
         batch_size=batch_size,
@@ -178,20 +204,37 @@ def plain_loop(
     return images / (time.perf_counter() - start)
 
 
-def step_only(options: dict[str, Any], batch_size: int, steps: int, device: str, precision: str) -> float:
+def step_only(
+    options: dict[str, Any],
+    batch_size: int,
+    steps: int,
+    device: str,
+    precision: str,
+    num_classes: int = 10,
+) -> float:
     """Images/s of vitkit's training step alone, on a batch already on the device: the ceiling a
     data path can feed (loop rate / this = the fraction of the time the device is kept busy)."""
     import vitkit
     from vitkit.bench.speed import _time, _train_step_fn
 
     torch.manual_seed(0)
-    model = vitkit.create_model(options["model_name"], num_classes=10, **options["model_options"]).to(device)
+    model = vitkit.create_model(options["model_name"], num_classes=num_classes, **options["model_options"])
+    model.to(device)
     x = torch.randn(batch_size, 3, *model.img_size, device=device)
-    y = torch.randint(0, 10, (batch_size,), device=device)
+    y = torch.randint(0, num_classes, (batch_size,), device=device)
     step = _train_step_fn(model.train(), x, y, "bf16" if precision.startswith("bf16") else "fp32")
     for _ in range(3):
         step()
     return batch_size / _time(step, max(steps // 2, 5), torch.device(device))
+
+
+LOOPS = {  # --loops key: the row's name
+    "folder": "vitkit (folder)",
+    "cache": "vitkit (tensor cache)",
+    "device": "vitkit (tensor cache, augmented on the device)",
+    "plain": "plain timm loop",
+    "step": "vitkit step only (batch on device)",
+}
 
 
 def loop_main(argv: Sequence[str] | None = None) -> int:
@@ -226,18 +269,26 @@ def loop_main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="only profile vitkit's loop (tensor cache) into this folder: an op table and a Chrome trace",
     )
+    parser.add_argument(
+        "--loops",
+        nargs="+",
+        default=list(LOOPS),
+        choices=list(LOOPS),
+        help="which loops to time (default: all; the two cache loops decode the whole train split "
+        "into memory first, so leave them out for a dataset larger than the RAM)",
+    )
     args = parser.parse_args(argv)
     accelerator = "gpu" if args.device == "cuda" else "cpu"
     import json
 
     options = {"model_name": args.model, "model_options": json.loads(args.options)}
-    vitkit_loops = {  # name: (tensor cache, where batches are augmented)
-        "vitkit (folder)": (False, "workers"),
-        "vitkit (tensor cache)": (True, "workers"),
-        "vitkit (tensor cache, augmented on the device)": (True, "device"),
+    num_classes, size = _task(args.root, options)
+    vitkit_loops = {  # key: (tensor cache, where batches are augmented)
+        "folder": (False, "workers"),
+        "cache": (True, "workers"),
+        "device": (True, "device"),
     }
-    names = [*vitkit_loops, "plain timm loop", "vitkit step only (batch on device)"]
-    rates: dict[str, list[float]] = {name: [] for name in names}
+    rates: dict[str, list[float]] = {key: [] for key in args.loops}
     common = (args.root, options, args.batch_size, args.steps, args.workers)
     policy = {"auto_augment": args.auto_augment}
     if args.profile is not None:
@@ -250,23 +301,27 @@ def loop_main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
     for _ in range(args.rounds):
-        for name, (cache, augment_on) in vitkit_loops.items():
-            rate = vitkit_loop(*common, cache, accelerator, args.precision, augment_on=augment_on, **policy)
-            rates[name].append(rate)
-        rates["plain timm loop"].append(plain_loop(*common, args.device, args.precision, **policy))
-        rates["vitkit step only (batch on device)"].append(
-            step_only(options, args.batch_size, args.steps, args.device, args.precision)
-        )
-    plain = statistics.median(rates["plain timm loop"])
-    ceiling = statistics.median(rates["vitkit step only (batch on device)"])
+        for key in args.loops:
+            if key in vitkit_loops:
+                cache, where = vitkit_loops[key]
+                rate = vitkit_loop(*common, cache, accelerator, args.precision, augment_on=where, **policy)
+            elif key == "plain":
+                rate = plain_loop(*common, args.device, args.precision, **policy)
+            else:
+                setting = (args.batch_size, args.steps, args.device, args.precision, num_classes)
+                rate = step_only(options, *setting)
+            rates[key].append(rate)
+    medians = {key: statistics.median(values) for key, values in rates.items()}
     print(
-        f"{args.model} {options['model_options']}, batch {args.batch_size}, {args.steps} steps, "
-        f"{args.workers} workers, {torch.get_num_threads()} threads, auto-augment {args.auto_augment}"
+        f"{args.model} {options['model_options']} at {size}x{size}, {num_classes} classes, batch "
+        f"{args.batch_size}, {args.steps} steps, {args.workers} workers, {torch.get_num_threads()} threads, "
+        f"auto-augment {args.auto_augment}"
     )
     print("| loop | images/s (median) | vs plain | device busy (vs step only) |\n|---|---|---|---|")
-    for name, values in rates.items():
-        median = statistics.median(values)
-        print(f"| {name} | {median:.1f} | {median / plain:.2f}x | {median / ceiling:.0%} |")
+    for key, median in medians.items():
+        plain = f"{median / medians['plain']:.2f}x" if "plain" in medians else "n/a"
+        busy = f"{median / medians['step']:.0%}" if "step" in medians else "n/a"
+        print(f"| {LOOPS[key]} | {median:.1f} | {plain} | {busy} |")
     return 0
 
 
