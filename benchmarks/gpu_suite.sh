@@ -6,7 +6,7 @@
 #
 # With no PART it runs the parts that measure issue #8's open GPU targets (at most 9.5 minutes by
 # their limits, inside one 10-minute device call): data_path, b16_autotune, speedrun. `all` runs every part
-# (about 16 minutes). Parts (limit in seconds; what took how long on the H100 of 2026-11-24):
+# (about 19 minutes). Parts (limit in seconds; what took how long on the H100 of 2026-11-24):
 #
 #   data_path      CIFAR-10 loop, ViT-S/4, batch 512, RandAugment: JPEG folder / uint8 cache augmented
 #                  in the workers / uint8 cache augmented on the GPU / plain timm loop / step alone (150)
@@ -16,6 +16,7 @@
 #                  SPEEDRUN_ARGS (limit +60)
 #   b16_eager b16_compiled b16_batch512 s16_eager s16_compiled b16_explicit b16_fp32 explain_cost:
 #                  the speed / MFU / explanation tables (eager ~90 s, compiled ~150-200 s each)
+#   b16_cudnn      ViT-B/16 bf16 training step, compiled, attention on cuDNN's kernel (200; not run yet)
 #
 # On the lent machine (python3 3.12 with torch, timm, lightning, einops, safetensors, torchmetrics),
 # vitkit runs from the working tree. Here, once: mkdir -p .gpu && cp ../shared/data/cifar10.tar.gz .gpu/
@@ -26,8 +27,8 @@ out=${1:-gpu_out}
 data=${2:-}
 shift $(($# > 2 ? 2 : $#))
 parts=${*:-data_path b16_autotune speedrun}
-[ "$parts" = all ] && parts="data_path data_profile b16_eager b16_compiled b16_batch512 b16_autotune s16_eager
-    s16_compiled b16_explicit b16_fp32 explain_cost speedrun"
+[ "$parts" = all ] && parts="data_path data_profile b16_eager b16_compiled b16_batch512 b16_autotune b16_cudnn
+    s16_eager s16_compiled b16_explicit b16_fp32 explain_cost speedrun"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -76,6 +77,9 @@ for name in $parts; do
     b16_autotune)
         bench "$name" 180 vit_base_patch16_224 --batch-size 256 --modes train --iters 10 \
             --compile-mode max-autotune-no-cudagraphs
+        ;;
+    b16_cudnn)
+        bench "$name" 200 vit_base_patch16_224 --batch-size 256 --modes train --compile --iters 10 --sdpa-backend cudnn
         ;;
     s16_eager) bench "$name" 90 vit_small_patch16_224 --batch-size 256 --iters 10 ;;
     s16_compiled) bench "$name" 160 vit_small_patch16_224 --batch-size 256 --modes train --compile --iters 10 ;;

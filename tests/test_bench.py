@@ -7,7 +7,7 @@ import torch
 from conftest import TINY
 
 import vitkit
-from vitkit.bench import compare, count_flops, format_table, timm_twin
+from vitkit.bench import compare, count_flops, format_table, model_flops_per_image, timm_twin
 
 
 def test_timm_twin_has_the_same_weights_and_logits():
@@ -26,6 +26,24 @@ def test_flop_count_of_a_linear_layer_is_2_m_n_k():
     layer = torch.nn.Linear(64, 32)
     x = torch.randn(8, 64)
     assert count_flops(lambda: layer(x)) == 2 * 8 * 64 * 32
+
+
+def test_model_flops_are_the_vits_matmuls_whatever_the_attention_kernel():
+    # forward FLOPs of a ViT, by hand: the patch projection, per block qkv + q kᵀ + attention·v +
+    # projection + MLP, and the head on the class token (2 FLOPs per multiply-add)
+    c = TINY
+    patches = (c["img_size"] // c["patch_size"]) ** 2
+    n, d = patches + 1, c["embed_dim"]
+    patch = patches * 3 * c["patch_size"] ** 2 * d
+    block = n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * 4 * d
+    expected = 2 * (patch + c["depth"] * block + d * c["num_classes"])
+    x, y = torch.randn(3, 3, c["img_size"], c["img_size"]), torch.tensor([0, 1, 2])
+    for fused in (True, False):  # on a CPU the fused (flash) kernel is invisible to torch's counter
+        model = vitkit.create_model("vit_tiny_patch4_32", **TINY, fused_attn=fused)
+        assert model_flops_per_image(model, x, y, "infer") == expected
+        train = model_flops_per_image(model, x, y, "train")
+        # the backward pass costs twice the forward, except the input gradient of the first layer
+        assert train == 3 * expected - 2 * patch
 
 
 def test_compare_reports_both_libraries_and_a_ratio():
@@ -181,8 +199,9 @@ def test_bench_takes_input_size_channels_layout_and_model_options(monkeypatch, c
     assert "vit_tiny_patch4_32, 1x48x48 input, channels-last, batch 2" in out
     assert '"input_size": [\n      1,\n      48,\n      48\n    ]' in out
     assert {module.split(".")[0] for module, _, _ in seen} == {"vitkit", "timm"}
+    assert {len(x) for _, x, _ in seen} == {2, 1}  # the timed batch, and one image for the FLOPs
     for _, x, kernel in seen:
-        assert x.shape == (2, 1, 48, 48) and x.is_contiguous(memory_format=torch.channels_last)
+        assert x.shape[1:] == (1, 48, 48) and x.is_contiguous(memory_format=torch.channels_last)
         assert kernel.shape == (32, 1, 4, 4) and kernel.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -197,3 +216,13 @@ def test_cpu_peak_memory_is_measured_per_library_in_fresh_processes():
     for library in ("vitkit", "timm"):
         assert memory[(library, "train")] > 2 * memory[(library, "infer")], memory
     assert 0.8 < memory[("vitkit", "train")] / memory[("timm", "train")] < 1.25, memory
+
+
+def test_sdpa_backend_restricts_both_models_to_one_attention_kernel():
+    options = {k: v for k, v in TINY.items() if k != "num_classes"}
+    run = dict(batch_size=2, modes=("infer",), rounds=1, iters=1, warmup=1, **options)
+    math = compare("vit_tiny_patch4_32", sdpa_backend="math", **run)
+    assert {r.library for r in math} == {"vitkit", "timm"} and all(r.images_per_s > 0 for r in math)
+    # a CPU has no memory-efficient kernel: restricted to it, neither model can run
+    with pytest.raises(RuntimeError, match="No viable backend"):
+        compare("vit_tiny_patch4_32", sdpa_backend="efficient", **run)

@@ -1,5 +1,21 @@
 """Benchmarks: vitkit against timm, same process, alternating (``vitkit bench``)."""
 
-from .speed import SpeedResult, bench_main, compare, count_flops, format_table, timm_twin
+from .speed import (
+    SpeedResult,
+    bench_main,
+    compare,
+    count_flops,
+    format_table,
+    model_flops_per_image,
+    timm_twin,
+)
 
-__all__ = ["SpeedResult", "bench_main", "compare", "count_flops", "format_table", "timm_twin"]
+__all__ = [
+    "SpeedResult",
+    "bench_main",
+    "compare",
+    "count_flops",
+    "format_table",
+    "model_flops_per_image",
+    "timm_twin",
+]

@@ -27,6 +27,7 @@ from typing import Any
 import timm
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import vitkit
@@ -106,6 +107,27 @@ def count_flops(step: Callable[[], None]) -> float:
     return float(counter.get_total_flops())
 
 
+def model_flops_per_image(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str = "train", precision: str = "fp32"
+) -> float:
+    """The model FLOPs of one image in a training step (``mode="train"``) or a forward pass.
+
+    Counted on the first image of the batch (every op of a ViT is per image, so the count is
+    linear in the batch), with attention on PyTorch's math kernel, whose two matmuls are the
+    model's own: the fused kernels are counted with the attention scores they recompute in the
+    backward pass (hardware FLOPs, not model FLOPs, which MFU is defined by), and the CPU's flash
+    kernel is not counted at all. The training step also updates the weights once.
+    """
+    one_x, one_y = x[:1], y[:1]
+    step = (
+        _train_step_fn(model, one_x, one_y, precision)
+        if mode == "train"
+        else _infer_fn(model, one_x, precision)
+    )
+    with sdpa_kernel(SDPBackend.MATH):
+        return count_flops(step)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -118,6 +140,26 @@ def _time(step: Callable[[], None], iters: int, device: torch.device) -> float:
         step()
     _sync(device)
     return (time.perf_counter() - start) / iters
+
+
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def _on_sdpa_backend(step: Callable[[], None], backend: str | None) -> Callable[[], None]:
+    """``step`` with ``scaled_dot_product_attention`` restricted to one kernel (None: PyTorch picks)."""
+    if backend is None:
+        return step
+
+    def restricted() -> None:
+        with sdpa_kernel(SDPA_BACKENDS[backend]):
+            step()
+
+    return restricted
 
 
 def _proc_status_kib(field: str) -> int | None:
@@ -140,6 +182,7 @@ def _cpu_peak_mib(
     compile_mode: str | None,
     channels_last: bool,
     threads: int,
+    sdpa_backend: str | None = None,
 ) -> float | None:
     """Run in a fresh process: how far one step (after a first one) raises the process's peak
     resident memory above what it held before the model existed (weights, gradients, optimizer
@@ -168,6 +211,7 @@ def _cpu_peak_mib(
     if compile:
         model = torch.compile(model, mode=compile_mode)
     step = _train_step_fn(model, x, y, precision) if mode == "train" else _infer_fn(model, x, precision)
+    step = _on_sdpa_backend(step, sdpa_backend)
     step()
     try:  # reset the high-water mark to the current resident size (Linux >= 4.0)
         with open("/proc/self/clear_refs", "w") as refs:
@@ -209,6 +253,7 @@ def compare(
     peak_tflops: float | None = None,
     channels_last: bool = False,
     cpu_memory: bool = False,
+    sdpa_backend: str | None = None,
     **model_options,
 ) -> list[SpeedResult]:
     """Time vitkit and its timm twin, alternating ``rounds`` times; median images/s per setting.
@@ -218,9 +263,12 @@ def compare(
     "max-autotune-no-cudagraphs": Triton matmul templates with fused epilogues, a longer first
     compilation), with ``compile=True``. ``channels_last``: images and the patch-embedding
     convolution in channels-last memory format (timm's ``benchmark.py --channels-last``).
-    Peak memory: on a GPU, the allocator's peak during one step; on a CPU with ``cpu_memory=True``,
-    the peak resident memory one step adds, each library and setting measured in a fresh process
-    (:func:`_cpu_peak_mib`; a few seconds each).
+    ``sdpa_backend``: both models' fused attention on one kernel of :data:`SDPA_BACKENDS` ("cudnn":
+    cuDNN's attention, which PyTorch does not always pick by itself on an H100); a kernel that
+    cannot run the inputs (on a CPU: any but "flash" and "math") raises PyTorch's "No viable
+    backend" error. Peak memory: on a GPU, the allocator's peak during one step; on a CPU with
+    ``cpu_memory=True``, the peak resident memory one step adds, each library and setting measured
+    in a fresh process (:func:`_cpu_peak_mib`; a few seconds each).
     """
     dev = torch.device(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -241,16 +289,16 @@ def compare(
             steps = {}
             for name, model in models.items():
                 model.train(mode == "train")
-                steps[name] = (
+                step = (
                     _train_step_fn(model, x, y, precision)
                     if mode == "train"
                     else _infer_fn(model, x, precision)
                 )
+                steps[name] = _on_sdpa_backend(step, sdpa_backend)
             # counted on the eager models: a dispatch-mode counter cannot see into compiled graphs
-            flops = {}
-            for name, model in eager.items():
-                counted = _train_step_fn(model, x, y, precision) if mode == "train" else None
-                flops[name] = count_flops(counted or _infer_fn(model, x, precision)) / batch_size
+            flops = {
+                name: model_flops_per_image(model, x, y, mode, precision) for name, model in eager.items()
+            }
             for step in steps.values():
                 for _ in range(warmup):
                     step()
@@ -276,6 +324,7 @@ def compare(
                         compile_mode,
                         channels_last,
                         torch.get_num_threads(),
+                        sdpa_backend,
                     )
                 else:
                     memory = None
@@ -330,6 +379,12 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="vitkit takes the explicit softmax path (fused_attn=False); timm keeps its fused kernel",
     )
+    parser.add_argument(
+        "--sdpa-backend",
+        default=None,
+        choices=list(SDPA_BACKENDS),
+        help="run both models' fused attention on this kernel only (default: PyTorch picks)",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument(
         "--compile-mode",
@@ -369,6 +424,7 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         peak_tflops=args.peak_tflops,
         channels_last=args.channels_last,
         cpu_memory=args.cpu_memory,
+        sdpa_backend=args.sdpa_backend,
         **options,
     )
     device = (
@@ -376,6 +432,7 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     )
     chans, height, width = results[0].input_size
     layout = ", channels-last" if args.channels_last else ""
+    layout += f", SDPA on {args.sdpa_backend}" if args.sdpa_backend else ""
     print(
         f"{args.model}, {chans}x{height}x{width} input{layout}, batch {args.batch_size}, {device}, "
         f"torch {torch.__version__}, timm {timm.__version__}"
