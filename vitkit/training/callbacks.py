@@ -82,7 +82,7 @@ class PerRankRandomness(Callback):
             _seed_rank(trainer.global_rank)
 
 
-def _seed_rank(rank: int) -> int:
+def _seed_rank(rank: int) -> None:
     """Re-seed Python, NumPy and torch from (a draw from the current torch stream, ``rank``)."""
     from vitkit.data.seeding import mix_seed  # (the training package leaves the data package unloaded)
 
@@ -90,7 +90,6 @@ def _seed_rank(rank: int) -> int:
     torch.manual_seed(seed)  # the CUDA generators too
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    return seed
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
