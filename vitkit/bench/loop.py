@@ -89,7 +89,7 @@ def vitkit_loop(
     steps: int,
     workers: int,
     cache: bool,
-    accelerator: str = "cpu",
+    device: str = "cpu",
     precision: str = "32-true",
     profile: Path | None = None,
     augment_on: str = "workers",
@@ -98,7 +98,7 @@ def vitkit_loop(
     """Images/s of ``steps`` training steps of vitkit's Trainer (no validation, no checkpoints).
 
     ``cache``: the uint8 tensor cache instead of decoding files; ``augment_on``: where the cached
-    batches are augmented ("workers" or "device").
+    batches are augmented ("workers" or "device"); ``device``: "cpu", "cuda" or "cuda:N".
 
     ``profile``: a folder for Lightning's ``PyTorchProfiler`` report of up to 10 steps after 5 of
     warm-up (an op table sorted by device or CPU time, and a Chrome trace); the rate is then the
@@ -125,9 +125,11 @@ def vitkit_loop(
         crop_pct=1.0,
     )
     clock = _Clock()
+    on = torch.device(device)
+    accelerator = "gpu" if on.type == "cuda" else "cpu"
     trainer = L.Trainer(
         accelerator=accelerator,
-        devices=1,
+        devices=[on.index or 0] if accelerator == "gpu" else 1,
         precision=precision,
         max_steps=steps,
         limit_val_batches=0,
@@ -180,7 +182,7 @@ def plain_loop(
         shuffle=True,
         num_workers=workers,
         persistent_workers=workers > 0,
-        pin_memory=device == "cuda",
+        pin_memory=torch.device(device).type == "cuda",
         drop_last=True,
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
@@ -194,13 +196,15 @@ def plain_loop(
         else:
             images += x.shape[0]
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision.startswith("bf16")):
+        with torch.autocast(
+            torch.device(device).type, dtype=torch.bfloat16, enabled=precision.startswith("bf16")
+        ):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    if device == "cuda":
-        torch.cuda.synchronize()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
     return images / (time.perf_counter() - start)
 
 
@@ -278,7 +282,6 @@ def loop_main(argv: Sequence[str] | None = None) -> int:
         "into memory first, so leave them out for a dataset larger than the RAM)",
     )
     args = parser.parse_args(argv)
-    accelerator = "gpu" if args.device == "cuda" else "cpu"
     import json
 
     options = {"model_name": args.model, "model_options": json.loads(args.options)}
@@ -293,7 +296,7 @@ def loop_main(argv: Sequence[str] | None = None) -> int:
     policy = {"auto_augment": args.auto_augment}
     if args.profile is not None:
         rate = vitkit_loop(
-            *common, True, accelerator, args.precision, args.profile, augment_on=args.augment_on, **policy
+            *common, True, args.device, args.precision, args.profile, augment_on=args.augment_on, **policy
         )
         print(
             f"vitkit (tensor cache, augmented in the {args.augment_on}), profiled: "
@@ -304,7 +307,7 @@ def loop_main(argv: Sequence[str] | None = None) -> int:
         for key in args.loops:
             if key in vitkit_loops:
                 cache, where = vitkit_loops[key]
-                rate = vitkit_loop(*common, cache, accelerator, args.precision, augment_on=where, **policy)
+                rate = vitkit_loop(*common, cache, args.device, args.precision, augment_on=where, **policy)
             elif key == "plain":
                 rate = plain_loop(*common, args.device, args.precision, **policy)
             else:

@@ -130,7 +130,7 @@ def model_flops_per_image(
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def _time(step: Callable[[], None], iters: int, device: torch.device) -> float:
@@ -427,9 +427,8 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         sdpa_backend=args.sdpa_backend,
         **options,
     )
-    device = (
-        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU x{torch.get_num_threads()}"
-    )
+    on_gpu = args.device.startswith("cuda")
+    device = torch.cuda.get_device_name(args.device) if on_gpu else f"CPU x{torch.get_num_threads()}"
     chans, height, width = results[0].input_size
     layout = ", channels-last" if args.channels_last else ""
     layout += f", SDPA on {args.sdpa_backend}" if args.sdpa_backend else ""
