@@ -5,7 +5,7 @@ tensor form; an auto-augment policy runs per image (torchvision / timm ops, ``au
 or, with ``batched=True`` (what ``augment_on="device"`` runs on the GPU), as batched tensor ops.
 This times one batch of CIFAR-sized uint8 images on one thread (as in a DataLoader worker) for
 each policy and path, in alternating rounds, to tell whether the loader workers can keep up with
-a GPU:
+a GPU; and, for scale, the per-batch re-seeding that makes the augmentations reproducible:
 
     python benchmarks/augment_cost.py                 # 32x32, batch 512, the GPU recipe's policies
     python benchmarks/augment_cost.py --size 224 --batch-size 64
@@ -20,6 +20,9 @@ import time
 import torch
 
 from vitkit.data.cache import BatchTrainTransform
+from vitkit.data.seeding import seed_batch
+
+RESEED = "re-seeding the worker's generators for the batch (vitkit/data/seeding.py), alone"
 
 POLICIES = {
     "crop + flip (no auto-augment)": None,
@@ -47,6 +50,9 @@ def main() -> None:
         for name, policy in POLICIES.items()
         for batched in (False, True)
     }
+    # what every batch costs a worker before any augmentation: re-seeding from the batch's indices
+    indices = list(range(args.batch_size))
+    transforms[RESEED] = lambda _: seed_batch(0, indices)
     seconds: dict[str, list[float]] = {name: [] for name in transforms}
     for _ in range(args.rounds):
         for name, transform in transforms.items():
