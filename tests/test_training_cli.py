@@ -104,6 +104,22 @@ def test_every_shipped_recipe_parses_and_trains_two_steps(tmp_path, shapes):
         assert (tmp_path / name / "config.yaml").is_file(), name
 
 
+def test_bad_input_prints_its_message_without_a_traceback(tmp_path, capsys, monkeypatch):
+    from vitkit.cli.main import main
+
+    monkeypatch.delenv("VITKIT_TRACEBACK", raising=False)
+    assert main(["demo", "--model", "no_such_model"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vitkit demo: error: Unknown model 'no_such_model'") and "Traceback" not in err
+    missing = tmp_path / "no_such_folder"
+    fit = ["fit", "--config", "quickstart", "--data.root", str(missing), "--runs_dir", str(tmp_path), *FAST]
+    assert main(fit) == 2
+    assert f"vitkit fit: error: Dataset folder {missing} does not exist" in capsys.readouterr().err
+    monkeypatch.setenv("VITKIT_TRACEBACK", "1")  # where it came from, for a bug report
+    with pytest.raises(ValueError, match="Unknown model"):
+        main(["bench", "--model", "no_such_model"])
+
+
 def test_recipe_names_resolve_and_unknown_names_list_the_choices():
     assert recipe_path("quickstart").resolve() == (RECIPES_DIR / "quickstart.yaml").resolve()
     with pytest.raises(FileNotFoundError, match="Available recipes: .*quickstart"):

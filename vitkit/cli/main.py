@@ -13,6 +13,7 @@ vitkit demo                        build a model, run it on an embedded image, p
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -100,20 +101,36 @@ _COMMANDS = {
 }
 
 
+# What bad input raises in vitkit (a missing file or folder, an unknown model or recipe, an option
+# that does not fit): the message names the value and what to do, so the command prints it alone.
+_INPUT_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(f"usage: vitkit COMMAND [options]\n\n{_USAGE}\n`vitkit COMMAND --help` explains each command.")
         return 0 if args else 2
     command, rest = args[0], args[1:]
+    if command not in (*_LIGHTNING, *_COMMANDS):
+        print(f"vitkit: unknown command {command!r}. Commands: {', '.join([*_LIGHTNING, *_COMMANDS])}.")
+        return 2
+    try:
+        return _run(command, rest)
+    except _INPUT_ERRORS as error:
+        if os.environ.get("VITKIT_TRACEBACK"):
+            raise
+        print(f"vitkit {command}: error: {error}", file=sys.stderr)
+        print("(VITKIT_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        return 2
+
+
+def _run(command: str, rest: list[str]) -> int:
     if command in _LIGHTNING:
         from vitkit.training.cli import cli_main
 
         cli_main([command, *rest])
         return 0
-    if command not in _COMMANDS:
-        print(f"vitkit: unknown command {command!r}. Commands: {', '.join([*_LIGHTNING, *_COMMANDS])}.")
-        return 2
     return _COMMANDS[command](rest)
 
 
