@@ -112,9 +112,13 @@ def test_bad_input_prints_its_message_without_a_traceback(tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert err.startswith("vitkit demo: error: Unknown model 'no_such_model'") and "Traceback" not in err
     missing = tmp_path / "no_such_folder"
+    earlier = tmp_path / "quickstart" / "checkpoints" / "last.ckpt"  # an earlier run of the recipe
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"weights")
     fit = ["fit", "--config", "quickstart", "--data.root", str(missing), "--runs_dir", str(tmp_path), *FAST]
     assert main(fit) == 2
     assert f"vitkit fit: error: Dataset folder {missing} does not exist" in capsys.readouterr().err
+    assert earlier.read_bytes() == b"weights"  # a run that never started does not move it aside
     monkeypatch.setenv("VITKIT_TRACEBACK", "1")  # where it came from, for a bug report
     with pytest.raises(ValueError, match="Unknown model"):
         main(["bench", "--model", "no_such_model"])

@@ -104,13 +104,20 @@ class VitkitCLI(LightningCLI):
         name = config.get("run_name") or _recipe_name(config) or "vitkit"
         root = Path(config.get("runs_dir") or "runs") / name
         trainer = config["trainer"]
+        self._earlier_run: Path | None = None
         if trainer.get("default_root_dir") in (None, ""):
             trainer["default_root_dir"] = str(root)
             if self.subcommand == "fit" and not config.get("ckpt_path"):
-                _set_aside_earlier_run(root)
+                self._earlier_run = root  # set aside in before_fit, once the run's classes exist
         root = Path(trainer["default_root_dir"])
         if trainer.get("logger") in (None, True):
             trainer["logger"] = _default_loggers(root, resuming=bool(config.get("ckpt_path")))
+
+    def before_fit(self) -> None:
+        # Here, not before instantiation: a data module, model or option that fails to build (a
+        # mistyped --data.root) stops the command before an earlier run is moved out of the way.
+        if getattr(self, "_earlier_run", None) is not None:
+            _set_aside_earlier_run(self._earlier_run)
 
 
 def _set_aside_earlier_run(root: Path) -> None:
