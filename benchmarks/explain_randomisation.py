@@ -7,15 +7,18 @@ and the upper half of the blocks, and after everything down to the patch embeddi
     python benchmarks/explain_randomisation.py runs/quickstart/checkpoints/best.ckpt ~/.cache/vitkit/shapes
 """
 
-import sys
+import argparse
 
 from vitkit.data import ImageFolderDataModule
 from vitkit.explain import model_randomization_test
 from vitkit.weights import model_from_checkpoint
 
-checkpoint, folder = sys.argv[1], sys.argv[2]
-model = model_from_checkpoint(checkpoint).eval()
-data = ImageFolderDataModule(folder, batch_size=64, num_workers=0, pretrained_cfg=model.pretrained_cfg)
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("checkpoint", help="a trained vitkit checkpoint (.ckpt) or weights file")
+parser.add_argument("folder", help="the image folder it was trained on (64 validation images are explained)")
+args = parser.parse_args()
+model = model_from_checkpoint(args.checkpoint).eval()
+data = ImageFolderDataModule(args.folder, batch_size=64, num_workers=0, pretrained_cfg=model.pretrained_cfg)
 data.setup("validate")
 images = next(iter(data.val_dataloader()))[0][:64]
 print("| method | head randomised | + upper blocks | everything |\n|---|---:|---:|---:|")
