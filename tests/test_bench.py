@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from conftest import TINY
@@ -79,7 +81,7 @@ def test_loop_benchmark_runs_both_loops_on_an_image_folder(tmp_path):
         ),
         plain_loop(tmp_path, options, batch_size=8, steps=3, workers=0, **policy),
     ):
-        assert 0 < rate < float("inf")
+        assert 0 < rate.images_per_s < float("inf") and rate.gpu_util is None  # no GPU, no NVML
 
 
 def test_loop_benchmark_follows_the_folders_classes_and_the_models_size(tmp_path, capsys):
@@ -104,11 +106,36 @@ def test_loop_benchmark_follows_the_folders_classes_and_the_models_size(tmp_path
     rows = [line for line in out.splitlines() if line.startswith("| ") and "images/s" not in line]
     names = [row.split(" | ")[0].removeprefix("| ") for row in rows]
     assert names == ["vitkit (folder)", "plain timm loop", "vitkit step only (batch on device)"]
-    assert rows[1].split(" | ")[2] == "1.00x" and rows[2].split(" | ")[3] == "100% |"
+    assert rows[1].split(" | ")[2] == "1.00x" and rows[2].split(" | ")[3:] == ["100%", "n/a |"]
     assert loop_main([*argv, "--loops", "folder"]) == 0  # nothing to compare with: n/a, not an error
     assert capsys.readouterr().out.splitlines()[-1].endswith("| n/a | n/a |")
     with pytest.raises(FileNotFoundError, match="has no train/ folder"):
         loop_main(["--root", str(tmp_path), "--loops", "step"])
+
+
+def test_gpu_utilisation_is_sampled_from_nvml_between_start_and_stop(monkeypatch):
+    from vitkit.bench.loop import _GpuUtil
+
+    readings = iter([50.0] + [90.0, 70.0] * 1000)  # the first call only checks that NVML answers
+    monkeypatch.setattr(torch.cuda, "utilization", lambda device=None: next(readings))
+    util = _GpuUtil("cuda:0", interval=0.005)
+    util.start()
+    time.sleep(0.1)
+    mean = util.stop()
+    assert len(util.samples) >= 2 and 70.0 <= mean <= 90.0
+    assert 50.0 not in util.samples
+    count = len(util.samples)
+    time.sleep(0.03)
+    assert len(util.samples) == count  # stopped
+
+    def no_nvml(device=None):
+        raise ModuleNotFoundError("pynvml does not seem to be installed")
+
+    monkeypatch.setattr(torch.cuda, "utilization", no_nvml)
+    unavailable = _GpuUtil("cuda:0")
+    unavailable.start()
+    assert unavailable.stop() is None  # n/a, not an error
+    assert _GpuUtil("cpu").stop() is None
 
 
 def test_loop_benchmark_profiles_vitkits_loop_into_a_report(tmp_path):

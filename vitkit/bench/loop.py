@@ -10,7 +10,9 @@ from the cache augmented on the device (``augment_on="device"``). ``--auto-augme
 to every loop (per image in the plain loop's workers, as timm does). The settings alternate, and
 the clock runs from the first training batch to the last, so start-up is not counted. Last, the
 training step alone on a batch already on the device gives the ceiling: a loop's rate over it is
-the fraction of the time its data path keeps the device busy.
+the fraction of the time its data path keeps the device busy. On a GPU with NVML (nvidia-ml-py)
+the GPU's own utilisation is sampled over the same steps too ("GPU-Util", as nvidia-smi shows
+it), which also counts the work a loop adds on the device, such as augmentation.
 
     python -m vitkit.bench.loop --root ~/.cache/vitkit/cifar10 --steps 60 --rounds 2
     python -m vitkit.bench.loop --root DIR --model vit_small_patch4_32 --options '{}' \
@@ -25,10 +27,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -41,19 +44,67 @@ from vitkit.data import ImageFolderDataModule, build_train_transform
 from vitkit.training import ImageClassifier
 
 
-class _Clock(L.Callback):
-    """Seconds and images from the start of the first training batch to the end of the last."""
+class LoopRate(NamedTuple):
+    """A loop's speed: images/s, and the mean GPU utilisation over the same steps (NVML's
+    "GPU-Util", the share of time in which a kernel was running; None without a GPU or NVML)."""
 
-    def __init__(self) -> None:
+    images_per_s: float
+    gpu_util: float | None = None
+
+
+class _GpuUtil:
+    """NVML's utilisation of one GPU, sampled every ``interval`` s in a thread between :meth:`start`
+    and :meth:`stop` (``torch.cuda.utilization``, which needs the nvidia-ml-py package).
+
+    The rate ratio "loop / step alone" counts work the loop adds on the GPU (augmentation on the
+    device) as idle time; NVML says whether the GPU was running anything at all.
+    """
+
+    def __init__(self, device: str | torch.device, interval: float = 0.1) -> None:
+        self.device = torch.device(device)
+        self.interval = interval
+        self.samples: list[float] = []
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.device.type != "cuda" or self._thread is not None:
+            return
+        try:
+            torch.cuda.utilization(self.device)
+        except Exception:  # no NVML here (no nvidia-ml-py, no driver): report n/a
+            return
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._done.wait(self.interval):
+            self.samples.append(float(torch.cuda.utilization(self.device)))
+
+    def stop(self) -> float | None:
+        """The mean utilisation in percent, or None when nothing was sampled."""
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+        return statistics.mean(self.samples) if self.samples else None
+
+
+class _Clock(L.Callback):
+    """Seconds and images from the start of the first training batch to the end of the last; the
+    GPU utilisation is sampled over the same span."""
+
+    def __init__(self, util: _GpuUtil) -> None:
         self.start: float | None = None
         self.end = 0.0
         self.images = 0
+        self.util = util
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int
     ) -> None:
         if self.start is None:
             self.start = time.perf_counter()
+            self.util.start()
         else:
             self.images += int(batch[0].shape[0])  # the first batch only starts the clock
 
@@ -94,7 +145,7 @@ def vitkit_loop(
     profile: Path | None = None,
     augment_on: str = "workers",
     auto_augment: str | None = None,
-) -> float:
+) -> LoopRate:
     """Images/s of ``steps`` training steps of vitkit's Trainer (no validation, no checkpoints).
 
     ``cache``: the uint8 tensor cache instead of decoding files; ``augment_on``: where the cached
@@ -124,7 +175,7 @@ def vitkit_loop(
         auto_augment=auto_augment,
         crop_pct=1.0,
     )
-    clock = _Clock()
+    clock = _Clock(_GpuUtil(device))
     on = torch.device(device)
     accelerator = "gpu" if on.type == "cuda" else "cpu"
     trainer = L.Trainer(
@@ -141,7 +192,7 @@ def vitkit_loop(
         profiler=None if profile is None else _profiler(profile, steps, accelerator),
     )
     trainer.fit(module, datamodule=data)
-    return clock.images / (clock.end - clock.start)
+    return LoopRate(clock.images / (clock.end - clock.start), clock.util.stop())
 
 
 def _profiler(folder: Path, steps: int, accelerator: str) -> Any:
@@ -167,7 +218,7 @@ def plain_loop(
     device: str = "cpu",
     precision: str = "32-true",
     auto_augment: str | None = None,
-) -> float:
+) -> LoopRate:
     """Images/s of the same training with timm's model in a minimal PyTorch loop."""
     import vitkit
 
@@ -187,12 +238,13 @@ def plain_loop(
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     model.train()
-    start, images = None, 0
+    start, images, util = None, 0, _GpuUtil(device)
     for step, (x, y) in enumerate(loader):
         if step == steps:
             break
         if start is None:
             start = time.perf_counter()
+            util.start()
         else:
             images += x.shape[0]
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -205,7 +257,7 @@ def plain_loop(
         optimizer.step()
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
-    return images / (time.perf_counter() - start)
+    return LoopRate(images / (time.perf_counter() - start), util.stop())
 
 
 def step_only(
@@ -215,7 +267,7 @@ def step_only(
     device: str,
     precision: str,
     num_classes: int = 10,
-) -> float:
+) -> LoopRate:
     """Images/s of vitkit's training step alone, on a batch already on the device: the ceiling a
     data path can feed (loop rate / this = the fraction of the time the device is kept busy)."""
     import vitkit
@@ -229,7 +281,10 @@ def step_only(
     step = _train_step_fn(model.train(), x, y, "bf16" if precision.startswith("bf16") else "fp32")
     for _ in range(3):
         step()
-    return batch_size / _time(step, max(steps // 2, 5), torch.device(device))
+    util = _GpuUtil(device)
+    util.start()
+    seconds = _time(step, max(steps // 2, 5), torch.device(device))
+    return LoopRate(batch_size / seconds, util.stop())
 
 
 LOOPS = {  # --loops key: the row's name
@@ -291,7 +346,7 @@ def loop_main(argv: Sequence[str] | None = None) -> int:
         "cache": (True, "workers"),
         "device": (True, "device"),
     }
-    rates: dict[str, list[float]] = {key: [] for key in args.loops}
+    runs: dict[str, list[LoopRate]] = {key: [] for key in args.loops}
     common = (args.root, options, args.batch_size, args.steps, args.workers)
     policy = {"auto_augment": args.auto_augment}
     if args.profile is not None:
@@ -300,7 +355,7 @@ def loop_main(argv: Sequence[str] | None = None) -> int:
         )
         print(
             f"vitkit (tensor cache, augmented in the {args.augment_on}), profiled: "
-            f"{rate:.1f} images/s; report in {args.profile}"
+            f"{rate.images_per_s:.1f} images/s; report in {args.profile}"
         )
         return 0
     for _ in range(args.rounds):
@@ -313,18 +368,23 @@ def loop_main(argv: Sequence[str] | None = None) -> int:
             else:
                 setting = (args.batch_size, args.steps, args.device, args.precision, num_classes)
                 rate = step_only(options, *setting)
-            rates[key].append(rate)
-    medians = {key: statistics.median(values) for key, values in rates.items()}
+            runs[key].append(rate)
+    medians = {key: statistics.median(r.images_per_s for r in values) for key, values in runs.items()}
+    utils = {key: [r.gpu_util for r in values if r.gpu_util is not None] for key, values in runs.items()}
     print(
         f"{args.model} {options['model_options']} at {size}x{size}, {num_classes} classes, batch "
         f"{args.batch_size}, {args.steps} steps, {args.workers} workers, {torch.get_num_threads()} threads, "
         f"auto-augment {args.auto_augment}"
     )
-    print("| loop | images/s (median) | vs plain | device busy (vs step only) |\n|---|---|---|---|")
+    print(
+        "| loop | images/s (median) | vs plain | device busy (vs step only) | GPU-Util (NVML) |\n"
+        "|---|---|---|---|---|"
+    )
     for key, median in medians.items():
         plain = f"{median / medians['plain']:.2f}x" if "plain" in medians else "n/a"
         busy = f"{median / medians['step']:.0%}" if "step" in medians else "n/a"
-        print(f"| {LOOPS[key]} | {median:.1f} | {plain} | {busy} |")
+        util = f"{statistics.median(utils[key]):.0f}%" if utils[key] else "n/a"
+        print(f"| {LOOPS[key]} | {median:.1f} | {plain} | {busy} | {util} |")
     return 0
 
 
