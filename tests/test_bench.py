@@ -253,3 +253,23 @@ def test_sdpa_backend_restricts_both_models_to_one_attention_kernel():
     # a CPU has no memory-efficient kernel: restricted to it, neither model can run
     with pytest.raises(RuntimeError, match="No viable backend"):
         compare("vit_tiny_patch4_32", sdpa_backend="efficient", **run)
+
+
+def test_mfu_peak_follows_the_device_and_the_precision(monkeypatch):
+    from vitkit.bench.speed import _peak_tflops
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    names = iter(["NVIDIA H100 80GB HBM3"] * 3 + ["NVIDIA A100-SXM4-80GB", "NVIDIA L40S", "Some GPU"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: next(names))
+    assert _peak_tflops(cuda, "bf16", None) == 989.0
+    assert _peak_tflops(cuda, "fp32", None) == 67.0  # torch's default: fp32 matmuls without TF32
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")  # TF32 allowed: its tensor-core peak
+        assert _peak_tflops(cuda, "fp32", None) == 494.0
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert _peak_tflops(cuda, "bf16", None) == 312.0  # an A100, not an A10
+    assert _peak_tflops(cuda, "bf16", None) == 362.0  # an L40S, not an L4
+    assert _peak_tflops(cuda, "bf16", None) is None  # unknown: no MFU rather than a wrong one
+    assert _peak_tflops(cpu, "bf16", None) is None and _peak_tflops(cpu, "fp32", 100.0) == 100.0

@@ -32,8 +32,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import vitkit
 
-# Dense bf16 peak FLOP/s by device name (vendor datasheets, no sparsity).
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}
+# Dense peak TFLOP/s by device name (vendor datasheets, SXM parts, no sparsity): bf16 and TF32 on the
+# tensor cores, and plain fp32 (what an fp32 matmul runs at with torch's default "highest" precision).
+PEAK_TFLOPS = {
+    "H100": {"bf16": 989.0, "tf32": 494.0, "fp32": 67.0},
+    "H200": {"bf16": 989.0, "tf32": 494.0, "fp32": 67.0},
+    "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.0, "tf32": 183.0, "fp32": 91.6},
+    "L4": {"bf16": 121.0, "tf32": 60.0, "fp32": 30.3},
+    "A10": {"bf16": 125.0, "tf32": 62.5, "fp32": 31.2},
+    "4090": {"bf16": 165.0, "tf32": 82.6, "fp32": 82.6},
+}
 
 _TIMM_IGNORES = ("model_name", "weight_init", "norm_eps", "pos_embed", "fused_attn")
 
@@ -229,13 +238,21 @@ def _in_fresh_process(fn: Callable[..., float | None], *args: Any) -> float | No
         return pool.submit(fn, *args).result()
 
 
-def _peak_tflops(device: torch.device, override: float | None) -> float | None:
+def _peak_tflops(device: torch.device, precision: str, override: float | None) -> float | None:
+    """The device's peak for ``precision``: MFU is measured against the arithmetic the step can use
+    (an fp32 step against the fp32 peak, or TF32's when ``torch.set_float32_matmul_precision``
+    allows it), by the longest name in :data:`PEAK_TFLOPS` found in the device's name."""
     if override:
         return override
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    key = max((k for k in PEAK_TFLOPS if k in name), key=len, default=None)  # "A100" before "A10"
+    if key is None:
+        return None
+    if precision == "bf16":
+        return PEAK_TFLOPS[key]["bf16"]
+    return PEAK_TFLOPS[key]["fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"]
 
 
 def compare(
@@ -281,10 +298,9 @@ def compare(
     x = torch.randn(batch_size, ours.patch_embed.in_chans, *ours.img_size, device=dev)
     x = x.contiguous(memory_format=memory_format)
     y = torch.randint(0, max(ours.num_classes, 1), (batch_size,), device=dev)
-    peak = _peak_tflops(dev, peak_tflops)
-
     results = []
     for precision in precisions:
+        peak = _peak_tflops(dev, precision, peak_tflops)
         for mode in modes:
             steps = {}
             for name, model in models.items():
@@ -396,7 +412,10 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument(
-        "--peak-tflops", type=float, default=None, help="device peak for MFU (default: by name)"
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="device peak for MFU (default: by device name and precision, PEAK_TFLOPS)",
     )
     parser.add_argument(
         "--cpu-memory",
