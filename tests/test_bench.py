@@ -273,3 +273,18 @@ def test_mfu_peak_follows_the_device_and_the_precision(monkeypatch):
     assert _peak_tflops(cuda, "bf16", None) == 362.0  # an L40S, not an L4
     assert _peak_tflops(cuda, "bf16", None) is None  # unknown: no MFU rather than a wrong one
     assert _peak_tflops(cpu, "bf16", None) is None and _peak_tflops(cpu, "fp32", 100.0) == 100.0
+
+
+def test_a_models_resident_memory_counts_its_weights_optimizer_state_and_inputs():
+    # on a GPU both models stay resident during each other's steps; each is charged its own only
+    from vitkit.bench.speed import _resident_bytes, _train_step_fn
+
+    model = vitkit.create_model("vit_tiny_patch4_32", **TINY)
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    assert _resident_bytes(model, None) == weights  # fp32, no buffers in a ViT
+    step = _train_step_fn(model, x, y, "fp32")
+    step()
+    tensors = len(list(model.parameters()))
+    # AdamW: two moments per weight, and one fp32 step count per tensor
+    assert _resident_bytes(model, step.optimizer, x, y) == 3 * weights + 4 * tensors + x.nbytes + y.nbytes

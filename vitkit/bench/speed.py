@@ -96,7 +96,16 @@ def _train_step_fn(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    step.optimizer = optimizer  # type: ignore[attr-defined]  # (its state counts as the model's memory)
     return step
+
+
+def _resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None, *tensors: torch.Tensor) -> int:
+    """Bytes a model keeps between steps: weights, buffers, its optimizer's state, and ``tensors``."""
+    held = [*model.parameters(), *model.buffers(), *tensors]
+    if optimizer is not None:
+        held += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in held)
 
 
 def _infer_fn(model: nn.Module, x: torch.Tensor, precision: str) -> Callable[[], None]:
@@ -283,9 +292,11 @@ def compare(
     ``sdpa_backend``: both models' fused attention on one kernel of :data:`SDPA_BACKENDS` ("cudnn":
     cuDNN's attention, which PyTorch does not always pick by itself on an H100); a kernel that
     cannot run the inputs (on a CPU: any but "flash" and "math") raises PyTorch's "No viable
-    backend" error. Peak memory: on a GPU, the allocator's peak during one step; on a CPU with
-    ``cpu_memory=True``, the peak resident memory one step adds, each library and setting measured
-    in a fresh process (:func:`_cpu_peak_mib`; a few seconds each).
+    backend" error. Peak memory: on a GPU, the model's own weights, buffers, optimizer state and
+    inputs plus the most one step allocates on top of what is resident (the other library's model,
+    also resident, is not counted); on a CPU with ``cpu_memory=True``, the peak resident memory one
+    step adds, each library and setting measured in a fresh process (:func:`_cpu_peak_mib`; a few
+    seconds each).
     """
     dev = torch.device(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -302,7 +313,7 @@ def compare(
     for precision in precisions:
         peak = _peak_tflops(dev, precision, peak_tflops)
         for mode in modes:
-            steps = {}
+            steps, optimizers = {}, {}
             for name, model in models.items():
                 model.train(mode == "train")
                 step = (
@@ -310,6 +321,7 @@ def compare(
                     if mode == "train"
                     else _infer_fn(model, x, precision)
                 )
+                optimizers[name] = getattr(step, "optimizer", None)
                 steps[name] = _on_sdpa_backend(step, sdpa_backend)
             # counted on the eager models: a dispatch-mode counter cannot see into compiled graphs
             flops = {
@@ -323,10 +335,14 @@ def compare(
                 for name, step in steps.items():
                     times[name].append(_time(step, iters, dev))
             for name in steps:
-                if dev.type == "cuda":
+                if dev.type == "cuda":  # both models are resident: count this one's own memory only
+                    torch.cuda.synchronize(dev)
+                    before = torch.cuda.memory_allocated(dev)
                     torch.cuda.reset_peak_memory_stats(dev)
                     steps[name]()
-                    memory = torch.cuda.max_memory_allocated(dev) / 2**20
+                    torch.cuda.synchronize(dev)
+                    step_peak = torch.cuda.max_memory_allocated(dev) - before
+                    memory = (_resident_bytes(eager[name], optimizers[name], x, y) + step_peak) / 2**20
                 elif cpu_memory:
                     memory = _in_fresh_process(
                         _cpu_peak_mib,
