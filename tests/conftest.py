@@ -11,6 +11,15 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _float32_matmul_precision():
+    # a test that runs a GPU script in-process (the speedrun turns TF32 on) must not change the
+    # precision later tests see
+    before = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 5}
 """Options of the tiny ViT most tests use: a 4x4 grid of 32-wide tokens."""
 

@@ -262,13 +262,10 @@ def test_mfu_peak_follows_the_device_and_the_precision(monkeypatch):
     names = iter(["NVIDIA H100 80GB HBM3"] * 3 + ["NVIDIA A100-SXM4-80GB", "NVIDIA L40S", "Some GPU"])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: next(names))
     assert _peak_tflops(cuda, "bf16", None) == 989.0
-    assert _peak_tflops(cuda, "fp32", None) == 67.0  # torch's default: fp32 matmuls without TF32
-    before = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("high")  # TF32 allowed: its tensor-core peak
-        assert _peak_tflops(cuda, "fp32", None) == 494.0
-    finally:
-        torch.set_float32_matmul_precision(before)
+    torch.set_float32_matmul_precision("highest")  # torch's default: fp32 matmuls without TF32
+    assert _peak_tflops(cuda, "fp32", None) == 67.0
+    torch.set_float32_matmul_precision("high")  # TF32 allowed: its tensor-core peak
+    assert _peak_tflops(cuda, "fp32", None) == 494.0  # (conftest restores the precision)
     assert _peak_tflops(cuda, "bf16", None) == 312.0  # an A100, not an A10
     assert _peak_tflops(cuda, "bf16", None) == 362.0  # an L40S, not an L4
     assert _peak_tflops(cuda, "bf16", None) is None  # unknown: no MFU rather than a wrong one
