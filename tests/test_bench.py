@@ -235,13 +235,15 @@ def test_bench_takes_input_size_channels_layout_and_model_options(monkeypatch, c
 def test_cpu_peak_memory_is_measured_per_library_in_fresh_processes():
     # vitkit and timm run the same kernels, so they hold about the same memory; a training step
     # (gradients, AdamW state, saved activations) holds far more than inference
+    # (batch 32, depth 4: ~130 MB more for training; what a fresh process maps in for inference
+    # alone, libraries' code included, has varied by +-25 MB between runs)
     results = compare(
-        "vit_tiny_patch4_32", batch_size=16, rounds=1, iters=1, warmup=1, cpu_memory=True, depth=4
+        "vit_tiny_patch4_32", batch_size=32, rounds=1, iters=1, warmup=1, cpu_memory=True, depth=4
     )
     memory = {(r.library, r.mode): r.peak_memory_mb for r in results}
     assert all(m is not None and m > 0 for m in memory.values()), memory
     for library in ("vitkit", "timm"):
-        assert memory[(library, "train")] > 2 * memory[(library, "infer")], memory
+        assert memory[(library, "train")] - memory[(library, "infer")] > 60, memory
     assert 0.8 < memory[("vitkit", "train")] / memory[("timm", "train")] < 1.25, memory
 
 
