@@ -20,7 +20,7 @@ import time
 import torch
 
 from vitkit.data.cache import BatchTrainTransform
-from vitkit.data.seeding import seed_batch
+from vitkit.data.seeding import reseed
 
 RESEED = "re-seeding the worker's generators for the batch (vitkit/data/seeding.py), alone"
 
@@ -52,7 +52,7 @@ def main() -> None:
     }
     # what every batch costs a worker before any augmentation: re-seeding from the batch's indices
     indices = list(range(args.batch_size))
-    transforms[RESEED] = lambda _: seed_batch(0, indices)
+    transforms[RESEED] = lambda _: reseed(0, *indices)
     seconds: dict[str, list[float]] = {name: [] for name in transforms}
     for _ in range(args.rounds):
         for name, transform in transforms.items():

@@ -92,13 +92,13 @@ class SeededBatches:
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
         if self.augment_seed is not None and get_worker_info() is not None:
-            seed_batch(self.augment_seed, indices)
+            reseed(self.augment_seed, *indices)
         return [self[i] for i in indices]  # type: ignore[index]
 
 
-def seed_batch(seed: int, indices: Sequence[int]) -> None:
-    """Re-seed torch's, Python's and NumPy's generators from (``seed``, a batch's sample indices)."""
-    batch_seed = mix_seed(seed, *indices)
-    torch.manual_seed(batch_seed)
-    random.seed(batch_seed)
-    np.random.seed(batch_seed % 2**32)
+def reseed(*numbers: int) -> None:
+    """Re-seed torch's (CPU and CUDA), Python's and NumPy's generators from a tuple of integers."""
+    seed = mix_seed(*numbers)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)

@@ -84,12 +84,9 @@ class PerRankRandomness(Callback):
 
 def _seed_rank(rank: int) -> None:
     """Re-seed Python, NumPy and torch from (a draw from the current torch stream, ``rank``)."""
-    from vitkit.data.seeding import mix_seed  # (the training package leaves the data package unloaded)
+    from vitkit.data.seeding import reseed  # (the training package leaves the data package unloaded)
 
-    seed = mix_seed(int(torch.randint(2**62, ())), rank)
-    torch.manual_seed(seed)  # the CUDA generators too
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
+    reseed(int(torch.randint(2**62, ())), rank)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
