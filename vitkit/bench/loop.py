@@ -223,6 +223,8 @@ def plain_loop(
     import vitkit
 
     num_classes, size = _task(root, options)
+    kind = torch.device(device).type
+    on_gpu = kind == "cuda"
     torch.manual_seed(0)
     model = vitkit.create_model(options["model_name"], num_classes=num_classes, **options["model_options"])
     model = timm_twin(model).to(device)
@@ -233,7 +235,7 @@ def plain_loop(
         shuffle=True,
         num_workers=workers,
         persistent_workers=workers > 0,
-        pin_memory=torch.device(device).type == "cuda",
+        pin_memory=on_gpu,
         drop_last=True,
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
@@ -248,14 +250,12 @@ def plain_loop(
         else:
             images += x.shape[0]
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(
-            torch.device(device).type, dtype=torch.bfloat16, enabled=precision.startswith("bf16")
-        ):
+        with torch.autocast(kind, dtype=torch.bfloat16, enabled=precision.startswith("bf16")):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    if torch.device(device).type == "cuda":
+    if on_gpu:
         torch.cuda.synchronize(device)
     return LoopRate(images / (time.perf_counter() - start), util.stop())
 
@@ -271,13 +271,12 @@ def step_only(
     """Images/s of vitkit's training step alone, on a batch already on the device: the ceiling a
     data path can feed (loop rate / this = the fraction of the time the device is kept busy)."""
     import vitkit
-    from vitkit.bench.speed import _time, _train_step_fn
+    from vitkit.bench.speed import _example_batch, _time, _train_step_fn
 
     torch.manual_seed(0)
     model = vitkit.create_model(options["model_name"], num_classes=num_classes, **options["model_options"])
     model.to(device)
-    x = torch.randn(batch_size, 3, *model.img_size, device=device)
-    y = torch.randint(0, num_classes, (batch_size,), device=device)
+    x, y = _example_batch(model, batch_size, device, torch.contiguous_format)
     step = _train_step_fn(model.train(), x, y, "bf16" if precision.startswith("bf16") else "fp32")
     for _ in range(3):
         step()

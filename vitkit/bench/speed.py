@@ -108,6 +108,22 @@ def _resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None, *
     return sum(t.numel() * t.element_size() for t in held)
 
 
+def _step_fn(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str, precision: str
+) -> Callable[[], None]:
+    """A training step (``mode="train"``) or a forward pass of ``model`` on (``x``, ``y``)."""
+    return _train_step_fn(model, x, y, precision) if mode == "train" else _infer_fn(model, x, precision)
+
+
+def _example_batch(
+    model: nn.Module, batch_size: int, device: torch.device | str, memory_format: torch.memory_format
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images at the model's input size (in ``memory_format``) and labels of its classes."""
+    x = torch.randn(batch_size, model.patch_embed.in_chans, *model.img_size, device=device)
+    y = torch.randint(0, max(model.num_classes, 1), (batch_size,), device=device)
+    return x.contiguous(memory_format=memory_format), y
+
+
 def _infer_fn(model: nn.Module, x: torch.Tensor, precision: str) -> Callable[[], None]:
     @torch.inference_mode()
     def step() -> None:
@@ -136,12 +152,7 @@ def model_flops_per_image(
     backward pass (hardware FLOPs, not model FLOPs, which MFU is defined by), and the CPU's flash
     kernel is not counted at all. The training step also updates the weights once.
     """
-    one_x, one_y = x[:1], y[:1]
-    step = (
-        _train_step_fn(model, one_x, one_y, precision)
-        if mode == "train"
-        else _infer_fn(model, one_x, precision)
-    )
+    step = _step_fn(model, x[:1], y[:1], mode, precision)
     with sdpa_kernel(SDPBackend.MATH):
         return count_flops(step)
 
@@ -223,13 +234,10 @@ def _cpu_peak_mib(
         model = vitkit.create_model(model_name, **model_options)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format).train(mode == "train")
-    x = torch.randn(batch_size, spec.patch_embed.in_chans, *spec.img_size)
-    x = x.contiguous(memory_format=memory_format)
-    y = torch.randint(0, max(spec.num_classes, 1), (batch_size,))
+    x, y = _example_batch(spec, batch_size, "cpu", memory_format)
     if compile:
         model = torch.compile(model, mode=compile_mode)
-    step = _train_step_fn(model, x, y, precision) if mode == "train" else _infer_fn(model, x, precision)
-    step = _on_sdpa_backend(step, sdpa_backend)
+    step = _on_sdpa_backend(_step_fn(model, x, y, mode, precision), sdpa_backend)
     step()
     try:  # reset the high-water mark to the current resident size (Linux >= 4.0)
         with open("/proc/self/clear_refs", "w") as refs:
@@ -306,9 +314,7 @@ def compare(
     ours.to(dev, memory_format=memory_format)
     eager = {"vitkit": ours, "timm": theirs}
     models = {k: torch.compile(m, mode=compile_mode) for k, m in eager.items()} if compile else eager
-    x = torch.randn(batch_size, ours.patch_embed.in_chans, *ours.img_size, device=dev)
-    x = x.contiguous(memory_format=memory_format)
-    y = torch.randint(0, max(ours.num_classes, 1), (batch_size,), device=dev)
+    x, y = _example_batch(ours, batch_size, dev, memory_format)
     results = []
     for precision in precisions:
         peak = _peak_tflops(dev, precision, peak_tflops)
@@ -316,11 +322,7 @@ def compare(
             steps, optimizers = {}, {}
             for name, model in models.items():
                 model.train(mode == "train")
-                step = (
-                    _train_step_fn(model, x, y, precision)
-                    if mode == "train"
-                    else _infer_fn(model, x, precision)
-                )
+                step = _step_fn(model, x, y, mode, precision)
                 optimizers[name] = getattr(step, "optimizer", None)
                 steps[name] = _on_sdpa_backend(step, sdpa_backend)
             # counted on the eager models: a dispatch-mode counter cannot see into compiled graphs
