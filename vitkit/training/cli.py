@@ -116,7 +116,7 @@ class VitkitCLI(LightningCLI):
     def before_fit(self) -> None:
         # Here, not before instantiation: a data module, model or option that fails to build (a
         # mistyped --data.root) stops the command before an earlier run is moved out of the way.
-        if getattr(self, "_earlier_run", None) is not None:
+        if self._earlier_run is not None:
             _set_aside_earlier_run(self._earlier_run)
 
 
