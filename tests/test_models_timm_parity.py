@@ -124,6 +124,71 @@ def test_names_shared_with_timm_build_the_same_model(name):
         assert _relative_error(model(x), reference(x)) < 1e-5
 
 
+# Architectures only timm registers: vitkit reads their options off timm's model (layer scale with
+# its own init value, CLIP's pre-norm without patch bias and its 1e-5 epsilon, DINOv2's patch 14...).
+TIMM_ONLY = [
+    "vit_small_patch14_dinov2",
+    "deit3_small_patch16_224",
+    "vit_base_patch32_clip_224",
+    "vit_medium_patch16_gap_256",
+]
+
+
+@pytest.mark.parametrize("name", TIMM_ONLY)
+def test_timm_only_names_build_the_same_model_as_timm(name):
+    assert name not in vitkit.list_models()
+    size = 28 if "patch14" in name else 32  # small inputs: the patch grid is all that matters
+    reference = timm.create_model(name, pretrained=False, depth=2, img_size=size, num_classes=5).eval()
+    _randomise(reference)
+    model = vitkit.create_model(name, depth=2, img_size=size, num_classes=5).eval()
+    model.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert _relative_error(model(x), reference(x)) < 1e-5
+    # the defaults timm does not keep in the weights come along too
+    config = vitkit.models.model_config(name)
+    block = timm.create_model(name, pretrained=False, depth=1).blocks[0]
+    assert config["init_values"] == getattr(block.ls1, "init_values", None)
+    assert config["norm_eps"] == block.norm1.eps
+    assert model.pretrained_cfg["mean"] == tuple(timm.create_model(name, depth=1).pretrained_cfg["mean"])
+
+
+def test_a_pretrained_tag_selects_timm_preprocessing_and_classes():
+    model = vitkit.create_model("vit_tiny_patch16_224.augreg_in21k", depth=1)
+    assert model.num_classes == 21843 and model.pretrained_cfg["crop_pct"] == 0.9
+    assert (
+        vitkit.create_model("deit3_small_patch16_224.fb_in22k_ft_in1k", depth=1).pretrained_cfg["crop_pct"]
+        == 1.0
+    )
+    with pytest.raises(ValueError, match="timm's tags for it: .*augreg_in21k"):
+        vitkit.create_model("vit_tiny_patch16_224.no_such_tag", depth=1)
+
+
+def test_list_models_with_timm_adds_only_what_vitkit_builds(capsys):
+    from vitkit.cli.main import main
+
+    names = vitkit.list_models("deit*", timm=True)
+    assert set(vitkit.list_models("deit*")) < set(names)  # the registered ones, and more
+    assert "deit3_small_patch16_224" in names and "deit_tiny_distilled_patch16_224" not in names
+    assert "vit_so400m_patch14_siglip_gap_384" not in vitkit.list_models("vit_so400m*", timm=True)  # 384 % 14
+    assert main(["models", "--timm", "deit3_s*"]) == 0
+    assert capsys.readouterr().out.split() == ["deit3_small_patch16_224", "deit3_small_patch16_384"]
+
+
+@pytest.mark.parametrize(
+    ("name", "part"),
+    [
+        ("vit_base_patch16_siglip_224", "attention-pooling"),
+        ("vit_base_patch16_clip_quickgelu_224", "QuickGELU"),
+        ("deit_tiny_distilled_patch16_224", "distillation token"),
+        ("vit_relpos_base_patch16_224", "VisionTransformerRelPos"),
+    ],
+)
+def test_timm_architectures_vitkit_lacks_are_named(name, part):
+    with pytest.raises(ValueError, match=part):
+        vitkit.create_model(name)
+
+
 def test_mismatched_checkpoint_names_keys_shapes_and_options(tmp_path):
     reference = TimmViT(**{**BASE, "embed_dim": 96, "qk_norm": True})
     path = tmp_path / "wide.safetensors"

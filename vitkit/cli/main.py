@@ -6,7 +6,7 @@ vitkit data synth OUT              write the synthetic shapes dataset with objec
 vitkit data pack ROOT OUT          write an image folder as streaming shards (litdata or WebDataset)
 vitkit explain ...                 attention heatmaps and their faithfulness metrics
 vitkit recipes                     list the shipped recipes
-vitkit models [PATTERN]            list the registered models
+vitkit models [PATTERN] [--timm]   list the model names (--timm: and timm's that vitkit builds)
 vitkit demo                        build a model, run it on an embedded image, print it
 """
 
@@ -50,9 +50,21 @@ def _demo(argv: list[str]) -> int:
 
 
 def _models(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vitkit models",
+        description="List the model names create_model, fit and bench accept.",
+    )
+    parser.add_argument(
+        "pattern", nargs="?", default="*", help="a shell-style pattern, e.g. 'vit_*_patch16_*'"
+    )
+    parser.add_argument(
+        "--timm", action="store_true", help="also the timm ViT architectures vitkit can build"
+    )
+    args = parser.parse_args(argv)
+
     import vitkit
 
-    for name in vitkit.list_models(argv[0] if argv else "*"):
+    for name in vitkit.list_models(args.pattern, timm=args.timm):
         print(name)
     return 0
 

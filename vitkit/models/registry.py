@@ -10,6 +10,7 @@ import fnmatch
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .vision_transformer import VisionTransformer
@@ -33,17 +34,90 @@ def register_model(name: str, **options: Any) -> None:
     _MODEL_CONFIGS[name] = options
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    """Registered model names matching a shell-style ``pattern`` (e.g. ``"vit_*_patch16_*"``), sorted."""
-    return sorted(n for n in _MODEL_CONFIGS if fnmatch.fnmatchcase(n, pattern))
+def list_models(pattern: str = "*", timm: bool = False) -> list[str]:
+    """Registered model names matching a shell-style ``pattern`` (e.g. ``"vit_*_patch16_*"``), sorted.
+
+    With ``timm=True``, also the timm ViT architectures vitkit can build under their timm names
+    (see :func:`model_config`); each is built once on the meta device to check, a few seconds.
+    """
+    names = {n for n in _MODEL_CONFIGS if fnmatch.fnmatchcase(n, pattern)}
+    if timm:
+        import timm as timm_lib
+
+        candidates = timm_lib.list_models(pattern, module=["vision_transformer", "deit"])
+        names.update(n for n in candidates if n not in names and _builds_from_timm(n))
+    return sorted(names)
+
+
+def _builds_from_timm(arch: str) -> bool:
+    """Whether vitkit builds the timm architecture ``arch`` (checked on the meta device)."""
+    from vitkit.weights.checkpoint import timm_architecture_options
+
+    try:
+        with torch.device("meta"):
+            options = timm_architecture_options(arch)
+            if options is None:
+                return False
+            VisionTransformer(**options)
+    except ValueError:  # a part vitkit lacks, or a size it refuses (not a multiple of the patch)
+        return False
+    return True
 
 
 def model_config(name: str) -> dict[str, Any]:
-    """A copy of the default options registered for ``name``."""
-    if name not in _MODEL_CONFIGS:
-        close = fnmatch.filter(_MODEL_CONFIGS, f"*{name.split('_patch')[0]}*") or list_models()
-        raise ValueError(f"Unknown model {name!r}. Some registered models: {', '.join(close[:8])}.")
-    return dict(_MODEL_CONFIGS[name])
+    """A copy of the default options of the model ``name``.
+
+    ``name`` is a registered name (:func:`list_models`) or, as in ``timm.create_model``, any timm
+    ViT architecture that vitkit's :class:`VisionTransformer` can express (``vit_small_patch14_dinov2``,
+    ``deit3_base_patch16_224``, ``vit_base_patch16_clip_224``...): its options are read off timm's
+    model, built on the meta device. A pretrained tag (``vit_small_patch16_224.augreg_in21k``)
+    selects that tag's preprocessing and class count, as in timm. A timm architecture with parts
+    vitkit lacks (a SwiGLU MLP, an attention-pooling head...) raises an error that names them.
+    """
+    arch, _, tag = name.partition(".")
+    options = dict(_MODEL_CONFIGS[arch]) if arch in _MODEL_CONFIGS else _timm_options(arch)
+    if tag or arch not in _MODEL_CONFIGS:
+        timm_cfg = _timm_pretrained_cfg(name)
+        if timm_cfg:
+            from vitkit.weights.preprocessing import clean_pretrained_cfg
+
+            options["pretrained_cfg"] = clean_pretrained_cfg(timm_cfg)
+            if tag and timm_cfg.get("num_classes") is not None:
+                options["num_classes"] = int(timm_cfg["num_classes"])
+        elif tag:
+            import timm
+
+            tags = ", ".join(n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*"))
+            known = f"timm's tags for it: {tags}." if tags else "timm has no pretrained weights for it."
+            raise ValueError(f"Unknown pretrained tag {tag!r} of {arch!r}. {known}")
+    return options
+
+
+def _timm_options(arch: str) -> dict[str, Any]:
+    """Options of an architecture only timm registers; the usual unknown-model error otherwise."""
+    from vitkit.weights.checkpoint import timm_architecture_options
+
+    options = timm_architecture_options(arch)  # raises when timm has it but vitkit cannot express it
+    if options is None:
+        close = fnmatch.filter(_MODEL_CONFIGS, f"*{arch.split('_patch')[0]}*") or list_models()
+        raise ValueError(
+            f"Unknown model {arch!r}: not a vitkit model, nor a timm ViT vitkit can build. "
+            f"Some vitkit models: {', '.join(close[:8])}."
+        )
+    return options
+
+
+def _timm_pretrained_cfg(name: str) -> dict[str, Any] | None:
+    """timm's pretrained cfg for ``name`` (``arch`` or ``arch.tag``) as a dict, or None."""
+    try:
+        from timm.models import get_pretrained_cfg
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return None
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError:  # timm knows the architecture but not this tag
+        return None
+    return cfg.to_dict() if cfg is not None else None
 
 
 def create_model(

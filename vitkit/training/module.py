@@ -46,7 +46,7 @@ class ImageClassifier(L.LightningModule):
     """Train, validate, test and predict with a vitkit Vision Transformer.
 
     Args:
-        model_name: a name from :func:`vitkit.list_models`.
+        model_name: a name from :func:`vitkit.list_models` (``timm=True`` lists the timm ViTs it also takes).
         model_options: options overriding the registered ones (e.g. ``{"depth": 6}``).
         pretrained: weights to start from (a file, as accepted by ``create_model``).
         reset_head: re-initialise the classifier head after loading ``pretrained``. ``None``

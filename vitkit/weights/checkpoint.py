@@ -443,8 +443,11 @@ def _lightning_hparams(hp: Mapping[str, Any]) -> tuple[dict, dict, str | None, l
     name = hp.get("model_name")
     known: dict[str, Any] = {}
     pretrained_cfg: dict[str, Any] = {}
-    if isinstance(name, str) and name in list_models():
-        known = model_config(name)
+    if isinstance(name, str):
+        try:  # a registered name, or a timm architecture vitkit builds
+            known = model_config(name)
+        except ValueError as err:
+            logger.debug("model_name %r of the checkpoint is not known (%s); reading the weights", name, err)
         pretrained_cfg = dict(known.pop("pretrained_cfg", {}))
     known.update(hp.get("model_options") or {})
     if hp.get("num_classes") is not None:
@@ -602,9 +605,11 @@ def timm_model_options(model: nn.Module) -> dict[str, Any]:
         problems.append("a patch embedding other than one Conv2d (hybrid stem or embedding norm)")
     if getattr(embed, "dynamic_img_pad", False):
         problems.append("dynamic_img_pad")
-    if block is not None:
-        if type(block) is not Block:
-            problems.append(f"{type(block).__name__} blocks")
+    if getattr(model, "dist_token", None) is not None:
+        problems.append("a distillation token (DeiT distilled)")
+    if block is not None and type(block) is not Block:  # parallel or post-norm blocks
+        problems.append(f"{type(block).__name__} blocks")
+    elif block is not None:
         if type(block.attn) is not Attention or not isinstance(
             getattr(block.attn, "norm", nn.Identity()), nn.Identity
         ):
@@ -650,7 +655,7 @@ def timm_model_options(model: nn.Module) -> dict[str, Any]:
             mlp_ratio=block.mlp.fc1.out_features / model.embed_dim,
             qkv_bias=block.attn.qkv.bias is not None,
             qk_norm=not isinstance(block.attn.q_norm, nn.Identity),
-            init_values=1e-5 if hasattr(block.ls1, "gamma") else None,
+            init_values=getattr(block.ls1, "init_values", 1e-5) if hasattr(block.ls1, "gamma") else None,
         )
     return options
 
