@@ -1,5 +1,7 @@
+"""``python -m vitkit.bench ...``: the same as ``vitkit bench ...``."""
+
 import sys
 
-from vitkit.bench import bench_main
+from vitkit.cli.main import main
 
-sys.exit(bench_main())
+sys.exit(main(["bench", *sys.argv[1:]]))

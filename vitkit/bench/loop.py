@@ -14,12 +14,12 @@ the fraction of the time its data path keeps the device busy. On a GPU with NVML
 the GPU's own utilisation is sampled over the same steps too ("GPU-Util", as nvidia-smi shows
 it), which also counts the work a loop adds on the device, such as augmentation.
 
-    python -m vitkit.bench.loop --root ~/.cache/vitkit/cifar10 --steps 60 --rounds 2
-    python -m vitkit.bench.loop --root DIR --model vit_small_patch4_32 --options '{}' \
+    vitkit bench loop --root ~/.cache/vitkit/cifar10 --steps 60 --rounds 2
+    vitkit bench loop --root DIR --model vit_small_patch4_32 --options '{}' \
         --batch-size 512 --workers 14 --device cuda --precision bf16-mixed \
         --auto-augment rand-m9-mstd0.5-inc1
-    python -m vitkit.bench.loop --root DIR ... --steps 40 --profile OUT [--augment-on device]
-    python -m vitkit.bench.loop --root ~/data/imagenet --model vit_small_patch16_224 --options '{}' \
+    vitkit bench loop --root DIR ... --steps 40 --profile OUT [--augment-on device]
+    vitkit bench loop --root ~/data/imagenet --model vit_small_patch16_224 --options '{}' \
         --loops folder plain step     # the image size and the classes follow the model and the folder
 """
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -296,7 +297,7 @@ LOOPS = {  # --loops key: the row's name
 
 
 def loop_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vitkit.bench.loop", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="vitkit bench loop", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--root", type=Path, required=True, help="an ImageNet-style folder (train/<class>/...)"
     )
@@ -387,5 +388,7 @@ def loop_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(loop_main())
+if __name__ == "__main__":  # the same as `vitkit bench loop ...`, bad input reported the same way
+    from vitkit.cli.main import main
+
+    raise SystemExit(main(["bench", "loop", *sys.argv[1:]]))

@@ -19,6 +19,7 @@ import contextlib
 import json
 import multiprocessing
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -394,9 +395,22 @@ def format_table(results: list[SpeedResult]) -> str:
 
 
 def bench_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vitkit bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="vit_tiny_patch4_32")
-    parser.add_argument("--batch-size", type=int, default=64)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["loop"]:  # vitkit bench loop: the end-to-end loop from image files
+        from .loop import loop_main
+
+        return loop_main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="vitkit bench",
+        description=__doc__.split("\n\n")[0],
+        epilog="`vitkit bench loop --help`: the training loop from image files against a plain loop.",
+    )
+    parser.add_argument(
+        "--model",
+        default="vit_tiny_patch4_32",
+        help="a name from `vitkit models`, or a timm ViT vitkit can build (`vitkit models --timm`)",
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="images per step")
     parser.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
     parser.add_argument("--in-chans", type=int, default=None, help="input channels (default: the model's)")
     parser.add_argument(
@@ -426,8 +440,10 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
         help="torch.compile's mode, with --compile",
     )
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="timed rounds, vitkit and timm alternating; the median is kept"
+    )
+    parser.add_argument("--iters", type=int, default=5, help="steps per timed round")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument(
         "--peak-tflops",
