@@ -113,6 +113,25 @@ def test_loop_benchmark_follows_the_folders_classes_and_the_models_size(tmp_path
         loop_main(["--root", str(tmp_path), "--loops", "step"])
 
 
+def test_bench_commands_report_bad_input_in_one_line(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from vitkit.cli.main import main
+
+    # `vitkit bench loop` is the loop benchmark; its errors are the CLI's one-line errors
+    assert main(["bench", "loop", "--root", str(tmp_path), "--loops", "step"]) == 2
+    assert "vitkit bench: error:" in capsys.readouterr().err
+    # `python -m vitkit.bench` is `vitkit bench`: a timm model vitkit cannot build is named, no traceback
+    done = subprocess.run(
+        [sys.executable, "-m", "vitkit.bench", "--model", "vit_base_patch16_siglip_224"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "attention-pooling head" in done.stderr
+
+
 def test_gpu_utilisation_is_sampled_from_nvml_between_start_and_stop(monkeypatch):
     from vitkit.bench.loop import _GpuUtil
 
