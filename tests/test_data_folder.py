@@ -214,11 +214,11 @@ class _Data(L.LightningDataModule):
         return DataLoader(self.dataset, batch_size=4)
 
 
-def _fit(tmp_path, dataset, log, max_bad_fraction):
+def _fit(tmp_path, dataset, log, max_bad_fraction, min_bad_files=0):
     trainer = L.Trainer(
         default_root_dir=tmp_path / "run",
         max_epochs=1,
-        callbacks=[DecodeErrorMonitor()],
+        callbacks=[DecodeErrorMonitor(min_bad_files=min_bad_files)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -251,3 +251,13 @@ def test_monitor_stops_the_run_above_the_threshold(tmp_path):
         with pytest.raises(TooManyDecodeErrors, match=r"3 of 8 images .* max_bad_fraction=0.2"):
             _fit(tmp_path, dataset, log, max_bad_fraction=0.2)
     assert len((tmp_path / "run" / "decode_errors.txt").read_text().splitlines()) == 3
+
+
+def test_a_few_bad_files_never_stop_a_run_whatever_the_fraction(tmp_path):
+    # 3 of 8 is far above 20%, but not more than min_bad_files (10 by default): warn and go on
+    classes, samples = make_corrupt_dataset(tmp_path, corrupt=(1, 2, 5))
+    log = DecodeErrorLog(tmp_path / "errors", total=len(samples))
+    dataset = ImageFolderDataset(samples, classes, _pil_to_tensor, log)
+    with pytest.warns(UserWarning, match=r"3 image\(s\) could not be decoded"):
+        trainer = _fit(tmp_path, dataset, log, max_bad_fraction=0.2, min_bad_files=10)
+    assert trainer.current_epoch == 1 and not trainer.interrupted

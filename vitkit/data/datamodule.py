@@ -270,7 +270,7 @@ class ImageFolderDataModule(_ImageDataModule):
         mean, std, interpolation, crop_pct: preprocessing; default from ``pretrained_cfg``, else ImageNet.
         pretrained_cfg: a model's ``pretrained_cfg`` dict (timm keys).
         max_bad_fraction: the fraction of undecodable files above which
-            :class:`~vitkit.data.errors.DecodeErrorMonitor` stops the run.
+            :class:`~vitkit.data.errors.DecodeErrorMonitor` stops the run (when more than 10 files fail).
         classes: the expected class list (e.g. from a checkpoint): the training folder must have
             exactly these classes, and labels follow this order.
         predict_root: a folder (searched recursively) or file of unlabeled images for prediction.

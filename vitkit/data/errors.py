@@ -83,8 +83,10 @@ class DecodeErrorLog:
             part.unlink(missing_ok=True)
 
 
-class TooManyDecodeErrors(RuntimeError):
-    """More than ``max_bad_fraction`` of the dataset could not be decoded."""
+class TooManyDecodeErrors(ValueError):
+    """More than ``max_bad_fraction`` of the dataset (and more than ``min_bad_files``) could not be decoded.
+
+    A ``ValueError``: bad input, which the ``vitkit`` command reports in one line."""
 
 
 class DecodeErrorMonitor(L.Callback):
@@ -92,7 +94,8 @@ class DecodeErrorMonitor(L.Callback):
 
     At the end of each training epoch: if any file failed, write the list to
     ``<log dir>/decode_errors.txt`` (``trainer.log_dir``, else ``default_root_dir``) and warn with the
-    count and that path. If more than ``max_bad_fraction`` of the files failed, raise
+    count and that path. If more than ``max_bad_fraction`` of the files failed, and more than
+    ``min_bad_files`` of them (so that a few bad files in a small dataset never stop a run), raise
     :class:`TooManyDecodeErrors`; this is also checked every ``check_every_n_batches`` training
     batches (single process), since the count only grows, so a broken dataset stops early.
 
@@ -106,8 +109,10 @@ class DecodeErrorMonitor(L.Callback):
         error_log: DecodeErrorLog | None = None,
         filename: str = "decode_errors.txt",
         check_every_n_batches: int = 100,
+        min_bad_files: int = 10,
     ) -> None:
         self.max_bad_fraction = max_bad_fraction
+        self.min_bad_files = min_bad_files
         self.error_log = error_log
         self.filename = filename
         self.check_every_n_batches = check_every_n_batches
@@ -132,9 +137,12 @@ class DecodeErrorMonitor(L.Callback):
             )
         return Path(folder) / name
 
+    def _too_many(self, trainer: L.Trainer, bad: int, total: int) -> bool:
+        return bool(total) and bad > self._threshold(trainer) * total and bad > self.min_bad_files
+
     def _check(self, trainer: L.Trainer, bad: int, total: int, report: Path | None) -> None:
         limit = self._threshold(trainer)
-        if total and bad > limit * total:
+        if self._too_many(trainer, bad, total):
             where = f" The list is in {report}." if report else ""
             raise TooManyDecodeErrors(
                 f"{bad} of {total} images ({bad / total:.2%}) could not be decoded, more than "
@@ -147,7 +155,7 @@ class DecodeErrorMonitor(L.Callback):
         if log is None or trainer.world_size > 1 or (batch_idx + 1) % self.check_every_n_batches:
             return
         bad = len(log)
-        if bad and bad > self._threshold(trainer) * log.total:
+        if self._too_many(trainer, bad, log.total):
             self._check(trainer, bad, log.total, log.write_report(self.report_path(trainer)))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
