@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vitkit.data.datamodule import ImageFolderDataModule, auto_num_workers
-from vitkit.data.errors import DecodeErrorMonitor
+from vitkit.data.errors import DecodeErrorMonitor, TooManyDecodeErrors
 from vitkit.data.folder import FolderLayoutError
 from vitkit.data.synth import SHAPE_CLASSES, make_shapes_dataset
 
@@ -259,6 +259,16 @@ def test_expected_classes_argument(shapes):
         _ = make_dm(shapes, classes=["circle", "cross"]).classes
 
 
+def test_a_single_class_folder_is_refused_with_the_layout_to_use(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "data" / "train" / "cat"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    with pytest.raises(FolderLayoutError, match=r"one class folder \(cat\): a classifier needs at least two"):
+        _ = ImageFolderDataModule(tmp_path / "data").classes
+
+
 def test_corrupt_file_through_the_datamodule_and_monitor(shapes, tmp_path):
     root = tmp_path / "data"
     for split in ("train", "val"):
@@ -275,8 +285,9 @@ def test_corrupt_file_through_the_datamodule_and_monitor(shapes, tmp_path):
         trainer.fit(_Probe(5), datamodule=dm)
     assert str(bad) in (tmp_path / "run" / "decode_errors.txt").read_text()
     strict = make_dm(root, max_bad_fraction=0.01)  # 1 of 55 files is 1.8 %
-    trainer = _trainer(tmp_path / "run2", callbacks=[DecodeErrorMonitor()], limit_train_batches=None)
-    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="1 of 55 images"):
+    monitor = DecodeErrorMonitor(min_bad_files=0)  # the default (10) lets so few bad files pass
+    trainer = _trainer(tmp_path / "run2", callbacks=[monitor], limit_train_batches=None)
+    with warnings.catch_warnings(), pytest.raises(TooManyDecodeErrors, match="1 of 55 images"):
         warnings.simplefilter("ignore")
         trainer.fit(_Probe(5), datamodule=strict)
 

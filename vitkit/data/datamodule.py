@@ -354,6 +354,11 @@ class ImageFolderDataModule(_ImageDataModule):
             return self._scan
         splits = find_splits(self.root, self.hparams.val_split)
         classes, train_samples = scan_image_folder(splits.train, classes=self._expected_classes)
+        if len(classes) < 2:
+            raise FolderLayoutError(
+                f"{splits.train} has one class folder ({classes[0]}): a classifier needs at least two. "
+                "Put each class's images in its own sub-folder: train/<class>/<image>."
+            )
         if self._expected_classes is not None:
             missing = sorted(set(classes) - {c for c in self._folder_classes(splits.train)})
             if missing:
