@@ -132,6 +132,22 @@ def test_bench_commands_report_bad_input_in_one_line(tmp_path, capsys):
     assert "attention-pooling head" in done.stderr
 
 
+def test_a_device_this_machine_lacks_is_named_before_any_work(monkeypatch):
+    from vitkit.bench.speed import _check_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(
+        ValueError, match=r"--device cuda: this machine has 0 CUDA device\(s\). Use --device cpu."
+    ):
+        compare("vit_tiny_patch4_32", device="cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert _check_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match=r"cuda:2: this machine has 2 .* or cuda:0..cuda:1"):
+        _check_device("cuda:2")
+    with pytest.raises(ValueError, match="'cpu' or 'cuda"):
+        _check_device("mps")
+
+
 def test_gpu_utilisation_is_sampled_from_nvml_between_start_and_stop(monkeypatch):
     from vitkit.bench.loop import _GpuUtil
 

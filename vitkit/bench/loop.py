@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 
-from vitkit.bench.speed import timm_twin
+from vitkit.bench.speed import _check_device, timm_twin
 from vitkit.data import ImageFolderDataModule, build_train_transform
 from vitkit.training import ImageClassifier
 
@@ -339,6 +339,7 @@ def loop_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import json
 
+    _check_device(args.device)
     options = {"model_name": args.model, "model_options": json.loads(args.options)}
     num_classes, size = _task(args.root, options)
     vitkit_loops = {  # key: (tensor cache, where batches are augmented)

@@ -273,6 +273,21 @@ def _peak_tflops(device: torch.device, precision: str, override: float | None) -
     return PEAK_TFLOPS[key]["fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"]
 
 
+def _check_device(device: str) -> torch.device:
+    """``device`` as a ``torch.device``, or a clear error when this machine does not have it."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        count = torch.cuda.device_count()  # 0 without a driver, without raising
+        if (dev.index or 0) >= count:  # also count == 0
+            raise ValueError(
+                f"--device {device}: this machine has {count} CUDA device(s). Use --device cpu"
+                + (f" or cuda:0..cuda:{count - 1}." if count else ".")
+            )
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device}: vitkit bench measures on 'cpu' or 'cuda[:N]'.")
+    return dev
+
+
 def compare(
     model_name: str,
     batch_size: int = 64,
@@ -307,7 +322,7 @@ def compare(
     step adds, each library and setting measured in a fresh process (:func:`_cpu_peak_mib`; a few
     seconds each).
     """
-    dev = torch.device(device)
+    dev = _check_device(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
     ours = vitkit.create_model(model_name, fused_attn=fused_attn, **model_options)
