@@ -7,6 +7,7 @@ timm user finds the same model behind the same name. Any option can be overridde
 from __future__ import annotations
 
 import fnmatch
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +75,10 @@ def model_config(name: str) -> dict[str, Any]:
     selects that tag's preprocessing and class count, as in timm. A timm architecture with parts
     vitkit lacks (a SwiGLU MLP, an attention-pooling head...) raises an error that names them.
     """
+    if name in _MODEL_CONFIGS:  # a registered name is taken whole, even with a dot in it
+        return dict(_MODEL_CONFIGS[name])
     arch, _, tag = name.partition(".")
-    options = dict(_MODEL_CONFIGS[arch]) if arch in _MODEL_CONFIGS else _timm_options(arch)
+    options = dict(_MODEL_CONFIGS[arch]) if arch in _MODEL_CONFIGS else dict(_timm_options(arch))
     if tag or arch not in _MODEL_CONFIGS:
         timm_cfg = _timm_pretrained_cfg(name)
         if timm_cfg:
@@ -93,8 +96,10 @@ def model_config(name: str) -> dict[str, Any]:
     return options
 
 
+@functools.lru_cache(maxsize=64)
 def _timm_options(arch: str) -> dict[str, Any]:
-    """Options of an architecture only timm registers; the usual unknown-model error otherwise."""
+    """Options of an architecture only timm registers (cached: copy before changing them); the usual
+    unknown-model error otherwise."""
     from vitkit.weights.checkpoint import timm_architecture_options
 
     options = timm_architecture_options(arch)  # raises when timm has it but vitkit cannot express it
