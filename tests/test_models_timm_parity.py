@@ -27,6 +27,8 @@ OPTION_SETS = {
     "non_square": {"img_size": (32, 48)},
     "pre_norm_no_qkv_bias": {"pre_norm": True, "qkv_bias": False},
     "mlp_ratio_and_fc_norm": {"mlp_ratio": 2.0, "fc_norm": True},
+    "gelu_tanh": {"act_layer": "gelu_tanh"},
+    "quick_gelu_pre_norm": {"act_layer": "quick_gelu", "pre_norm": True},
 }
 
 
@@ -127,6 +129,8 @@ def test_names_shared_with_timm_build_the_same_model(name):
 # Architectures only timm registers: vitkit reads their options off timm's model (layer scale with
 # its own init value, CLIP's pre-norm without patch bias and its 1e-5 epsilon, DINOv2's patch 14...).
 TIMM_ONLY = [
+    "vit_base_patch32_clip_quickgelu_224",  # OpenAI CLIP's activation
+    "vit_base_patch32_siglip_gap_256",  # SigLIP's tanh GELU
     "vit_small_patch14_dinov2",
     "deit3_small_patch16_224",
     "vit_base_patch32_clip_224",
@@ -179,7 +183,8 @@ def test_list_models_with_timm_adds_only_what_vitkit_builds(capsys):
     ("name", "part"),
     [
         ("vit_base_patch16_siglip_224", "attention-pooling"),
-        ("vit_base_patch16_clip_quickgelu_224", "QuickGELU"),
+        ("vit_medium_patch16_rope_reg1_gap_256", "Eva"),
+        ("vit_giant_patch14_dinov2", "GluMlp MLP, activation SiLU"),
         ("deit_tiny_distilled_patch16_224", "distillation token"),
         ("vit_relpos_base_patch16_224", "VisionTransformerRelPos"),
     ],

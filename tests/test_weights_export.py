@@ -67,7 +67,7 @@ def test_vitkit_safetensors_round_trip(options, tmp_path):
 
 
 def test_timm_folder_round_trip(tmp_path):
-    model = trained_model(reg_tokens=1, mlp_ratio=2.0)
+    model = trained_model(reg_tokens=1, mlp_ratio=2.0, act_layer="quick_gelu")
     folder = save(model, tmp_path / "timm_export", format="timm")
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == "vit_nano_patch4_32" or timm.is_model(config["architecture"])
@@ -80,6 +80,7 @@ def test_timm_folder_round_trip(tmp_path):
     # and vitkit reads it back, options and preprocessing included
     loaded = model_from_checkpoint(folder).eval()
     assert loaded.config["reg_tokens"] == 1 and loaded.pretrained_cfg["mean"] == PREP["mean"]
+    assert loaded.config["act_layer"] == "quick_gelu"
     with torch.no_grad():
         assert relative_error(loaded(x), model(x)) < 1e-5
 
@@ -112,7 +113,9 @@ def test_hard_attention_exports_only_where_it_survives(format, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "options", [{"norm_eps": 1e-12}, {"img_size": (32, 48), "qkv_bias": False}], ids=["hf_eps", "non_square"]
+    "options",
+    [{"norm_eps": 1e-12}, {"img_size": (32, 48), "qkv_bias": False}, {"act_layer": "gelu_tanh"}],
+    ids=["hf_eps", "non_square", "gelu_tanh"],
 )
 def test_hf_folder_round_trip_through_transformers(options, tmp_path):
     transformers = pytest.importorskip("transformers")

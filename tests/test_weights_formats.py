@@ -56,8 +56,14 @@ def hf_config(**overrides):
 # ---------------------------------------------------------------------------- Hugging Face
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"image_size": [32, 48], "qkv_bias": False}, {"layer_norm_eps": 1e-6, "patch_size": 16}],
-    ids=["default", "non_square_no_qkv_bias", "eps_1e-6_patch16"],
+    [
+        {},
+        {"image_size": [32, 48], "qkv_bias": False},
+        {"layer_norm_eps": 1e-6, "patch_size": 16},
+        {"hidden_act": "gelu_new"},
+        {"hidden_act": "quick_gelu"},
+    ],
+    ids=["default", "non_square_no_qkv_bias", "eps_1e-6_patch16", "gelu_new", "quick_gelu"],
 )
 def test_hf_folder_reproduces_vit_for_image_classification(overrides, tmp_path):
     config = hf_config(**overrides, id2label={i: f"class{i}" for i in range(5)})
@@ -123,8 +129,8 @@ def test_hf_eps_difference_is_a_warning_not_an_error(tmp_path, caplog):
 
 
 def test_hf_unsupported_variants_are_explained(tmp_path):
-    transformers.ViTForImageClassification(hf_config(hidden_act="gelu_new")).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedCheckpointError, match="exact GELU"):
+    transformers.ViTForImageClassification(hf_config(hidden_act="relu")).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedCheckpointError, match="hidden_act='relu': vitkit's MLP has gelu, "):
         read_checkpoint(tmp_path)
 
 

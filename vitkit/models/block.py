@@ -13,6 +13,7 @@ which is why attention rollout adds the identity to each layer's attention matri
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
@@ -21,16 +22,36 @@ from torchvision.ops import StochasticDepth
 from .attention import SelfAttention
 
 
+class QuickGELU(nn.Module):
+    """x · σ(1.702 x): the sigmoid approximation of GELU that OpenAI's CLIP was trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+# The MLP's activation, by timm's names (``act_layer``). GELU(x) = x Φ(x), Φ the standard normal CDF.
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "gelu": nn.GELU,  # exact: ViT, DeiT, DINOv2, most checkpoints
+    "gelu_tanh": partial(nn.GELU, approximate="tanh"),  # Φ through tanh: SigLIP's big_vision models
+    "quick_gelu": QuickGELU,  # OpenAI CLIP
+}
+
+
 class Mlp(nn.Module):
     """Position-wise feed-forward network: (B, N, D) -> (B, N, D).
 
-    ``out = fc2(GELU(fc1(x)))`` with hidden width ``hidden_features`` (usually 4 D).
+    ``out = fc2(act(fc1(x)))`` with hidden width ``hidden_features`` (usually 4 D) and ``act`` one of
+    :data:`ACTIVATIONS` (GELU by default).
     """
 
-    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0) -> None:
+    def __init__(
+        self, in_features: int, hidden_features: int, drop: float = 0.0, act_layer: str = "gelu"
+    ) -> None:
         super().__init__()
+        if act_layer not in ACTIVATIONS:
+            raise ValueError(f"act_layer={act_layer!r} is not one of {tuple(ACTIVATIONS)}.")
         self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU()
+        self.act = ACTIVATIONS[act_layer]()
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.drop2 = nn.Dropout(drop)
@@ -70,6 +91,7 @@ class TransformerBlock(nn.Module):
         attn_drop: dropout on the attention weights.
         drop_path: stochastic-depth rate of this block.
         norm_layer: normalisation layer constructor.
+        act_layer: the MLP's activation, a name of :data:`ACTIVATIONS`.
         attn_mode, hard_k, hard_estimator: soft or hard (top-k) attention, see :class:`SelfAttention`.
         fused_attn: fused kernel or explicit formula for soft attention, see :class:`SelfAttention`.
     """
@@ -86,6 +108,7 @@ class TransformerBlock(nn.Module):
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        act_layer: str = "gelu",
         attn_mode: str = "soft",
         hard_k: int | None = None,
         hard_estimator: str = "ste",
@@ -110,7 +133,7 @@ class TransformerBlock(nn.Module):
         self.drop_path1 = _drop_path(drop_path)
 
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop, act_layer=act_layer)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = _drop_path(drop_path)
 

@@ -73,6 +73,8 @@ class VisionTransformer(nn.Module):
         weight_init: ``''`` (timm's default: truncated normal 0.02 for linear layers) or
             ``'jax'`` (Xavier-uniform linears, LeCun-normal patch projection, zero head).
         norm_eps: epsilon of every LayerNorm (timm and torchvision use 1e-6, Hugging Face 1e-12).
+        act_layer: the MLP's activation, by timm's names: ``'gelu'`` (exact, the default),
+            ``'gelu_tanh'`` (SigLIP) or ``'quick_gelu'`` (OpenAI CLIP).
         attn_mode: ``'soft'`` (softmax attention, the default) or ``'hard'`` (every query keeps
             only its top ``hard_k`` keys), in every block; see :mod:`vitkit.models.attention`.
             Hard mode adds no parameters, so the state dict is the same as in soft mode.
@@ -120,6 +122,7 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         weight_init: Literal["", "jax"] = "",
         norm_eps: float = 1e-6,
+        act_layer: str = "gelu",
         attn_mode: Literal["soft", "hard"] = "soft",
         hard_k: int | None = None,
         hard_estimator: Literal["ste", "gumbel"] = "ste",
@@ -198,6 +201,7 @@ class VisionTransformer(nn.Module):
                     attn_drop=attn_drop_rate,
                     drop_path=rate,
                     norm_layer=norm_layer,
+                    act_layer=act_layer,
                     attn_mode=attn_mode,
                     hard_k=hard_k,
                     hard_estimator=hard_estimator,

@@ -33,6 +33,7 @@ from torch import nn
 
 from vitkit.models import VisionTransformer, list_models, model_config
 from vitkit.models._utils import to_2tuple
+from vitkit.models.block import ACTIVATIONS
 
 from . import preprocessing as prep
 from .convert import StateDict, UnsupportedCheckpointError, npz_to_vitkit, to_vitkit
@@ -536,9 +537,10 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
             "(ViTModel, ViTForImageClassification)."
         )
     act = config.get("hidden_act", "gelu")
-    if act != "gelu":
+    if act not in HF_ACTIVATIONS:
         raise UnsupportedCheckpointError(
-            f"hidden_act={act!r}: vitkit's MLP uses the exact GELU ('gelu'), so these logits would differ."
+            f"hidden_act={act!r}: vitkit's MLP has {', '.join(sorted(HF_ACTIVATIONS))} (transformers' "
+            "names), so these logits would differ."
         )
     hidden = int(config.get("hidden_size", 768))
     return {
@@ -552,7 +554,19 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
         "mlp_ratio": int(config.get("intermediate_size", 4 * hidden)) / hidden,
         "qkv_bias": bool(config.get("qkv_bias", True)),
         "norm_eps": float(config.get("layer_norm_eps", 1e-12)),
+        "act_layer": HF_ACTIVATIONS[act],
     }
+
+
+# transformers' ``hidden_act`` names -> vitkit's ``act_layer`` ("gelu_new" and "gelu_fast" are the
+# tanh approximation written out; "gelu_pytorch_tanh" is torch's own).
+HF_ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "quick_gelu": "quick_gelu",
+}
 
 
 def _from_timm_folder(path: Path, config: Mapping[str, Any], source: str) -> Checkpoint:
@@ -618,9 +632,8 @@ def timm_model_options(model: nn.Module) -> dict[str, Any]:
             getattr(block.mlp, "norm", nn.Identity()), nn.Identity
         ):
             problems.append(f"{type(block.mlp).__name__} MLP")
-        act = getattr(block.mlp, "act", None)
-        if not (isinstance(act, nn.GELU) and act.approximate == "none"):
-            problems.append(f"activation {act!r} (vitkit uses the exact GELU)")
+        if _timm_activation(block.mlp) is None:
+            problems.append(f"activation {block.mlp.act!r} (vitkit has {', '.join(ACTIVATIONS)})")
     norms = [m for m in model.modules() if isinstance(m, nn.Module) and "norm" in type(m).__name__.lower()]
     if any(not isinstance(m, nn.LayerNorm) for m in norms):
         problems.append("norms other than LayerNorm")
@@ -656,8 +669,17 @@ def timm_model_options(model: nn.Module) -> dict[str, Any]:
             qkv_bias=block.attn.qkv.bias is not None,
             qk_norm=not isinstance(block.attn.q_norm, nn.Identity),
             init_values=getattr(block.ls1, "init_values", 1e-5) if hasattr(block.ls1, "gamma") else None,
+            act_layer=_timm_activation(block.mlp),
         )
     return options
+
+
+def _timm_activation(mlp: nn.Module) -> str | None:
+    """The vitkit name (:data:`~vitkit.models.block.ACTIVATIONS`) of a timm MLP's activation, or None."""
+    act = getattr(mlp, "act", None)
+    if isinstance(act, nn.GELU):
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
+    return {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu"}.get(type(act).__name__)
 
 
 def timm_architecture_options(

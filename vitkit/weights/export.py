@@ -49,6 +49,7 @@ _TIMM_ARGS = (
     "final_norm",
     "fc_norm",
     "dynamic_img_size",
+    "act_layer",
 )
 
 
@@ -162,6 +163,10 @@ def _save_timm(state, config, cfg, labels, path: Path) -> Path:
     return path
 
 
+# vitkit's act_layer -> transformers' hidden_act
+_HF_ACT_NAMES = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
+
+
 def hf_export_problems(config: dict[str, Any]) -> list[str]:
     """Options of a vitkit model that transformers' ``ViTModel`` cannot express (empty: exportable)."""
     problems = []
@@ -205,7 +210,9 @@ def _save_hf(state, config, cfg, labels, path: Path) -> Path:
         "num_hidden_layers": config["depth"],
         "num_attention_heads": config["num_heads"],
         "intermediate_size": int(config["embed_dim"] * config.get("mlp_ratio", 4.0)),
-        "hidden_act": "gelu",
+        "hidden_act": {"gelu_tanh": "gelu_pytorch_tanh"}.get(
+            config.get("act_layer", "gelu"), config.get("act_layer", "gelu")
+        ),
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
         "initializer_range": 0.02,
