@@ -25,6 +25,7 @@ def run_notebook(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     results = tmp_path / "results.json"
     monkeypatch.setenv("VITKIT_QUICK", "1")
     monkeypatch.setenv("VITKIT_NOTEBOOK_RESULTS", str(results))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the kernel's tempfile folders, removed with tmp_path
     notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     client = nbclient.NotebookClient(
         notebook,
