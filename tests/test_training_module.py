@@ -423,6 +423,34 @@ def test_training_steps_do_not_wait_for_their_own_results(tmp_path, fused):
     assert {"loss", "lr", "img_per_s"} <= set(trainer.progress_bar_metrics)
 
 
+def test_progress_bar_values_are_logged_on_a_clock_and_the_loss_every_step(tmp_path, monkeypatch):
+    # Each self.log costs Python time on every step; the bar's values (loss, LR, images/s) follow a
+    # clock instead. The training loss still reaches the logger at every step, and its epoch mean.
+    from vitkit.training import ImagesPerSecond
+    from vitkit.training._cadence import Every
+
+    clock = iter(range(0, 10_000, 1))  # one "second" per call: due on every other call at 1.5 s
+    monkeypatch.setattr("vitkit.training._cadence.time.monotonic", lambda: next(clock))
+    every = Every(1.5)
+    assert [every() for _ in range(6)] == [True, False, True, False, True, False]
+
+    logged: list[str] = []
+    module, speed = _module(), ImagesPerSecond()
+    module._bar_due, speed._due = Every(3600.0), Every(3600.0)  # due once each, when there is a value
+    original = module.log
+    monkeypatch.setattr(module, "log", lambda name, *a, **k: (logged.append(name), original(name, *a, **k)))
+    trainer = _trainer(tmp_path, max_epochs=1, limit_val_batches=0, limit_train_batches=6, callbacks=[speed])
+    trainer.fit(module, datamodule=QuadrantData(n=256))
+    assert logged.count("train/loss") == 6
+    assert logged.count("lr") == 1 and logged.count("img_per_s") == 1
+    assert logged.count("loss") == 1  # from the second step: the first has no host copy of a loss yet
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert (
+        "lr" not in header and "train/loss_epoch" in header
+    )  # the LR goes to loggers via LearningRateMonitor
+
+
 def test_a_metric_logged_to_the_progress_bar_from_the_device_is_read_every_step(tmp_path):
     # Why the bar gets host copies only: Lightning converts progress-bar values to Python numbers after
     # every batch. A module that puts its device loss on the bar waits for the device once per step.

@@ -34,6 +34,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, EMAWeightAveraging
 
+from ._cadence import Every
+
 
 class RNGStateCheckpoint(Callback):
     """Save and restore every random number generator with the checkpoint."""
@@ -117,12 +119,14 @@ def _umask() -> int:
 
 
 class ImagesPerSecond(Callback):
-    """Log training throughput (images/s over the last ``window`` batches) to the progress bar."""
+    """Log training throughput (images/s over the last ``window`` batches) to the progress bar and
+    the loggers, at most every ``every`` seconds."""
 
-    def __init__(self, window: int = 20) -> None:
+    def __init__(self, window: int = 20, every: float = 0.5) -> None:
         self.window = window
         self._times: list[float] = []
         self._sizes: list[int] = []
+        self._due = Every(every)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int
@@ -130,7 +134,7 @@ class ImagesPerSecond(Callback):
         self._times.append(time.perf_counter())
         self._sizes.append(int(batch[0].shape[0]) * trainer.world_size)
         del self._times[: -self.window - 1], self._sizes[: -self.window - 1]
-        if len(self._times) > 1:
+        if len(self._times) > 1 and self._due():
             elapsed = self._times[-1] - self._times[0]
             rate = sum(self._sizes[:-1]) / max(elapsed, 1e-9)
             # a CPU tensor: a Python float would be copied to the GPU, a wait for its queue to drain

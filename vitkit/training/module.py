@@ -33,6 +33,7 @@ from vitkit.models import create_model
 from vitkit.weights import freeze as freeze_parameters
 from vitkit.weights import param_groups_lrd, unfreeze
 
+from ._cadence import Every
 from .guard import NonFiniteLossError, NonFiniteLossGuard, any_process
 
 __all__ = ["ImageClassifier", "NonFiniteLossError", "load_classifier", "warmup_cosine"]
@@ -144,6 +145,7 @@ class ImageClassifier(L.LightningModule):
         self.test_confusion = MulticlassConfusionMatrix(self.num_classes)
         self.last_confusion: dict[str, torch.Tensor] = {}
         self._loss_guard = NonFiniteLossGuard()
+        self._bar_due = Every(0.5)
 
     def _maybe_reset_head(self, reset_head: bool | None, classes: list[str] | None) -> None:
         """A fresh head when the pretrained one classifies other classes (see ``reset_head``)."""
@@ -183,11 +185,13 @@ class ImageClassifier(L.LightningModule):
         # tensor, a wait for all the work queued so far. So the bar gets host copies only (the loss
         # one step late, the LR as a CPU tensor); the GPU loss goes to the logger and the epoch mean.
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=images.shape[0])
-        if shown is not None:
-            self.log("loss", shown, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
+        if shown is None or not self._bar_due():  # the bar's values twice a second: each log costs time
+            return loss
+        bar = {"prog_bar": True, "logger": False, "on_step": True, "on_epoch": False, "batch_size": 1}
+        self.log("loss", shown, **bar)
         if self._trainer is not None and self.trainer.optimizers:  # the peak group's LR (the head's)
             lr = max(group["lr"] for group in self.trainer.optimizers[0].param_groups)
-            self.log("lr", torch.tensor(lr), prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+            self.log("lr", torch.tensor(lr), **bar)  # loggers: LearningRateMonitor, every group
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
