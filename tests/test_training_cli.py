@@ -186,6 +186,16 @@ def test_a_fresh_fit_moves_the_earlier_run_of_its_folder_aside(tmp_path, shapes,
     assert f"moved it to {earlier}" in capsys.readouterr().err
 
 
+def test_fit_without_a_logger_trains_and_the_lr_goes_to_the_logger_when_there_is_one(tmp_path, shapes):
+    # Lightning's LearningRateMonitor raises without a logger; the CLI's stays idle instead
+    cli = _fit(tmp_path / "quiet", shapes, "--trainer.max_epochs", "1", "--trainer.logger", "false")
+    assert cli.trainer.global_step > 0 and not cli.trainer.loggers
+    assert (tmp_path / "quiet" / "quickstart" / "checkpoints" / "last.ckpt").is_file()
+    _fit(tmp_path / "logged", shapes, "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1")
+    header = (tmp_path / "logged" / "quickstart" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert any(key.startswith("lr-AdamW") for key in header)
+
+
 def test_the_command_line_parses_without_lightnings_args_warning(tmp_path, shapes, monkeypatch, recwarn):
     argv = ["--config", "quickstart", "--data.root", str(shapes), "--runs_dir", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", ["vitkit", *argv])  # as the `vitkit` command runs it

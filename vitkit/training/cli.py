@@ -59,12 +59,28 @@ class SaveOnInterrupt(L.Callback):
         print(f"\n{type(exception).__name__}: saved {path} (resume with --ckpt_path last)", file=sys.stderr)
 
 
+class _LearningRateMonitor(LearningRateMonitor):
+    """Lightning's LR monitor, idle without a logger (``--trainer.logger false``) instead of raising."""
+
+    def on_train_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_epoch_start(trainer, *args, **kwargs)
+
+
 def default_callbacks() -> list[L.Callback]:
     return [
         ModelCheckpoint(
             filename="best", monitor="val/acc1", mode="max", save_last=True, auto_insert_metric_name=False
         ),
-        LearningRateMonitor(logging_interval="step"),
+        _LearningRateMonitor(logging_interval="step"),
         ImagesPerSecond(),
         RNGStateCheckpoint(),
         PerRankRandomness(),
