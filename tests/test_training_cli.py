@@ -104,7 +104,7 @@ def test_every_shipped_recipe_parses_and_trains_two_steps(tmp_path, shapes):
         assert (tmp_path / name / "config.yaml").is_file(), name
 
 
-def test_bad_input_prints_its_message_without_a_traceback(tmp_path, capsys, monkeypatch):
+def test_bad_input_prints_its_message_without_a_traceback(tmp_path, shapes, capsys, monkeypatch):
     from vitkit.cli.main import main
 
     monkeypatch.delenv("VITKIT_TRACEBACK", raising=False)
@@ -119,6 +119,18 @@ def test_bad_input_prints_its_message_without_a_traceback(tmp_path, capsys, monk
     assert main(fit) == 2
     assert f"vitkit fit: error: Dataset folder {missing} does not exist" in capsys.readouterr().err
     assert earlier.read_bytes() == b"weights"  # a run that never started does not move it aside
+    if not torch.cuda.is_available():  # a Trainer option Lightning rejects: its message, one line
+        fit_gpu = [
+            *fit[:4],
+            str(shapes),
+            "--runs_dir",
+            str(tmp_path / "gpu"),
+            *FAST,
+            "--trainer.accelerator",
+            "gpu",
+        ]
+        assert main(fit_gpu) == 2
+        assert "vitkit fit: error: No supported gpu backend found" in capsys.readouterr().err
     monkeypatch.setenv("VITKIT_TRACEBACK", "1")  # where it came from, for a bug report
     with pytest.raises(ValueError, match="Unknown model"):
         main(["bench", "--model", "no_such_model"])

@@ -118,6 +118,15 @@ _COMMANDS = {
 _INPUT_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError)
 
 
+def _is_input_error(error: Exception) -> bool:
+    """Bad input: vitkit's own (above) or a Trainer option Lightning rejects (``--trainer.accelerator
+    gpu`` on a machine without one), whose messages also say what is wrong."""
+    if isinstance(error, _INPUT_ERRORS):
+        return True
+    lightning_errors = sys.modules.get("lightning.fabric.utilities.exceptions")  # imported if it ran
+    return lightning_errors is not None and isinstance(error, lightning_errors.MisconfigurationException)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
@@ -129,8 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return _run(command, rest)
-    except _INPUT_ERRORS as error:
-        if os.environ.get("VITKIT_TRACEBACK"):
+    except Exception as error:
+        if not _is_input_error(error) or os.environ.get("VITKIT_TRACEBACK"):
             raise
         print(f"vitkit {command}: error: {error}", file=sys.stderr)
         print("(VITKIT_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
