@@ -32,7 +32,7 @@ def build_parser(prog: str = "vitkit explain") -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
-    parser.add_argument("--model", help="a registered model name (`vitkit models`); implied by --checkpoint")
+    parser.add_argument("--model", help="a model name (`vitkit models [--timm]`); implied by --checkpoint")
     parser.add_argument("--pretrained", help="weights file for --model (.safetensors/.pth/.bin)")
     parser.add_argument("--checkpoint", help="a vitkit training checkpoint (.ckpt)")
     parser.add_argument(
