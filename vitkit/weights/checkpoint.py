@@ -537,9 +537,9 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
             "(ViTModel, ViTForImageClassification)."
         )
     act = config.get("hidden_act", "gelu")
-    if act not in HF_ACTIVATIONS:
+    if act not in _HF_ACTIVATIONS:
         raise UnsupportedCheckpointError(
-            f"hidden_act={act!r}: vitkit's MLP has {', '.join(sorted(HF_ACTIVATIONS))} (transformers' "
+            f"hidden_act={act!r}: vitkit's MLP has {', '.join(sorted(_HF_ACTIVATIONS))} (transformers' "
             "names), so these logits would differ."
         )
     hidden = int(config.get("hidden_size", 768))
@@ -554,13 +554,13 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
         "mlp_ratio": int(config.get("intermediate_size", 4 * hidden)) / hidden,
         "qkv_bias": bool(config.get("qkv_bias", True)),
         "norm_eps": float(config.get("layer_norm_eps", 1e-12)),
-        "act_layer": HF_ACTIVATIONS[act],
+        "act_layer": _HF_ACTIVATIONS[act],
     }
 
 
 # transformers' ``hidden_act`` names -> vitkit's ``act_layer`` ("gelu_new" and "gelu_fast" are the
 # tanh approximation written out; "gelu_pytorch_tanh" is torch's own).
-HF_ACTIVATIONS = {
+_HF_ACTIVATIONS = {
     "gelu": "gelu",
     "gelu_pytorch_tanh": "gelu_tanh",
     "gelu_new": "gelu_tanh",
