@@ -177,6 +177,8 @@ def test_list_models_with_timm_adds_only_what_vitkit_builds(capsys):
     assert "vit_so400m_patch14_siglip_gap_384" not in vitkit.list_models("vit_so400m*", timm=True)  # 384 % 14
     assert main(["models", "--timm", "deit3_s*"]) == 0
     assert capsys.readouterr().out.split() == ["deit3_small_patch16_224", "deit3_small_patch16_384"]
+    assert main(["models", "*dinov2*"]) == 0  # only timm has those: say where to look
+    assert "--timm also lists timm's" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

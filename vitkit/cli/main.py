@@ -64,8 +64,11 @@ def _models(argv: list[str]) -> int:
 
     import vitkit
 
-    for name in vitkit.list_models(args.pattern, timm=args.timm):
+    names = vitkit.list_models(args.pattern, timm=args.timm)
+    for name in names:
         print(name)
+    if not names and not args.timm:
+        print(f"No vitkit model matches {args.pattern!r}; --timm also lists timm's.", file=sys.stderr)
     return 0
 
 
