@@ -9,7 +9,7 @@ what differs is the Python each loop runs around it:
 - ``vitkit``: ``ImageClassifier`` under a Lightning ``Trainer`` with the CLI's throughput callback
   and the progress bar, as ``vitkit fit`` runs it;
 - ``vitkit, bar values every step``: the same with the progress-bar values (loss, LR, images/s)
-  logged at every step, as before commit "training: progress-bar values on a clock";
+  logged at every step, as before commit 66eaa5c ("training: progress-bar values on a clock");
 - ``vitkit, no progress bar``.
 
 The rows alternate within each round and the median per row is reported, with its excess over the
