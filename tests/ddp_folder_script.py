@@ -20,6 +20,7 @@ from test_training_module import TINY
 
 from vitkit.data import ImageFolderDataModule, scan_image_folder
 from vitkit.training import ImageClassifier
+from vitkit.training.cli import _leave_process_group
 
 
 def main() -> None:
@@ -56,3 +57,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    _leave_process_group()  # as `vitkit fit` does: exiting with Gloo's threads up can abort

@@ -22,6 +22,7 @@ from test_training_module import QuadrantData, _LastLR, _module, _StepClock
 
 import vitkit.training.module as module_code
 from vitkit.training import AtomicCheckpointIO, NonFiniteLossError, PerRankRandomness, RNGStateCheckpoint
+from vitkit.training.cli import _leave_process_group
 
 
 def two_cpu_ranks(out: Path, **options) -> L.Trainer:
@@ -141,3 +142,4 @@ if __name__ == "__main__":
         skewed_clocks(Path(sys.argv[1]))
     else:
         main()
+    _leave_process_group()  # as `vitkit fit` does: exiting with Gloo's threads up can abort

@@ -208,6 +208,20 @@ def test_fit_without_a_logger_trains_and_the_lr_goes_to_the_logger_when_there_is
     assert any(key.startswith("lr-AdamW") for key in header)
 
 
+def test_a_finished_job_leaves_the_process_group(tmp_path, shapes):
+    # Lightning leaves DDP's process group up; exiting with Gloo's threads alive can abort the
+    # process (SIGABRT) after a successful run, so cli_main destroys it once the job is done
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        _fit(tmp_path, shapes, "--trainer.max_epochs", "1")
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_the_command_line_parses_without_lightnings_args_warning(tmp_path, shapes, monkeypatch, recwarn):
     argv = ["--config", "quickstart", "--data.root", str(shapes), "--runs_dir", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", ["vitkit", *argv])  # as the `vitkit` command runs it

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -199,7 +200,7 @@ def _resolve_recipe_args(argv: list[str]) -> list[str]:
 def cli_main(argv: Sequence[str] | None = None, run: bool = True) -> VitkitCLI:
     """Run ``vitkit fit|validate|test|predict`` with ``argv`` (default: ``sys.argv[1:]``)."""
     args = _resolve_recipe_args(list(sys.argv[1:] if argv is None else argv))
-    return VitkitCLI(
+    cli = VitkitCLI(
         ImageClassifier,
         L.LightningDataModule,
         subclass_mode_data=True,
@@ -214,3 +215,14 @@ def cli_main(argv: Sequence[str] | None = None, run: bool = True) -> VitkitCLI:
         },
         parser_kwargs={"default_env": False},
     )
+    if run:
+        _leave_process_group()
+    return cli
+
+
+def _leave_process_group() -> None:
+    """Destroy the DDP process group Lightning leaves up after a finished job: a process that exits
+    with Gloo's threads still holding work can abort in interpreter teardown (SIGABRT, "terminate
+    called without an active exception", exit status -6 after a successful run; pytorch #190489)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
