@@ -5,12 +5,14 @@
 #     bash benchmarks/gpu_suite.sh OUT ~/.cache/vitkit/cifar10 [PART ...]
 #
 # With no PART it runs the parts that measure issue #8's open GPU targets (at most 9.5 minutes by
-# their limits, inside one 10-minute device call): data_path, b16_autotune, speedrun. `all` runs every part
+# their limits, inside one 10-minute device call): data_path, mfu_profile, speedrun. `all` runs every part
 # (about 19 minutes). Parts (limit in seconds; what took how long on the H100 of 2026-11-24):
 #
 #   data_path      CIFAR-10 loop, ViT-S/4, batch 512, RandAugment: JPEG folder / uint8 cache augmented
 #                  in the workers / uint8 cache augmented on the GPU / plain timm loop / step alone (150)
 #   data_profile   profiler report of the loop augmented on the GPU (90)
+#   mfu_profile    ViT-B/16 bf16 training step, compiled, batch 256: MFU and the device time by kernel kind,
+#                  attention chosen by PyTorch and on cuDNN (benchmarks/mfu_profile.py; 200)
 #   b16_autotune   ViT-B/16 bf16 training step, torch.compile max-autotune-no-cudagraphs, batch 256 (180)
 #   speedrun       CIFAR-10 time-to-accuracy for SPEEDRUN_MINUTES (default 3; the LR annealed to fit) with
 #                  SPEEDRUN_ARGS (limit +60)
@@ -26,8 +28,8 @@ set -u
 out=${1:-gpu_out}
 data=${2:-}
 shift $(($# > 2 ? 2 : $#))
-parts=${*:-data_path b16_autotune speedrun}
-[ "$parts" = all ] && parts="data_path data_profile b16_eager b16_compiled b16_batch512 b16_autotune b16_cudnn
+parts=${*:-data_path mfu_profile speedrun}
+[ "$parts" = all ] && parts="data_path data_profile mfu_profile b16_eager b16_compiled b16_batch512 b16_autotune b16_cudnn
     s16_eager s16_compiled b16_explicit b16_fp32 explain_cost speedrun"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -45,7 +47,7 @@ part() {  # part NAME SECONDS COMMAND...
     timeout "$limit" "$@" >"$out/part.log" 2>&1
     echo "(exit $?, $((SECONDS - start)) s)"
     { echo "=== $name"; cat "$out/part.log"; } >>"$out/suite.log"
-    grep -E '^\||^vit|busy|GFLOP|Error|^epoch|throughput' "$out/part.log" | tail -n 14
+    grep -E '^\||^vit|^batch|busy|GFLOP|Error|^epoch|throughput' "$out/part.log" | tail -n 30
 }
 
 bench() {  # bench NAME SECONDS MODEL ARGS...
@@ -70,6 +72,10 @@ for name in $parts; do
     data_profile)
         part "$name" 90 "$py" -m vitkit.bench.loop --root "$data" "${loop[@]}" --steps 30 --augment-on device \
             --profile "$out/profile"
+        ;;
+    mfu_profile)
+        part "$name" 200 "$py" benchmarks/mfu_profile.py --model vit_base_patch16_224 --batch-sizes 256 --compile \
+            --sdpa-backends auto cudnn --kernels "$out/mfu_kernels.json"
         ;;
     b16_eager) bench "$name" 120 vit_base_patch16_224 --batch-size 256 --iters 10 ;;
     b16_compiled) bench "$name" 200 vit_base_patch16_224 --batch-size 256 --modes train --compile --iters 10 ;;

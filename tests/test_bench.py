@@ -193,20 +193,26 @@ def test_loop_benchmark_profiles_vitkits_loop_into_a_report(tmp_path):
     assert list((tmp_path / "p").glob("*.json"))  # the Chrome trace
 
 
+def _load_benchmark_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_cifar10_speedrun_script_trains_and_reports_when_the_target_is_reached(tmp_path):
     # the GPU time-to-accuracy script, on CPU with a tiny model and the shapes data (train/ + val/),
     # batches augmented by the batched (device) path as on a GPU
-    import importlib.util
     import json
-    from pathlib import Path
 
     from vitkit.data import make_shapes_dataset
 
     make_shapes_dataset(tmp_path / "data", num_train=64, num_val=16, img_size=32, seed=0)
-    path = Path(__file__).parents[1] / "benchmarks" / "cifar10_speedrun.py"
-    spec = importlib.util.spec_from_file_location("cifar10_speedrun", path)
-    speedrun = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speedrun)
+    speedrun = _load_benchmark_script("cifar10_speedrun")
     options = json.dumps({k: v for k, v in TINY.items() if k != "num_classes"})
     argv = "--epochs 2 --batch-size 16 --warmup-epochs 1 --accelerator cpu --precision 32-true --no-compile"
     argv += f" --workers 0 --target 0.0 --model vit_tiny_patch4_32 --json {tmp_path / 'timeline.json'}"
@@ -322,3 +328,49 @@ def test_a_models_resident_memory_counts_its_weights_optimizer_state_and_inputs(
     tensors = len(list(model.parameters()))
     # AdamW: two moments per weight, and one fp32 step count per tensor
     assert _resident_bytes(model, step.optimizer, x, y) == 3 * weights + 4 * tensors + x.nbytes + y.nbytes
+
+
+def test_mfu_profile_sorts_kernels_into_kinds_by_their_names():
+    # names as an H200 profile of ViT-B/16 (torch 2.11, compiled) printed them, and CPU operators
+    mfu_profile = _load_benchmark_script("mfu_profile")
+    kinds = {
+        "nvjet_sm90_tst_192x192_64x4_1x2_h_bz_coopB_bias_TNN": "matmul",
+        "void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816fprop_optimized_bf16>": "matmul",
+        "triton_tem_fused__to_copy_convolution_3": "matmul",
+        "aten::addmm": "matmul",
+        "aten::convolution_backward": "matmul",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26": "attention",
+        "void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*)": "attention",
+        "void cudnn::fusion::convert_dq_to_16bits<true>(void const*, void*)": "attention",
+        "aten::_scaled_dot_product_flash_attention_for_cpu_backward": "attention",
+        "void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>>": "optimizer",
+        "aten::_fused_adamw_": "optimizer",
+        "Memcpy DtoD (Device -> Device)": "copy",
+        "aten::copy_": "copy",
+        # Inductor's fused LayerNorm kernels carry "_to_copy" (a cast) in their names: not copies
+        "triton_per_fused__to_copy_add_native_layer_norm_backward_view_12": mfu_profile.OTHER,
+        "triton_poi_fused_gelu_gelu_backward_view_10": mfu_profile.OTHER,
+    }
+    assert {name: mfu_profile.kind_of(name) for name in kinds} == kinds
+
+
+def test_mfu_profile_counts_the_step_it_profiles(tmp_path):
+    import json
+
+    mfu_profile = _load_benchmark_script("mfu_profile")
+    options = json.dumps(TINY)
+    argv = ["--model", "vit_tiny_patch4_32", "--options", options, "--batch-sizes", "2", "4"]
+    argv += ["--device", "cpu", "--iters", "1", "--rounds", "1", "--profile-steps", "2"]
+    argv += ["--kernels", str(tmp_path / "k.json")]
+    assert mfu_profile.main(argv) == 0
+    results = json.loads((tmp_path / "k.json").read_text())
+    assert [r["batch_size"] for r in results] == [2, 4]
+    model = vitkit.create_model("vit_tiny_patch4_32", **TINY)
+    x, y = torch.randn(1, 3, 32, 32), torch.zeros(1, dtype=torch.long)
+    expected = model_flops_per_image(model, x, y, "train", "bf16") / 1e9
+    for result in results:
+        assert result["model_gflops_per_image"] == pytest.approx(expected)
+        assert result["mfu"] is None  # no peak known for a CPU
+        assert result["device_ms_by_kind"]["matmul"] > 0 and result["device_ms_by_kind"]["attention"] > 0
+        times = [ms for _, ms in result["top_kernels_ms"]]
+        assert times == sorted(times, reverse=True) and times[0] > 0
