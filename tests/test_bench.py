@@ -162,6 +162,9 @@ def test_gpu_utilisation_is_sampled_from_nvml_between_start_and_stop(monkeypatch
     count = len(util.samples)
     time.sleep(0.03)
     assert len(util.samples) == count  # stopped
+    # only the samples up to the end of the timed steps count (not the idle teardown after them)
+    util.samples, util.times = [80.0, 80.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]
+    assert util.stop(until=2.5) == 80.0 and util.stop() == 40.0 and util.stop(until=0.5) is None
 
     def no_nvml(device=None):
         raise ModuleNotFoundError("pynvml does not seem to be installed")

@@ -58,13 +58,16 @@ class _GpuUtil:
     and :meth:`stop` (``torch.cuda.utilization``, which needs the nvidia-ml-py package).
 
     The rate ratio "loop / step alone" counts work the loop adds on the GPU (augmentation on the
-    device) as idle time; NVML says whether the GPU was running anything at all.
+    device) as idle time; NVML says whether the GPU was running anything at all. :meth:`stop`
+    averages only the samples taken up to ``until`` (the end of the last timed step): the GPU idles
+    through Lightning's teardown after the last step, which is not the data path's doing.
     """
 
     def __init__(self, device: str | torch.device, interval: float = 0.1) -> None:
         self.device = torch.device(device)
         self.interval = interval
         self.samples: list[float] = []
+        self.times: list[float] = []  # time.perf_counter() of each sample
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -80,14 +83,18 @@ class _GpuUtil:
 
     def _sample(self) -> None:
         while not self._done.wait(self.interval):
-            self.samples.append(float(torch.cuda.utilization(self.device)))
+            reading = float(torch.cuda.utilization(self.device))
+            self.times.append(time.perf_counter())
+            self.samples.append(reading)
 
-    def stop(self) -> float | None:
-        """The mean utilisation in percent, or None when nothing was sampled."""
+    def stop(self, until: float | None = None) -> float | None:
+        """The mean utilisation in percent of the samples taken up to ``until`` (a
+        ``time.perf_counter()``; None: all), or None when there are none."""
         self._done.set()
         if self._thread is not None:
             self._thread.join()
-        return statistics.mean(self.samples) if self.samples else None
+        kept = [s for s, t in zip(self.samples, self.times, strict=True) if until is None or t <= until]
+        return statistics.mean(kept) if kept else None
 
 
 class _Clock(L.Callback):
@@ -193,7 +200,7 @@ def vitkit_loop(
         profiler=None if profile is None else _profiler(profile, steps, accelerator),
     )
     trainer.fit(module, datamodule=data)
-    return LoopRate(clock.images / (clock.end - clock.start), clock.util.stop())
+    return LoopRate(clock.images / (clock.end - clock.start), clock.util.stop(until=clock.end))
 
 
 def _profiler(folder: Path, steps: int, accelerator: str) -> Any:
