@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from vitkit.models import LayerScale, PatchEmbedding, SelfAttention, TransformerBlock
+from vitkit.models import DropPath, LayerScale, PatchEmbedding, SelfAttention, TransformerBlock
 from vitkit.models.position import resample_position_embedding, sincos_2d_position_embedding
 
 
@@ -115,3 +115,63 @@ def test_resampling_positions_keeps_prefix_and_is_identity_on_same_grid():
     torch.testing.assert_close(resample_position_embedding(constant, (7, 5), (4, 4)), torch.ones(1, 35, 8))
     with pytest.raises(ValueError, match="prefix tokens needs"):
         resample_position_embedding(pos, (2, 2), (3, 3), 1)
+
+
+def test_drop_path_drops_whole_samples_and_keeps_the_expectation():
+    torch.manual_seed(0)
+    drop = DropPath(0.25)
+    x = torch.randn(4000, 3, 5)
+    y = drop(x)
+    # per sample: all of it dropped, or all of it scaled by 1 / (1 - p)
+    ratio = (y / x).reshape(4000, -1)
+    assert torch.all((ratio == 0).all(1) | torch.isclose(ratio, torch.tensor(1 / 0.75)).all(1))
+    assert abs((ratio[:, 0] == 0).float().mean().item() - 0.25) < 0.03
+    assert drop(torch.ones(1, 2, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    assert torch.equal(drop.eval()(x), x)
+    assert "keep" not in drop.state_dict()  # timm's checkpoints have no such entry
+    with pytest.raises(ValueError, match="drop path rate 1.0"):
+        DropPath(1.0)
+
+
+def test_drop_path_built_on_meta_is_initialised_by_reset_parameters():
+    with torch.device("meta"):
+        drop = DropPath(0.1)
+    drop.to_empty(device="cpu").reset_parameters()
+    assert drop.keep.item() == pytest.approx(0.9)
+
+
+def test_blocks_with_different_drop_rates_run_the_same_compiled_code():
+    # stochastic depth rises over the blocks; regional compilation (vitkit.models.compile_blocks)
+    # needs each block to run the same code, with the rate as data rather than as a constant
+    from vitkit.models import VisionTransformer, compile_blocks
+
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    options = dict(img_size=16, patch_size=4, embed_dim=32, num_heads=2, num_classes=3, drop_path_rate=0.3)
+    counts = []
+    for depth in (2, 5):
+        torch._dynamo.reset()
+        graphs.clear()
+        model = VisionTransformer(**options, depth=depth)
+        view = compile_blocks(model, backend=count)
+        x = torch.randn(2, 3, 16, 16)
+        view(x).sum().backward()  # training
+        model.eval()
+        torch.testing.assert_close(view(x), model(x))  # the same weights, the same function
+        counts.append(len(graphs))
+        assert all(a is b._orig_mod for a, b in zip(model.blocks, view.blocks, strict=True))
+        assert model.blocks[1].attn.qkv.weight.grad is not None  # gradients reach the model's own weights
+        assert not any("_orig_mod" in key for key in model.state_dict())  # the model itself is untouched
+    # block 0 (rate 0: no drop path) and the others (a drop path): 2 graphs per mode, whatever the depth
+    assert counts[0] == counts[1] <= 4, counts
+
+
+def test_compile_blocks_needs_a_sequence_of_blocks():
+    from vitkit.models import compile_blocks
+
+    with pytest.raises(ValueError, match="Linear has none. Use torch.compile"):
+        compile_blocks(nn.Linear(2, 2))

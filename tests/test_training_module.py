@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -771,10 +772,24 @@ def test_compile_without_a_cxx_compiler_on_cpu_runs_eagerly_with_a_warning(tmp_p
     assert module.__dict__["_compiled_model"] is None and module.trainer.global_step == 2
 
 
+def test_compile_blocks_option_compiles_each_block_of_the_same_model():
+    module = _module(compile="blocks")
+    view = module.__dict__["_compiled_model"]
+    assert all(b._orig_mod is a for a, b in zip(module.model.blocks, view.blocks, strict=True))
+    assert view.head is module.model.head
+    assert set(module.state_dict()) == set(_module().state_dict())  # the weights stored once, same keys
+    twin = copy.deepcopy(module)  # as Lightning's weight averaging (EMA) copies the module
+    twin_view = twin.__dict__["_compiled_model"]
+    assert twin_view.blocks[0]._orig_mod is twin.model.blocks[0] and twin_view.head is twin.model.head
+    with pytest.raises(ValueError, match="compile='fast'"):
+        _module(compile="fast")
+
+
 @pytest.mark.slow
-def test_torch_compile_option_trains_the_same_model(tmp_path):
+@pytest.mark.parametrize("compile", [True, "blocks"])
+def test_torch_compile_option_trains_the_same_model(tmp_path, compile):
     # slow: inductor compiles C++ kernels on the first step
-    module = _module(compile=True)
+    module = _module(compile=compile)
     assert module.__dict__["_compiled_model"] is not None
     trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=1)
     before = module.model.head.weight.detach().clone()

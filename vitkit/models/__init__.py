@@ -2,24 +2,28 @@
 
 Public surface: the blocks (:class:`PatchEmbedding`, :class:`SelfAttention`, :class:`Mlp`,
 :class:`LayerScale`, :class:`TransformerBlock`), the :class:`VisionTransformer` that assembles
-them, and the registry (:func:`create_model`, :func:`list_models`, :func:`register_model`).
+them, the registry (:func:`create_model`, :func:`list_models`, :func:`register_model`), and
+:func:`compile_blocks` (regional compilation: one compiled block reused for all).
 """
 
 from .attention import SelfAttention
-from .block import LayerScale, Mlp, TransformerBlock
+from .block import DropPath, LayerScale, Mlp, TransformerBlock
 from .patch_embedding import ConvStem, PatchEmbedding
 from .position import resample_position_embedding, sincos_2d_position_embedding
+from .regional_compile import compile_blocks
 from .registry import create_model, list_models, model_config, register_model
 from .vision_transformer import VisionTransformer
 
 __all__ = [
     "ConvStem",
+    "DropPath",
     "LayerScale",
     "Mlp",
     "PatchEmbedding",
     "SelfAttention",
     "TransformerBlock",
     "VisionTransformer",
+    "compile_blocks",
     "create_model",
     "list_models",
     "model_config",

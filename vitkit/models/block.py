@@ -17,7 +17,6 @@ from functools import partial
 
 import torch
 from torch import nn
-from torchvision.ops import StochasticDepth
 
 from .attention import SelfAttention
 
@@ -72,10 +71,45 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016): in training, drop a residual branch for a whole sample
+    with probability ``p`` and scale the kept ones by 1 / (1 - p), so the expectation is unchanged.
+
+    Shapes: (B, ...) -> (B, ...); one Bernoulli(1 - p) draw per sample. In evaluation, the identity.
+
+    (torchvision's ``StochasticDepth`` computes the same.) The keep probability is a buffer rather
+    than a Python number: ``torch.compile`` would otherwise specialise each block's compiled code on
+    its own rate (the rates rise over depth), and blocks compiled one by one
+    (:func:`vitkit.models.compile_blocks`) could not share one compiled graph.
+    """
+
+    keep: torch.Tensor
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop path rate {p}: give a probability in [0, 1).")
+        self.p = float(p)
+        # not in the state dict (timm's checkpoints have no such entry): set from `p` here and again
+        # by reset_parameters(), which initialises a model built on the meta device after to_empty()
+        self.register_buffer("keep", torch.tensor(1.0 - self.p), persistent=False)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.keep.fill_(1.0 - self.p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = self.keep.float().expand(x.shape[0], *([1] * (x.ndim - 1)))
+        return x * (torch.bernoulli(keep) / keep).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 def _drop_path(rate: float) -> nn.Module:
-    # Stochastic depth: during training, drop the whole residual branch per sample with
-    # probability `rate` and rescale the survivors by 1 / (1 - rate).
-    return StochasticDepth(rate, mode="row") if rate > 0 else nn.Identity()
+    return DropPath(rate) if rate > 0 else nn.Identity()
 
 
 class TransformerBlock(nn.Module):

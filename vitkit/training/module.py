@@ -29,7 +29,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from vitkit.models import create_model
+from vitkit.models import compile_blocks, create_model
 from vitkit.weights import freeze as freeze_parameters
 from vitkit.weights import param_groups_lrd, unfreeze
 
@@ -75,7 +75,11 @@ class ImageClassifier(L.LightningModule):
             on ("freeze then unfreeze": a linear probe first, then full fine-tuning).
         fused_optimizer: use the fused AdamW kernel where available (the foreach one when the
             trainer clips gradients under 16-mixed: its loss scaler cannot clip a fused optimiser).
-        compile: wrap the model in ``torch.compile``.
+        compile: ``True`` (or ``'model'``): wrap the whole model in ``torch.compile``, the fastest
+            step once compiled; ``'blocks'``: compile the Transformer blocks one by one
+            (:func:`vitkit.models.compile_blocks`), which compiles one block's code once for all of
+            them and starts training several times sooner, at the cost of the fusion across block
+            boundaries. ``False``: eager.
         anneal_by_time: with a time limit on training (``--trainer.max_time``, or a ``Timer``
             callback with a duration), the cosine decay reaches ``min_lr`` when either the steps
             (``max_epochs``/``max_steps``) or the time run out, whichever comes first. Without
@@ -107,7 +111,7 @@ class ImageClassifier(L.LightningModule):
         freeze: str = "none",
         unfreeze_at_epoch: int | None = None,
         fused_optimizer: bool = True,
-        compile: bool = False,
+        compile: bool | Literal["model", "blocks"] = False,
         anneal_by_time: bool = False,
     ) -> None:
         super().__init__()
@@ -128,7 +132,7 @@ class ImageClassifier(L.LightningModule):
         freeze_parameters(self.model, freeze)
         # Kept out of the module registry (plain __dict__ entry): registering it would store every
         # weight twice in state_dict and checkpoints. The compiled wrapper shares self.model's parameters.
-        self.__dict__["_compiled_model"] = torch.compile(self.model) if compile else None
+        self.__dict__["_compiled_model"] = _compiled(self.model, compile)
         if not compile:  # (a compiled model would compile once more, for batch size 1)
             # One image at the model's size: Lightning's model summary then shows the forward FLOPs
             # per image and each layer's input and output shapes, instead of "Total FLOPs: 0".
@@ -421,6 +425,17 @@ class _WarmupCosine:
 def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.0) -> _WarmupCosine:
     """A picklable LR-multiplier function for ``LambdaLR``: linear warmup, then cosine decay."""
     return _WarmupCosine(warmup, total, min_ratio)
+
+
+def _compiled(model: nn.Module, compile: bool | str) -> nn.Module | None:
+    """``model`` compiled as ``ImageClassifier(compile=...)`` asks, sharing its parameters; None: eager."""
+    if compile is False:
+        return None
+    if compile is True or compile == "model":
+        return torch.compile(model)
+    if compile == "blocks":
+        return compile_blocks(model)
+    raise ValueError(f"compile={compile!r}: give true, false, 'model' or 'blocks'.")
 
 
 def _cxx_compiler() -> str | None:
