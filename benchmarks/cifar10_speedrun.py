@@ -107,12 +107,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--compile-scope",
+        default="blocks",
+        choices=["model", "blocks"],
+        help="with --compile: the whole model, or each Transformer block (ImageClassifier(compile="
+        "'blocks'): compiled once for all blocks, so training starts sooner)",
+    )
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument(
         "--augment-on",
-        default="device",
+        default="workers",
         choices=["workers", "device"],
-        help="augment the cached batches on the GPU (batched ops) or per image in the loader workers",
+        help="augment the cached batches per image in the loader workers, or on the GPU (batched ops; "
+        "for a machine short of CPU cores: on the 16-core H200 of BENCHMARKS.md the workers were faster)",
     )
     parser.add_argument(
         "--max-minutes",
@@ -168,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs,
         label_smoothing=args.label_smoothing,
-        compile=args.compile,
+        compile=args.compile_scope if args.compile else False,
         anneal_by_time=args.anneal_by_time,
     )
     callbacks: list[L.Callback] = [timeline]

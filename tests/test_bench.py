@@ -219,6 +219,7 @@ def test_cifar10_speedrun_script_trains_and_reports_when_the_target_is_reached(t
     options = json.dumps({k: v for k, v in TINY.items() if k != "num_classes"})
     argv = "--epochs 2 --batch-size 16 --warmup-epochs 1 --accelerator cpu --precision 32-true --no-compile"
     argv += f" --workers 0 --target 0.0 --model vit_tiny_patch4_32 --json {tmp_path / 'timeline.json'}"
+    argv += " --augment-on device"
     argv = [*argv.split(), "--root", str(tmp_path / "data"), "--options", options]
     summary = speedrun.main(argv)
     assert [row["epoch"] for row in summary["timeline"]] == [1, 2]
@@ -377,3 +378,18 @@ def test_mfu_profile_counts_the_step_it_profiles(tmp_path):
         assert result["device_ms_by_kind"]["matmul"] > 0 and result["device_ms_by_kind"]["attention"] > 0
         times = [ms for _, ms in result["top_kernels_ms"]]
         assert times == sorted(times, reverse=True) and times[0] > 0
+
+
+@pytest.mark.slow
+def test_compile_time_script_times_a_cold_compile_in_fresh_processes(capsys):
+    # slow: Inductor compiles C++ kernels for the block (about 20 s here)
+    import json
+    import re
+
+    compile_time = _load_benchmark_script("compile_time")
+    options = json.dumps(TINY)
+    argv = ["--model", "vit_tiny_patch4_32", "--options", options, "--batch-size", "4", "--device", "cpu"]
+    assert compile_time.main([*argv, "--steps", "1", "--scopes", "eager", "blocks"]) == 0
+    rows = dict(re.findall(r"^\| (eager|blocks) \| ([\d.]+) \|", capsys.readouterr().out, re.M))
+    assert set(rows) == {"eager", "blocks"}
+    assert float(rows["blocks"]) > float(rows["eager"]) + 1.0  # the first compiled step pays for compiling
