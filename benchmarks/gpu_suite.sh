@@ -4,21 +4,27 @@
 #
 #     bash benchmarks/gpu_suite.sh OUT ~/.cache/vitkit/cifar10 [PART ...]
 #
-# With no PART it runs the parts that measure issue #8's open GPU targets (at most 9.5 minutes by
-# their limits, inside one 10-minute device call): data_path, mfu_profile, speedrun. `all` runs every part
-# (about 19 minutes). Parts (limit in seconds; what took how long on the H100 of 2026-11-24):
+# With no PART it runs the one open GPU target that needs a long run: speedrun, for SPEEDRUN_MINUTES
+# (default 8; at most 9 minutes by its limit, inside one 10-minute device call). Then, in a second call
+# while the machine is still warm (it is given back after 30 s idle): data_path compile_time (about 4.5
+# minutes by their limits). The H200 run of 2026-11-30 measured data_path, mfu_profile and a 2.4-minute
+# speedrun (BENCHMARKS.md). `all` runs every part (about 22 minutes).
+# Parts (limit in seconds; what took how long on the H100 of 2026-11-24 / the H200 of 2026-11-30):
 #
 #   data_path      CIFAR-10 loop, ViT-S/4, batch 512, RandAugment: JPEG folder / uint8 cache augmented
-#                  in the workers / uint8 cache augmented on the GPU / plain timm loop / step alone (150)
+#                  in the workers / uint8 cache augmented on the GPU / plain timm loop / step alone (150; 91 s)
+#   compile_time   the speedrun's model, batch 512: cold compile and step of eager / torch.compile(model) /
+#                  compile_blocks, one fresh process each (benchmarks/compile_time.py; 150; not run yet)
 #   data_profile   profiler report of the loop augmented on the GPU (90)
 #   mfu_profile    ViT-B/16 bf16 training step, compiled, batch 256: MFU and the device time by kernel kind,
-#                  attention chosen by PyTorch and on cuDNN (benchmarks/mfu_profile.py; 200)
+#                  attention chosen by PyTorch and on cuDNN (benchmarks/mfu_profile.py; 200; 57 s)
 #   b16_autotune   ViT-B/16 bf16 training step, torch.compile max-autotune-no-cudagraphs, batch 256 (180)
-#   speedrun       CIFAR-10 time-to-accuracy for SPEEDRUN_MINUTES (default 3; the LR annealed to fit) with
-#                  SPEEDRUN_ARGS (limit +60)
+#   speedrun       CIFAR-10 time-to-accuracy for SPEEDRUN_MINUTES (default 8; the LR annealed to fit) with
+#                  SPEEDRUN_ARGS (limit +60; 2.4 minutes took 184 s)
 #   b16_eager b16_compiled b16_batch512 s16_eager s16_compiled b16_explicit b16_fp32 explain_cost:
 #                  the speed / MFU / explanation tables (eager ~90 s, compiled ~150-200 s each)
-#   b16_cudnn      ViT-B/16 bf16 training step, compiled, attention on cuDNN's kernel (200; not run yet)
+#   b16_cudnn      ViT-B/16 bf16 training step, compiled, attention on cuDNN's kernel (200; torch 2.11 picks
+#                  cuDNN's kernel on an H200 by itself: mfu_profile)
 #
 # On the lent machine (python3 3.12 with torch, timm, lightning, einops, safetensors, torchmetrics),
 # vitkit runs from the working tree. Here, once: mkdir -p .gpu && cp ../shared/data/cifar10.tar.gz .gpu/
@@ -28,8 +34,8 @@ set -u
 out=${1:-gpu_out}
 data=${2:-}
 shift $(($# > 2 ? 2 : $#))
-parts=${*:-data_path mfu_profile speedrun}
-[ "$parts" = all ] && parts="data_path data_profile mfu_profile b16_eager b16_compiled b16_batch512 b16_autotune b16_cudnn
+parts=${*:-speedrun}
+[ "$parts" = all ] && parts="data_path compile_time data_profile mfu_profile b16_eager b16_compiled b16_batch512 b16_autotune b16_cudnn
     s16_eager s16_compiled b16_explicit b16_fp32 explain_cost speedrun"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -73,6 +79,10 @@ for name in $parts; do
         part "$name" 90 "$py" -m vitkit.bench.loop --root "$data" "${loop[@]}" --steps 30 --augment-on device \
             --profile "$out/profile"
         ;;
+    compile_time)
+        part "$name" 150 "$py" benchmarks/compile_time.py --model vit_small_patch4_32 --batch-size 512 --steps 20 \
+            --options '{"stem_channels": [64, 128, 256], "drop_path_rate": 0.1, "num_classes": 10}'
+        ;;
     mfu_profile)
         part "$name" 200 "$py" benchmarks/mfu_profile.py --model vit_base_patch16_224 --batch-sizes 256 --compile \
             --sdpa-backends auto cudnn --kernels "$out/mfu_kernels.json"
@@ -96,7 +106,7 @@ for name in $parts; do
         ;;
     explain_cost) part "$name" 200 "$py" benchmarks/explain_cost.py --device cuda --repeats 5 ;;
     speedrun)
-        minutes=${SPEEDRUN_MINUTES:-3}
+        minutes=${SPEEDRUN_MINUTES:-8}
         # default: the ViT-S/4 behind a convolutional stem, light regularisation, EMA with warm-up; up to
         # 200 epochs, the cosine annealed to its end when the minutes run out, stopped early at 94%
         read -r -a extra <<<"${SPEEDRUN_ARGS:---epochs 200 --warmup-epochs 3 --mixup 0 --cutmix 0 --stop-at-target}"

@@ -8,7 +8,7 @@ one by one lets ``torch.compile`` compile that code once and reuse it for the ot
 block's LayerNorm then run as two kernels instead of one.
 
 BENCHMARKS.md ("Compile time") measures both: on its 2-core CPU the blocks compiled one by one
-reach the first training step 2–2.5x sooner than the whole model compiled.
+reach the first training step about 3x sooner than the whole model compiled.
 """
 
 from __future__ import annotations
