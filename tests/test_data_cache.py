@@ -57,6 +57,19 @@ def test_corrupt_files_are_left_out_of_the_cache_and_recorded(tmp_path):
     assert len(cache) == 5 and 1 not in cache.source_index.tolist()
     assert cache.labels.tolist() == [samples[i][1] for i in cache.source_index.tolist()]
     assert cache.bad == [samples[1][0]] and list(log.read()) == [samples[1][0]]
+    # a loader batch in which every file fails (here: the only one) leaves the cache empty, no crash
+    nothing = build_tensor_cache(samples[1:2], classes, 8, num_workers=0)
+    assert len(nothing) == 0 and nothing.bad == [samples[1][0]]
+
+
+def test_cache_built_by_workers_equals_the_one_built_in_process(tmp_path):
+    # the workers send each batch as one stacked tensor with its indices
+    classes, samples = make_folder(tmp_path / "train")
+    Path(samples[3][0]).write_bytes(b"broken")
+    alone = build_tensor_cache(samples, classes, 8, num_workers=0)
+    workers = build_tensor_cache(samples, classes, 8, num_workers=2)
+    assert torch.equal(workers.images, alone.images) and workers.bad == alone.bad == [samples[3][0]]
+    assert workers.source_index.tolist() == alone.source_index.tolist() == [0, 1, 2, 4, 5]
 
 
 def test_disk_cache_round_trip_and_invalidation(tmp_path, capsys):

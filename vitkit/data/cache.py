@@ -162,8 +162,17 @@ class _DecodeForCache(Dataset):
             return index, None, str(error)
 
 
-def _as_list(batch: list[Any]) -> list[Any]:
-    return batch
+def _stack_decoded(
+    batch: list[tuple[int, torch.Tensor | None, str]],
+) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """A batch of decoded images as one (N, 3, S, S) tensor and their indices, plus the
+    (index, error) pairs of the files that failed: one tensor crosses from a loader worker to the
+    main process per batch, not one per image (each costs a shared-memory segment)."""
+    ok = [(index, image) for index, image, _ in batch if image is not None]
+    failed = [(index, error) for index, image, error in batch if image is None]
+    indices = torch.tensor([index for index, _ in ok], dtype=torch.int64)
+    images = torch.stack([image for _, image in ok]) if ok else torch.empty(0, dtype=torch.uint8)
+    return indices, images, failed
 
 
 def build_tensor_cache(
@@ -189,20 +198,19 @@ def build_tensor_cache(
         _DecodeForCache(samples, size, interpolation),
         batch_size=128,
         num_workers=num_workers,
-        collate_fn=_as_list,
+        collate_fn=_stack_decoded,
         # its own generator: a loader draws its workers' seed from the global one otherwise, and a
         # run that builds a disk cache would then train with other random numbers than one that loads it
         generator=torch.Generator(),
     )
-    for batch in loader:
-        for index, image, error in batch:
-            if image is None:
-                bad.append(samples[index][0])
-                if error_log is not None:
-                    error_log.record(samples[index][0], error, split)
-            else:
-                images[index] = image
-                ok[index] = True
+    for indices, decoded, failed in loader:
+        if len(indices):
+            images[indices] = decoded
+            ok[indices] = True
+        for index, error in failed:
+            bad.append(samples[index][0])
+            if error_log is not None:
+                error_log.record(samples[index][0], error, split)
     keep = ok.nonzero().squeeze(1)
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
     return TensorCache(images[keep].clone(), labels[keep], keep, list(classes), sorted(bad))
