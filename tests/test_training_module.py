@@ -785,6 +785,24 @@ def test_compile_blocks_option_compiles_each_block_of_the_same_model():
         _module(compile="fast")
 
 
+def test_compile_mode_reaches_torch_compile_for_the_model_and_for_each_block(monkeypatch):
+    modes = []
+
+    def recording_compile(module, mode=None, **kwargs):
+        modes.append((type(module).__name__, mode))
+        return module
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    _module(compile=True, compile_mode="max-autotune-no-cudagraphs")
+    assert modes == [("VisionTransformer", "max-autotune-no-cudagraphs")]
+    modes.clear()
+    _module(compile="blocks", compile_mode="reduce-overhead")
+    assert modes == [("TransformerBlock", "reduce-overhead")] * TINY["depth"]
+    modes.clear()
+    _module(compile=True)
+    assert modes == [("VisionTransformer", None)]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("compile", [True, "blocks"])
 def test_torch_compile_option_trains_the_same_model(tmp_path, compile):

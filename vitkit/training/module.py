@@ -80,6 +80,9 @@ class ImageClassifier(L.LightningModule):
             (:func:`vitkit.models.compile_blocks`), which compiles one block's code once for all of
             them and starts training several times sooner, at the cost of the fusion across block
             boundaries. ``False``: eager.
+        compile_mode: ``torch.compile``'s ``mode`` (``None``: its default). On an H200,
+            ``'max-autotune-no-cudagraphs'`` made a ViT-B/16 step 1.9% faster after 310 s of
+            autotuning (BENCHMARKS.md): worth it for long runs only.
         anneal_by_time: with a time limit on training (``--trainer.max_time``, or a ``Timer``
             callback with a duration), the cosine decay reaches ``min_lr`` when either the steps
             (``max_epochs``/``max_steps``) or the time run out, whichever comes first. Without
@@ -112,6 +115,7 @@ class ImageClassifier(L.LightningModule):
         unfreeze_at_epoch: int | None = None,
         fused_optimizer: bool = True,
         compile: bool | Literal["model", "blocks"] = False,
+        compile_mode: str | None = None,
         anneal_by_time: bool = False,
     ) -> None:
         super().__init__()
@@ -132,7 +136,7 @@ class ImageClassifier(L.LightningModule):
         freeze_parameters(self.model, freeze)
         # Kept out of the module registry (plain __dict__ entry): registering it would store every
         # weight twice in state_dict and checkpoints. The compiled wrapper shares self.model's parameters.
-        self.__dict__["_compiled_model"] = _compiled(self.model, compile)
+        self.__dict__["_compiled_model"] = _compiled(self.model, compile, compile_mode)
         if not compile:  # (a compiled model would compile once more, for batch size 1)
             # One image at the model's size: Lightning's model summary then shows the forward FLOPs
             # per image and each layer's input and output shapes, instead of "Total FLOPs: 0".
@@ -427,14 +431,14 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.0) -> _WarmupCos
     return _WarmupCosine(warmup, total, min_ratio)
 
 
-def _compiled(model: nn.Module, compile: bool | str) -> nn.Module | None:
+def _compiled(model: nn.Module, compile: bool | str, mode: str | None = None) -> nn.Module | None:
     """``model`` compiled as ``ImageClassifier(compile=...)`` asks, sharing its parameters; None: eager."""
     if compile is False:
         return None
     if compile is True or compile == "model":
-        return torch.compile(model)
+        return torch.compile(model, mode=mode)
     if compile == "blocks":
-        return compile_blocks(model)
+        return compile_blocks(model, mode=mode)
     raise ValueError(f"compile={compile!r}: give true, false, 'model' or 'blocks'.")
 
 
