@@ -84,6 +84,30 @@ def test_loop_benchmark_runs_both_loops_on_an_image_folder(tmp_path):
         assert 0 < rate.images_per_s < float("inf") and rate.gpu_util is None  # no GPU, no NVML
 
 
+def test_plain_loop_takes_the_steps_asked_for_across_epochs(tmp_path, monkeypatch):
+    # 40 images in batches of 16 (the last dropped): 2 steps an epoch; 5 steps cross two epoch
+    # boundaries, as vitkit's Lightning loop does with max_steps
+    from vitkit.bench import loop
+    from vitkit.data import make_shapes_dataset
+
+    make_shapes_dataset(tmp_path, num_train=40, num_val=10, img_size=32, seed=0)
+    calls = []
+    real_twin = loop.timm_twin
+
+    def counting_twin(model):
+        twin = real_twin(model)
+        twin.register_forward_hook(lambda *args: calls.append(1))
+        return twin
+
+    monkeypatch.setattr(loop, "timm_twin", counting_twin)
+    options = {
+        "model_name": "vit_tiny_patch4_32",
+        "model_options": {k: v for k, v in TINY.items() if k != "num_classes"},
+    }
+    loop.plain_loop(tmp_path, options, batch_size=16, steps=5, workers=0)
+    assert len(calls) == 5
+
+
 def test_loop_benchmark_follows_the_folders_classes_and_the_models_size(tmp_path, capsys):
     # 12 classes (more than CIFAR's 10) of 20x20 images, for a model that takes 24x24 inputs
     from PIL import Image

@@ -26,6 +26,7 @@ it), which also counts the work a loop adds on the device, such as augmentation.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import threading
@@ -249,7 +250,9 @@ def plain_loop(
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     model.train()
     start, images, util = None, 0, _GpuUtil(device)
-    for step, (x, y) in enumerate(loader):
+    # as many steps as vitkit's loop takes, across epochs (Lightning's max_steps does the same)
+    epochs = (batch for _ in itertools.count() for batch in loader)
+    for step, (x, y) in enumerate(epochs):
         if step == steps:
             break
         if start is None:
