@@ -32,6 +32,7 @@ from vitkit.bench.speed import (
     _example_batch,
     _on_sdpa_backend,
     _peak_tflops,
+    _sync,
     _time,
     _train_step_fn,
     model_flops_per_image,
@@ -54,7 +55,7 @@ def kind_of(name: str) -> str:
     return next((kind for kind, pattern in KINDS if pattern.search(name)), OTHER)
 
 
-def _flops_by_kind(step, device: torch.device) -> dict[str, float]:
+def _flops_by_kind(step) -> dict[str, float]:
     """FLOPs of one call of ``step`` by kind, on the kernels the step really uses (the fused
     attention counted with what it recomputes: the work the kernel does, not the model FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -103,18 +104,18 @@ def measure(
     start = time.perf_counter()
     for _ in range(3):
         step()
-    torch.cuda.synchronize(device) if device.type == "cuda" else None
+    _sync(device)
     warmup_s = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = sorted(_time(step, args.iters, device) for _ in range(args.rounds))[args.rounds // 2]
     peak_gb = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
-    kernel_flops = _flops_by_kind(_on_sdpa_backend(_train_step_fn(model, x, y, "bf16"), sdpa_backend), device)
+    kernel_flops = _flops_by_kind(_on_sdpa_backend(_train_step_fn(model, x, y, "bf16"), sdpa_backend))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(args.profile_steps):
             step()
-        torch.cuda.synchronize(device) if device.type == "cuda" else None
+        _sync(device)
     by_kind, kernels = _device_time_by_kind(prof, device, args.profile_steps)
     peak = _peak_tflops(device, "bf16", args.peak_tflops)
     images_per_s = batch_size / seconds
