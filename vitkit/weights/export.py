@@ -210,9 +210,7 @@ def _save_hf(state, config, cfg, labels, path: Path) -> Path:
         "num_hidden_layers": config["depth"],
         "num_attention_heads": config["num_heads"],
         "intermediate_size": int(config["embed_dim"] * config.get("mlp_ratio", 4.0)),
-        "hidden_act": {"gelu_tanh": "gelu_pytorch_tanh"}.get(
-            config.get("act_layer", "gelu"), config.get("act_layer", "gelu")
-        ),
+        "hidden_act": _HF_ACT_NAMES[config.get("act_layer", "gelu")],
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
         "initializer_range": 0.02,
