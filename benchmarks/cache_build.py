@@ -12,8 +12,7 @@ import argparse
 import sys
 import time
 
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-
+from vitkit.data import scan_image_folder
 from vitkit.data.cache import build_tensor_cache
 
 
@@ -24,8 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
-    classes, class_to_idx = find_classes(args.root)
-    samples = make_dataset(args.root, class_to_idx, extensions=IMG_EXTENSIONS)
+    classes, samples = scan_image_folder(args.root)
     for round in range(1, args.rounds + 1):
         start = time.perf_counter()
         cache = build_tensor_cache(samples, classes, args.size, num_workers=args.workers)

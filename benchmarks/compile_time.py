@@ -19,14 +19,10 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from vitkit.bench.speed import _example_batch, _time
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -39,8 +35,7 @@ def measure(args: argparse.Namespace) -> dict:
     model = vitkit.create_model(args.model, **json.loads(args.options)).to(device)
     run = {"eager": model, "model": torch.compile(model), "blocks": compile_blocks(model)}[args.scope]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(args.batch_size, model.patch_embed.in_chans, *model.img_size, device=device)
-    y = torch.randint(0, model.num_classes, (args.batch_size,), device=device)
+    x, y = _example_batch(model, args.batch_size, device, torch.contiguous_format)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -49,13 +44,6 @@ def measure(args: argparse.Namespace) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def timed(fn) -> float:
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        return time.perf_counter() - start
-
     def evaluate() -> None:
         model.eval()
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
@@ -63,9 +51,9 @@ def measure(args: argparse.Namespace) -> dict:
             run(x[: max(args.batch_size // 2, 1)])
         model.train()
 
-    first = timed(step)
-    evaluation = timed(evaluate)
-    steady = statistics.median(timed(step) for _ in range(args.steps))
+    first = _time(step, 1, device)
+    evaluation = _time(evaluate, 1, device)
+    steady = statistics.median(_time(step, 1, device) for _ in range(args.steps))
     return {
         "scope": args.scope,
         "first_step_s": first,
