@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,8 +86,8 @@ def test_loop_benchmark_runs_both_loops_on_an_image_folder(tmp_path):
 
 
 def test_plain_loop_takes_the_steps_asked_for_across_epochs(tmp_path, monkeypatch):
-    # 40 images in batches of 16 (the last dropped): 2 steps an epoch; 5 steps cross two epoch
-    # boundaries, as vitkit's Lightning loop does with max_steps
+    # 40 images in batches of 16 (the last dropped): 2 steps an epoch; 2 warm-up + 3 timed steps
+    # cross two epoch boundaries, as vitkit's Lightning loop does with max_steps
     from vitkit.bench import loop
     from vitkit.data import make_shapes_dataset
 
@@ -104,8 +105,30 @@ def test_plain_loop_takes_the_steps_asked_for_across_epochs(tmp_path, monkeypatc
         "model_name": "vit_tiny_patch4_32",
         "model_options": {k: v for k, v in TINY.items() if k != "num_classes"},
     }
-    loop.plain_loop(tmp_path, options, batch_size=16, steps=5, workers=0)
+    loop.plain_loop(tmp_path, options, batch_size=16, steps=3, workers=0, warmup=2)
     assert len(calls) == 5
+
+
+def test_loop_clock_times_only_the_steps_after_the_warmup_between_two_syncs(monkeypatch):
+    # the clock starts when the device has finished the last warm-up step and stops when it has
+    # finished the last timed step: a sync at each edge, the images of the timed steps only
+    from vitkit.bench import loop
+
+    now = iter(float(t) for t in range(100, 200))
+    events = []
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(now))
+    monkeypatch.setattr(loop, "_sync", lambda device: events.append("sync"))
+    clock = loop._Clock(loop._GpuUtil("cpu"), torch.device("cpu"), warmup=2, steps=3)
+    with pytest.raises(RuntimeError, match="stopped after 0 of 5 steps"):
+        clock.rate()
+    for size in (7, 7, 4, 4, 4):  # warm-up batches of 7 images, then timed batches of 4
+        clock.on_train_batch_end(None, None, None, (torch.zeros(size, 3), None), 0)
+        events.append("step")
+    assert events == ["step", "sync", "step", "step", "step", "sync", "step"]
+    assert (clock.start, clock.end, clock.images) == (100.0, 101.0, 12)
+    assert clock.rate().images_per_s == 12.0
+    with pytest.raises(ValueError, match="at least 1 warm-up step"):
+        loop.vitkit_loop(Path("unused"), {}, batch_size=8, steps=3, workers=0, cache=False, warmup=0)
 
 
 def test_loop_benchmark_follows_the_folders_classes_and_the_models_size(tmp_path, capsys):

@@ -7,14 +7,16 @@ same number of workers. The plain side is what a minimal script does:
 AdamW step. vitkit runs its ``ImageClassifier`` and ``ImageFolderDataModule`` under a Lightning
 ``Trainer``: decoding the folder, from the uint8 tensor cache augmented in the loader workers, and
 from the cache augmented on the device (``augment_on="device"``). ``--auto-augment`` adds a policy
-to every loop (per image in the plain loop's workers, as timm does). The settings alternate, and
-the clock runs from the first training batch to the last, so start-up is not counted. Last, the
+to every loop (per image in the plain loop's workers, as timm does). The settings alternate. Each
+loop first takes ``--warmup`` untimed steps; its clock then runs from the device finishing the last
+of them to the device finishing the last timed step, so start-up and the first steps' one-off costs
+(lazily loaded kernels, the allocator growing) are not counted, whichever loop runs first. Last, the
 training step alone on a batch already on the device gives the ceiling: a loop's rate over it is
 the fraction of the time its data path keeps the device busy. On a GPU with NVML (nvidia-ml-py)
 the GPU's own utilisation is sampled over the same steps too ("GPU-Util", as nvidia-smi shows
 it), which also counts the work a loop adds on the device, such as augmentation.
 
-    vitkit bench loop --root ~/.cache/vitkit/cifar10 --steps 60 --rounds 2
+    vitkit bench loop --root ~/.cache/vitkit/cifar10 --steps 60 --warmup 5 --rounds 2
     vitkit bench loop --root DIR --model vit_small_patch4_32 --options '{}' \
         --batch-size 512 --workers 14 --device cuda --precision bf16-mixed \
         --auto-augment rand-m9-mstd0.5-inc1
@@ -41,7 +43,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 
-from vitkit.bench.speed import _check_device, timm_twin
+from vitkit.bench.speed import _check_device, _sync, timm_twin
 from vitkit.data import ImageFolderDataModule, build_train_transform
 from vitkit.training import ImageClassifier
 
@@ -99,26 +101,55 @@ class _GpuUtil:
 
 
 class _Clock(L.Callback):
-    """Seconds and images from the start of the first training batch to the end of the last; the
-    GPU utilisation is sampled over the same span."""
+    """Seconds and images of the ``steps`` training steps that follow ``warmup`` untimed ones.
 
-    def __init__(self, util: _GpuUtil) -> None:
-        self.start: float | None = None
+    The clock starts when the device has finished the last warm-up step and stops when it has
+    finished the last timed one (a synchronisation at each edge, none in between), so the first
+    steps' one-off costs (lazily loaded kernels, the allocator growing, cuBLAS handles) are not
+    counted and work still queued on the device is. The GPU utilisation is sampled over the same span.
+    """
+
+    def __init__(self, util: _GpuUtil, device: torch.device, warmup: int, steps: int) -> None:
+        self.start = 0.0
         self.end = 0.0
         self.images = 0
         self.util = util
+        self.device = device
+        self.warmup = warmup
+        self.steps = steps
+        self._done = 0  # training steps finished, across epochs
 
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
-        if self.start is None:
-            self.start = time.perf_counter()
-            self.util.start()
-        else:
-            self.images += int(batch[0].shape[0])  # the first batch only starts the clock
+        self._done += 1
+        if self._done > self.warmup:
+            self.images += int(batch[0].shape[0])
+        if self._done in (self.warmup, self.warmup + self.steps):
+            _sync(self.device)
+            now = time.perf_counter()
+            if self._done == self.warmup:
+                self.start = now
+                self.util.start()
+            else:
+                self.end = now
 
-    def on_train_batch_end(self, *args: Any) -> None:
-        self.end = time.perf_counter()
+    def rate(self) -> LoopRate:
+        """Images/s and GPU utilisation of the timed steps."""
+        if self._done < self.warmup + self.steps:
+            raise RuntimeError(
+                f"The loop stopped after {self._done} of {self.warmup + self.steps} steps; "
+                "give it more data or fewer --steps."
+            )
+        return LoopRate(self.images / (self.end - self.start), self.util.stop(until=self.end))
+
+
+def _check_steps(steps: int, warmup: int) -> None:
+    if steps < 1 or warmup < 1:
+        raise ValueError(
+            f"Time at least 1 step after at least 1 warm-up step (got --steps {steps}, --warmup {warmup}): "
+            "the clock starts when the last warm-up step has finished."
+        )
 
 
 def _task(root: Path, options: dict[str, Any]) -> tuple[int, int]:
@@ -154,8 +185,10 @@ def vitkit_loop(
     profile: Path | None = None,
     augment_on: str = "workers",
     auto_augment: str | None = None,
+    warmup: int = 5,
 ) -> LoopRate:
-    """Images/s of ``steps`` training steps of vitkit's Trainer (no validation, no checkpoints).
+    """Images/s of ``steps`` training steps of vitkit's Trainer (no validation, no checkpoints),
+    timed after ``warmup`` untimed ones (:class:`_Clock`).
 
     ``cache``: the uint8 tensor cache instead of decoding files; ``augment_on``: where the cached
     batches are augmented ("workers" or "device"); ``device``: "cpu", "cuda" or "cuda:N".
@@ -164,6 +197,7 @@ def vitkit_loop(
     warm-up (an op table sorted by device or CPU time, and a Chrome trace); the rate is then the
     profiled run's, slower than an unprofiled one.
     """
+    _check_steps(steps, warmup)
     num_classes, size = _task(root, options)
     torch.manual_seed(0)
     module = ImageClassifier(
@@ -184,14 +218,14 @@ def vitkit_loop(
         auto_augment=auto_augment,
         crop_pct=1.0,
     )
-    clock = _Clock(_GpuUtil(device))
     on = torch.device(device)
+    clock = _Clock(_GpuUtil(on), on, warmup, steps)
     accelerator = "gpu" if on.type == "cuda" else "cpu"
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=[on.index or 0] if accelerator == "gpu" else 1,
         precision=precision,
-        max_steps=steps,
+        max_steps=warmup + steps,
         limit_val_batches=0,
         logger=False,
         enable_checkpointing=False,
@@ -201,7 +235,7 @@ def vitkit_loop(
         profiler=None if profile is None else _profiler(profile, steps, accelerator),
     )
     trainer.fit(module, datamodule=data)
-    return LoopRate(clock.images / (clock.end - clock.start), clock.util.stop(until=clock.end))
+    return clock.rate()
 
 
 def _profiler(folder: Path, steps: int, accelerator: str) -> Any:
@@ -227,12 +261,16 @@ def plain_loop(
     device: str = "cpu",
     precision: str = "32-true",
     auto_augment: str | None = None,
+    warmup: int = 5,
 ) -> LoopRate:
-    """Images/s of the same training with timm's model in a minimal PyTorch loop."""
+    """Images/s of the same training with timm's model in a minimal PyTorch loop, timed as
+    vitkit's: ``steps`` steps after ``warmup`` untimed ones, the device synchronised at both ends."""
     import vitkit
 
+    _check_steps(steps, warmup)
     num_classes, size = _task(root, options)
-    kind = torch.device(device).type
+    on = torch.device(device)
+    kind = on.type
     on_gpu = kind == "cuda"
     torch.manual_seed(0)
     model = vitkit.create_model(options["model_name"], num_classes=num_classes, **options["model_options"])
@@ -249,26 +287,25 @@ def plain_loop(
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     model.train()
-    start, images, util = None, 0, _GpuUtil(device)
+    start, images, util = 0.0, 0, _GpuUtil(on)
     # as many steps as vitkit's loop takes, across epochs (Lightning's max_steps does the same)
     epochs = (batch for _ in itertools.count() for batch in loader)
-    for step, (x, y) in enumerate(epochs):
-        if step == steps:
-            break
-        if start is None:
-            start = time.perf_counter()
-            util.start()
-        else:
-            images += x.shape[0]
+    for done, (x, y) in enumerate(itertools.islice(epochs, warmup + steps), start=1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(kind, dtype=torch.bfloat16, enabled=precision.startswith("bf16")):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    if on_gpu:
-        torch.cuda.synchronize(device)
-    return LoopRate(images / (time.perf_counter() - start), util.stop())
+        if done > warmup:
+            images += x.shape[0]
+        elif done == warmup:
+            _sync(on)
+            start = time.perf_counter()
+            util.start()
+    _sync(on)
+    end = time.perf_counter()
+    return LoopRate(images / (end - start), util.stop(until=end))
 
 
 def step_only(
@@ -278,6 +315,7 @@ def step_only(
     device: str,
     precision: str,
     num_classes: int = 10,
+    warmup: int = 5,
 ) -> LoopRate:
     """Images/s of vitkit's training step alone, on a batch already on the device: the ceiling a
     data path can feed (loop rate / this = the fraction of the time the device is kept busy)."""
@@ -289,7 +327,7 @@ def step_only(
     model.to(device)
     x, y = _example_batch(model, batch_size, device, torch.contiguous_format)
     step = _train_step_fn(model.train(), x, y, "bf16" if precision.startswith("bf16") else "fp32")
-    for _ in range(3):
+    for _ in range(warmup):
         step()
     util = _GpuUtil(device)
     util.start()
@@ -318,7 +356,10 @@ def loop_main(argv: Sequence[str] | None = None) -> int:
         help="model options as JSON (the CPU CIFAR-10 recipe's by default)",
     )
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=60, help="timed training steps per loop")
+    parser.add_argument(
+        "--warmup", type=int, default=5, help="untimed training steps before them (at least 1)"
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -350,6 +391,7 @@ def loop_main(argv: Sequence[str] | None = None) -> int:
     import json
 
     _check_device(args.device)
+    _check_steps(args.steps, args.warmup)
     options = {"model_name": args.model, "model_options": json.loads(args.options)}
     num_classes, size = _task(args.root, options)
     vitkit_loops = {  # key: (tensor cache, where batches are augmented)
@@ -359,7 +401,7 @@ def loop_main(argv: Sequence[str] | None = None) -> int:
     }
     runs: dict[str, list[LoopRate]] = {key: [] for key in args.loops}
     common = (args.root, options, args.batch_size, args.steps, args.workers)
-    policy = {"auto_augment": args.auto_augment}
+    policy = {"auto_augment": args.auto_augment, "warmup": args.warmup}
     if args.profile is not None:
         rate = vitkit_loop(
             *common, True, args.device, args.precision, args.profile, augment_on=args.augment_on, **policy
@@ -378,7 +420,7 @@ def loop_main(argv: Sequence[str] | None = None) -> int:
                 rate = plain_loop(*common, args.device, args.precision, **policy)
             else:
                 setting = (args.batch_size, args.steps, args.device, args.precision, num_classes)
-                rate = step_only(options, *setting)
+                rate = step_only(options, *setting, warmup=args.warmup)
             runs[key].append(rate)
     medians = {key: statistics.median(r.images_per_s for r in values) for key, values in runs.items()}
     utils = {key: [r.gpu_util for r in values if r.gpu_util is not None] for key, values in runs.items()}
