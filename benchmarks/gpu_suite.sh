@@ -4,11 +4,11 @@
 #
 #     bash benchmarks/gpu_suite.sh OUT ~/.cache/vitkit/cifar10 [PART ...]
 #
-# With no PART it runs the one open GPU target that needs a long run: speedrun, for SPEEDRUN_MINUTES
-# (default 8; at most 9 minutes by its limit, inside one 10-minute device call). Then, in a second call
-# while the machine is still warm (it is given back after 30 s idle): data_path compile_time (about 4.5
-# minutes by their limits). The H200 run of 2026-11-30 measured data_path, mfu_profile and a 2.4-minute
-# speedrun (BENCHMARKS.md). `all` runs every part (about 22 minutes).
+# With no PART it runs the short parts that decide the open GPU targets: data_path (re-measured with
+# warm-up steps), mfu_weights, mfu_graphs, mfu_s16 (about 4.5 minutes; 12.5 by their limits). Then, in
+# a second call while the machine is still warm (it is given back after 30 s idle): speedrun with
+# SPEEDRUN_MINUTES=6 (the default 8 fits one 10-minute call on its own). The H200 run of 2026-11-30
+# measured data_path, mfu_profile and a 2.4-minute speedrun (BENCHMARKS.md). `all` runs every part.
 # Parts (limit in seconds; what took how long on the H100 of 2026-11-24 / the H200 of 2026-11-30):
 #
 #   data_path      CIFAR-10 loop, ViT-S/4, batch 512, RandAugment: JPEG folder / uint8 cache augmented
@@ -18,6 +18,10 @@
 #   data_profile   profiler report of the loop augmented on the GPU (90)
 #   mfu_profile    ViT-B/16 bf16 training step, compiled, batch 256: MFU and the device time by kernel kind,
 #                  attention chosen by PyTorch and on cuDNN (benchmarks/mfu_profile.py; 200; 57 s)
+#   mfu_weights    the same, autocast over fp32 weights against bf16 weights with an fp32 master copy
+#                  (mfu_profile.py --weights fp32 bf16; 200; not run yet)
+#   mfu_graphs     the same two with CUDA graphs (--compile-mode reduce-overhead) for the 5% idle (240)
+#   mfu_s16        ViT-S/16, both weight kinds, compiled, batch 256 (160)
 #   b16_autotune   ViT-B/16 bf16 training step, torch.compile max-autotune-no-cudagraphs, batch 256 (180)
 #   speedrun       CIFAR-10 time-to-accuracy for SPEEDRUN_MINUTES (default 8; the LR annealed to fit) with
 #                  SPEEDRUN_ARGS (limit +60; 2.4 minutes took 184 s)
@@ -34,9 +38,9 @@ set -u
 out=${1:-gpu_out}
 data=${2:-}
 shift $(($# > 2 ? 2 : $#))
-parts=${*:-speedrun}
-[ "$parts" = all ] && parts="data_path compile_time data_profile mfu_profile b16_eager b16_compiled b16_batch512 b16_autotune b16_cudnn
-    s16_eager s16_compiled b16_explicit b16_fp32 explain_cost speedrun"
+parts=${*:-data_path mfu_weights mfu_graphs mfu_s16}
+[ "$parts" = all ] && parts="data_path compile_time data_profile mfu_profile mfu_weights mfu_graphs mfu_s16 b16_eager
+    b16_compiled b16_batch512 b16_autotune b16_cudnn s16_eager s16_compiled b16_explicit b16_fp32 explain_cost speedrun"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -86,6 +90,13 @@ for name in $parts; do
     mfu_profile)
         part "$name" 200 "$py" benchmarks/mfu_profile.py --model vit_base_patch16_224 --batch-sizes 256 --compile \
             --sdpa-backends auto cudnn --kernels "$out/mfu_kernels.json"
+        ;;
+    mfu_weights | mfu_graphs | mfu_s16)
+        model=vit_base_patch16_224 mode=() limit=200
+        [ "$name" = mfu_graphs ] && mode=(--compile-mode reduce-overhead) limit=240
+        [ "$name" = mfu_s16 ] && model=vit_small_patch16_224 limit=160
+        part "$name" "$limit" "$py" benchmarks/mfu_profile.py --model "$model" --batch-sizes 256 --compile \
+            "${mode[@]}" --weights fp32 bf16 --kernels "$out/$name.json"
         ;;
     b16_eager) bench "$name" 120 vit_base_patch16_224 --batch-size 256 --iters 10 ;;
     b16_compiled) bench "$name" 200 vit_base_patch16_224 --batch-size 256 --modes train --compile --iters 10 ;;

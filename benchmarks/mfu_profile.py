@@ -8,7 +8,15 @@ the memory-bound work, fused by ``torch.compile``). The FLOPs of the matrix prod
 attention are counted by torch (``FlopCounterMode``, on the step's own kernels), so each kind
 also gets the TFLOP/s it ran at.
 
+Two kinds of bf16 step (``--weights``): ``fp32`` is ``torch.autocast`` over fp32 weights (what
+``vitkit bench --precision bf16`` and Lightning's ``bf16-mixed`` run): the matrix products run in
+bf16, but the residual stream, LayerNorm and the gradients stay in fp32. ``bf16`` keeps the weights,
+and so every activation and gradient, in bf16, and updates an fp32 master copy of the weights
+with fused AdamW: the mixed precision of FSDP's ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)``
+and of Megatron, with half the memory traffic in the memory-bound kernels.
+
     python benchmarks/mfu_profile.py --model vit_base_patch16_224 --compile --sdpa-backends auto cudnn
+    python benchmarks/mfu_profile.py --compile --compile-mode reduce-overhead --weights fp32 bf16
 
 Writes the top kernels of each setting to ``--kernels FILE`` when given.
 """
@@ -90,8 +98,35 @@ def _device_time_by_kind(prof, device: torch.device, steps: int) -> tuple[dict[s
     return by_kind, sorted(per_kernel.items(), key=lambda item: -item[1])
 
 
+def bf16_weights_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 1e-4):
+    """One training step of a model whose weights are bf16: forward and backward in bf16, then
+    fused AdamW on an fp32 master copy of the weights, copied back into the model's bf16 weights.
+
+    ``model`` (or the compiled module around it) must already hold bf16 parameters.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    master = [p.detach().float().requires_grad_() for p in params]
+    for weight in master:
+        weight.grad = torch.zeros_like(weight)
+    fused = {"fused": True} if x.device.type in ("cuda", "cpu") else {}
+    optimizer = torch.optim.AdamW(master, lr=lr, **fused)
+
+    def step() -> None:
+        loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        with torch.no_grad():
+            torch._foreach_copy_([w.grad for w in master], [p.grad for p in params])  # bf16 -> fp32
+            optimizer.step()
+            torch._foreach_copy_(params, master)  # fp32 -> bf16, rounded to nearest
+        for p in params:
+            p.grad = None
+
+    step.optimizer = optimizer  # type: ignore[attr-defined]
+    return step
+
+
 def measure(
-    args: argparse.Namespace, batch_size: int, sdpa_backend: str | None, device: torch.device
+    args: argparse.Namespace, batch_size: int, sdpa_backend: str | None, device: torch.device, weights: str
 ) -> dict:
     torch.manual_seed(0)
     torch._dynamo.reset()  # a fresh graph per setting: the attention kernel is chosen when tracing
@@ -99,8 +134,16 @@ def measure(
     model = vitkit.create_model(args.model, **options).to(device).train()
     x, y = _example_batch(model, batch_size, device, torch.contiguous_format)
     flops_per_image = model_flops_per_image(model, x, y, "train", "bf16")
+    if weights == "bf16":
+        model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
     compiled = torch.compile(model, mode=args.compile_mode, dynamic=False) if args.compile else model
-    step = _on_sdpa_backend(_train_step_fn(compiled, x, y, "bf16"), sdpa_backend)
+
+    def train_step(module: torch.nn.Module):
+        if weights == "bf16":
+            return bf16_weights_step_fn(module, x, y)
+        return _train_step_fn(module, x, y, "bf16")
+
+    step = _on_sdpa_backend(train_step(compiled), sdpa_backend)
     start = time.perf_counter()
     for _ in range(3):
         step()
@@ -110,7 +153,7 @@ def measure(
         torch.cuda.reset_peak_memory_stats(device)
     seconds = sorted(_time(step, args.iters, device) for _ in range(args.rounds))[args.rounds // 2]
     peak_gb = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
-    kernel_flops = _flops_by_kind(_on_sdpa_backend(_train_step_fn(model, x, y, "bf16"), sdpa_backend))
+    kernel_flops = _flops_by_kind(_on_sdpa_backend(train_step(model), sdpa_backend))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(args.profile_steps):
@@ -123,6 +166,7 @@ def measure(
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "batch_size": batch_size,
         "compile": (args.compile_mode or "default") if args.compile else "off",
+        "weights": weights,
         "sdpa_backend": sdpa_backend,
         "images_per_s": images_per_s,
         "step_ms": seconds * 1e3,
@@ -143,7 +187,7 @@ def report(result: dict) -> str:
     busy = sum(result["device_ms_by_kind"].values())
     mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a"
     lines = [
-        f"batch {result['batch_size']}, compile {result['compile']}, "
+        f"batch {result['batch_size']}, {result['weights']} weights, compile {result['compile']}, "
         f"sdpa {result['sdpa_backend'] or 'auto'}: "
         f"{result['images_per_s']:.1f} img/s, {step_ms:.2f} ms/step, MFU {mfu} "
         f"({result['model_gflops_per_image']:.2f} model GFLOPs/img), peak {result['peak_gb'] or 0:.1f} GB, "
@@ -173,6 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         default=["auto"],
         help="attention kernels to try (auto: PyTorch picks)",
     )
+    parser.add_argument(
+        "--weights",
+        nargs="+",
+        choices=["fp32", "bf16"],
+        default=["fp32"],
+        help="fp32: autocast to bf16 over fp32 weights; bf16: bf16 weights, fp32 master copy (see above)",
+    )
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile-steps", type=int, default=3)
@@ -184,9 +235,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         print(torch.cuda.get_device_name(device), "torch", torch.__version__, flush=True)
     results = []
-    settings = [(b, None if s == "auto" else s) for s in args.sdpa_backends for b in args.batch_sizes]
-    for batch_size, sdpa_backend in settings:
-        result = measure(args, batch_size, sdpa_backend, device)
+    settings = [
+        (b, None if s == "auto" else s, w)
+        for w in args.weights
+        for s in args.sdpa_backends
+        for b in args.batch_sizes
+    ]
+    for batch_size, sdpa_backend, weights in settings:
+        result = measure(args, batch_size, sdpa_backend, device, weights)
         results.append(result)
         print(report(result), flush=True)
         for name, ms in result["top_kernels_ms"][:8]:

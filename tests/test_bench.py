@@ -412,10 +412,15 @@ def test_mfu_profile_counts_the_step_it_profiles(tmp_path):
     options = json.dumps(TINY)
     argv = ["--model", "vit_tiny_patch4_32", "--options", options, "--batch-sizes", "2", "4"]
     argv += ["--device", "cpu", "--iters", "1", "--rounds", "1", "--profile-steps", "2"]
-    argv += ["--kernels", str(tmp_path / "k.json")]
+    argv += ["--kernels", str(tmp_path / "k.json"), "--weights", "fp32", "bf16"]
     assert mfu_profile.main(argv) == 0
     results = json.loads((tmp_path / "k.json").read_text())
-    assert [r["batch_size"] for r in results] == [2, 4]
+    assert [(r["batch_size"], r["weights"]) for r in results] == [
+        (2, "fp32"),
+        (4, "fp32"),
+        (2, "bf16"),
+        (4, "bf16"),
+    ]
     model = vitkit.create_model("vit_tiny_patch4_32", **TINY)
     x, y = torch.randn(1, 3, 32, 32), torch.zeros(1, dtype=torch.long)
     expected = model_flops_per_image(model, x, y, "train", "bf16") / 1e9
@@ -425,6 +430,34 @@ def test_mfu_profile_counts_the_step_it_profiles(tmp_path):
         assert result["device_ms_by_kind"]["matmul"] > 0 and result["device_ms_by_kind"]["attention"] > 0
         times = [ms for _, ms in result["top_kernels_ms"]]
         assert times == sorted(times, reverse=True) and times[0] > 0
+
+
+def test_bf16_weights_step_updates_an_fp32_master_copy_with_adamw():
+    # the step of `mfu_profile.py --weights bf16`: gradients in bf16, AdamW on fp32 master weights,
+    # the model's bf16 weights then the master rounded. AdamW's first step is exact to compute:
+    # w <- w (1 - lr wd) - lr g / (|g| + eps)
+    mfu_profile = _load_benchmark_script("mfu_profile")
+    torch.manual_seed(0)
+    model = vitkit.create_model("vit_tiny_patch4_32", **TINY).to(torch.bfloat16)
+    x, y = torch.randn(4, 3, 32, 32, dtype=torch.bfloat16), torch.tensor([0, 1, 2, 3])
+    torch.nn.functional.cross_entropy(model(x).float(), y).backward()
+    named = dict(model.named_parameters())
+    grads = {name: p.grad.float() for name, p in named.items()}
+    before = {name: p.detach().float() for name, p in named.items()}
+    model.zero_grad(set_to_none=True)
+    lr, wd, eps = 1e-2, 0.01, 1e-8
+    step = mfu_profile.bf16_weights_step_fn(model, x, y, lr=lr)
+    step()
+    master = dict(zip(named, step.optimizer.param_groups[0]["params"], strict=True))
+    moved = 0
+    for name, p in named.items():
+        assert p.dtype == torch.bfloat16 and p.grad is None, name
+        g = grads[name]
+        expected = before[name] * (1 - lr * wd) - lr * g / (g.abs() + eps)
+        torch.testing.assert_close(master[name].detach(), expected, rtol=1e-5, atol=1e-6)
+        assert torch.equal(p.detach(), master[name].detach().to(torch.bfloat16)), name
+        moved += int((p.detach().float() != before[name]).sum())
+    assert moved > 0.5 * sum(p.numel() for p in named.values())  # a step of 1e-2 shows in bf16
 
 
 @pytest.mark.slow
