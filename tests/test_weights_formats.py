@@ -245,6 +245,59 @@ def test_wrapped_state_dicts(wrap, tmp_path):
         assert relative_error(model(x), reference(x)) < 1e-5
 
 
+def _timm_train_checkpoint(arch: str, path, **model_kwargs):
+    """A checkpoint as timm's train.py (CheckpointSaver) writes it, of a shrunken ``arch``."""
+    import argparse
+
+    import timm
+
+    kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4, **model_kwargs}
+    model = randomise(timm.create_model(arch, pretrained=False, num_classes=3, **kwargs))
+    args = argparse.Namespace(
+        model=arch, model_kwargs=kwargs, num_classes=3, gp=None, in_chans=None, mean=[0.1, 0.2, 0.3], std=None
+    )
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save(
+        {
+            "epoch": 7,
+            "arch": arch,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+            "version": 2,
+            "args": args,
+            "state_dict": state,
+            "state_dict_ema": {k: v + 1 for k, v in state.items()},
+            "metric": 81.5,
+            "saver": {"epoch": 7, "metric": 81.5},
+        },
+        path,
+    )
+    return model
+
+
+def test_timm_training_checkpoint_rebuilds_its_architecture_exactly(tmp_path):
+    # a CLIP-style ViT: QuickGELU, a LayerNorm before the blocks, eps 1e-5 and 8-wide heads, none of
+    # which the tensors' shapes tell; the checkpoint's arch and args do, through timm
+    path = tmp_path / "model_best.pth.tar"
+    reference = _timm_train_checkpoint("vit_base_patch32_clip_quickgelu_224", path)
+    ckpt = read_checkpoint(path)
+    assert (ckpt.format, ckpt.model_name) == ("timm", "vit_base_patch32_clip_quickgelu_224")
+    assert ckpt.options["act_layer"] == "quick_gelu" and ckpt.options["norm_eps"] == 1e-5
+    assert ckpt.options["num_heads"] == 4 and ckpt.options["num_classes"] == 3
+    assert tuple(ckpt.pretrained_cfg["mean"]) == (0.1, 0.2, 0.3)  # the run's --mean
+    assert any("state_dict_ema" in note for note in ckpt.notes)
+    model = model_from_checkpoint(ckpt).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(model(x), reference(x)) < 1e-5
+
+
+def test_timm_training_checkpoint_of_a_variant_vitkit_lacks_is_refused(tmp_path):
+    # residual post-norm blocks have the same tensors as pre-norm ones: only the arch tells them apart
+    _timm_train_checkpoint("vit_base_patch16_rpn_224", tmp_path / "last.pth.tar")
+    with pytest.raises(UnsupportedCheckpointError, match="ResPostBlock"):
+        read_checkpoint(tmp_path / "last.pth.tar")
+
+
 def test_lightning_checkpoint_rebuilds_the_trained_model(tmp_path):
     trained = randomise(
         vitkit.create_model("vit_nano_patch4_32", depth=2, embed_dim=32, num_heads=2, num_classes=3)

@@ -4,9 +4,10 @@ A :class:`Checkpoint` holds the weights in vitkit's layout plus what the source 
 them: the architecture options it reveals (from tensor shapes, and from configs when there are
 any) and the preprocessing the weights were trained with. :func:`read_checkpoint` accepts
 
-* a local file: ``.safetensors`` (vitkit/timm, or Hugging Face), ``.pth .pt .bin .ckpt``
+* a local file: ``.safetensors`` (vitkit/timm, or Hugging Face), ``.pth .pt .bin .ckpt .pth.tar``
   (a plain state dict, one wrapped under ``state_dict``/``model``/``module``, a vitkit Lightning
-  checkpoint, a torchvision or Hugging Face state dict) or a Google/big_vision ``.npz``;
+  checkpoint, a checkpoint of timm's ``train.py``, a torchvision or Hugging Face state dict) or a
+  Google/big_vision ``.npz``;
 * a folder: as written by Hugging Face ``save_pretrained`` (``config.json`` + weights +
   ``preprocessor_config.json``), by timm's ``save_for_hf``/``push_to_hf_hub`` (``config.json``
   with ``architecture``) or by :func:`vitkit.weights.save`;
@@ -18,6 +19,7 @@ any) and the preprocessing the weights were trained with. :func:`read_checkpoint
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
 import logging
@@ -319,7 +321,9 @@ def _from_file(path: Path, source: str) -> Checkpoint:
 
 def _torch_load(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # timm's train.py stores its command line as an argparse.Namespace: plain values, safe to rebuild
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt file, or pickled objects that are not plain tensors
         raise ValueError(
             f"Could not read {path} as a PyTorch weights file ({type(err).__name__}: {err}). "
@@ -362,9 +366,17 @@ def _from_mapping(
     model_name = label_names = None
     lightning = False
     meta = _vitkit_metadata(metadata, obj)
+    timm_train = False
     if isinstance(obj, Mapping) and isinstance(obj.get("hyper_parameters"), Mapping):
         lightning = True
         known, pretrained_cfg, model_name, label_names = _lightning_hparams(obj["hyper_parameters"])
+    elif (
+        isinstance(obj, Mapping)
+        and isinstance(obj.get("arch"), str)
+        and isinstance(obj.get("state_dict"), Mapping)
+    ):
+        timm_train = True
+        known, pretrained_cfg, model_name = _timm_train_options(obj, source)
     if meta:
         config = dict(meta.get("config") or {})
         model_name = config.pop("model_name", None) or meta.get("model_name") or model_name
@@ -386,6 +398,13 @@ def _from_mapping(
         fmt = "vitkit"
     elif lightning:
         fmt = "lightning"
+    elif timm_train:
+        fmt = "timm"
+        if isinstance(obj.get("state_dict_ema"), Mapping):
+            notes.append(
+                f"{source} also holds EMA weights (state_dict_ema); these are the raw ones (state_dict). "
+                "For the EMA ones: read_checkpoint(torch.load(path)['state_dict_ema'])."
+            )
     ckpt = _finish(state, source, fmt, known, pretrained_cfg, notes, model_name, label_names)
     if not ckpt.pretrained_cfg:
         img = ckpt.options.get("img_size")
@@ -455,6 +474,41 @@ def _lightning_hparams(hp: Mapping[str, Any]) -> tuple[dict, dict, str | None, l
         known["num_classes"] = hp["num_classes"]
     classes = hp.get("classes")
     return known, pretrained_cfg, name, list(classes) if classes else None
+
+
+def _timm_train_options(obj: Mapping[str, Any], source: str) -> tuple[dict, dict, str]:
+    """Options, preprocessing and model name of a checkpoint written by timm's ``train.py``.
+
+    Its ``arch`` names the timm model and ``args`` holds the command line: timm builds that model
+    on the meta device (with ``--model-kwargs``, ``--gp`` and ``--in-chans``) to give the exact
+    architecture, as for a timm hub folder, and a variant vitkit lacks is refused. The preprocessing is
+    the architecture's default, with the ``--mean``, ``--std``, ``--interpolation`` and ``--crop-pct``
+    the run was given.
+    """
+    arch = obj["arch"]
+    args = obj.get("args")
+    model_args = dict(getattr(args, "model_kwargs", None) or {})
+    for option, flag in (("global_pool", "gp"), ("in_chans", "in_chans")):
+        if getattr(args, flag, None) is not None:
+            model_args.setdefault(option, getattr(args, flag))
+    known = dict(timm_architecture_options(arch, model_args) or {})
+    if not known:
+        logger.warning(
+            "%s: timm cannot build its architecture %r; reading the options from the weights", source, arch
+        )
+    known.pop("num_classes", None)  # the head's shape tells (train.py's --num-classes)
+    pretrained_cfg: dict[str, Any] = {}
+    try:
+        import timm
+
+        default = timm.models.get_pretrained_cfg(arch)
+        pretrained_cfg = default.to_dict() if default is not None else {}
+    except Exception as err:  # an architecture timm does not know
+        logger.debug("no timm pretrained_cfg for %s: %s", arch, err)
+    for key in ("mean", "std", "interpolation", "crop_pct"):
+        if getattr(args, key, None) not in (None, ""):
+            pretrained_cfg[key] = getattr(args, key)
+    return known, pretrained_cfg, arch
 
 
 # ---------------------------------------------------------------------------- folders
