@@ -217,12 +217,25 @@ def test_timm_state_dict_builds_the_right_model(name, tmp_path):
         assert relative_error(model(x), reference(x)) < 1e-5
 
 
-def test_num_heads_is_guessed_and_said_when_not_stored(tmp_path):
+def test_what_a_bare_state_dict_leaves_open_is_guessed_and_said(tmp_path):
     reference = TimmViT(**{**TINY, "embed_dim": 192, "num_heads": 3, "depth": 1})
     save_file(reference.state_dict(), str(tmp_path / "w.safetensors"))
     model, report = model_from_checkpoint(tmp_path / "w.safetensors", return_report=True)
     assert model.config["num_heads"] == 3  # the registered tiny models have width 192 and 3 heads
-    assert any("num_heads is not stored" in note for note in report.notes)
+    # a bare state dict does not say its activation and LayerNorm epsilon either (a CLIP-style model
+    # has the same tensors): all three are named, with the values used
+    (note,) = [n for n in report.notes if "does not store" in n]
+    assert "num_heads=3 (head width 64), act_layer='gelu', norm_eps=1e-06" in note
+    # options the caller gives are not guessed, so not noted
+    _, report = model_from_checkpoint(
+        tmp_path / "w.safetensors", num_heads=3, norm_eps=1e-6, return_report=True
+    )
+    (note,) = [n for n in report.notes if "does not store" in n]
+    assert "does not store act_layer," in note and "num_heads" not in note and "norm_eps" not in note
+    _, report = model_from_checkpoint(
+        tmp_path / "w.safetensors", num_heads=3, norm_eps=1e-6, act_layer="gelu", return_report=True
+    )
+    assert not [n for n in report.notes if "does not store" in n]
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,9 @@ _CONTAINER_KEYS = ("state_dict", "model", "module", "model_state", "state_dict_e
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
 _VIT_OPTIONS = tuple(inspect.signature(VisionTransformer).parameters)
 _METADATA_KEY = "vitkit"  # safetensors metadata entry written by vitkit.weights.save
+# what a bare timm / Hugging Face state dict leaves open: a CLIP-style model (QuickGELU, eps 1e-5)
+# has the same tensors as a timm ViT (GELU, eps 1e-6)
+_SHAPELESS_DEFAULTS = {"act_layer": "gelu", "norm_eps": 1e-6}
 
 
 @dataclass
@@ -76,8 +79,9 @@ class Checkpoint:
     label_names: list[str] | None = None
     notes: list[str] = field(default_factory=list)
 
-    def model_options(self) -> dict[str, Any]:
-        """Constructor options for a model that fits these weights.
+    def model_options(self, given: Iterable[str] = ()) -> dict[str, Any]:
+        """Constructor options for a model that fits these weights; ``given``: options the caller
+        sets itself, which are neither guessed nor noted.
 
         Options a plain state dict cannot tell are filled in and noted: ``num_heads`` (a
         registered model of the same width and depth, else 64-wide heads), ``img_size`` and
@@ -89,11 +93,24 @@ class Checkpoint:
             opts["init_values"] = 1e-5  # LayerScale is there; its value comes with the weights
         elif opts.get("init_values") is False:
             opts["init_values"] = None
-        if "num_heads" not in opts and "embed_dim" in opts:
+        guessed: dict[str, str] = {}  # option -> the value used, as said in the note
+        given = set(given)
+        if "num_heads" not in opts and "num_heads" not in given and "embed_dim" in opts:
             opts["num_heads"] = guess_num_heads(opts["embed_dim"], opts.get("depth"))
+            guessed["num_heads"] = (
+                f"{opts['num_heads']} (head width {opts['embed_dim'] // opts['num_heads']})"
+            )
+        if self.format in ("timm", "hf"):  # a bare state dict: no config says how the tensors are used
+            guessed.update(
+                {k: repr(v) for k, v in _SHAPELESS_DEFAULTS.items() if k not in opts and k not in given}
+            )
+        if guessed:
+            names = ", ".join(guessed)
+            used = ", ".join(f"{k}={v}" for k, v in guessed.items())
             note = (
-                f"num_heads is not stored in {self.source}; using {opts['num_heads']} "
-                f"(head width {opts['embed_dim'] // opts['num_heads']}). Pass num_heads=... if that is wrong."
+                f"{self.source} does not store {names}, which its tensors do not tell; using {used}. "
+                f"Pass {'=..., '.join(guessed)}=... if that is wrong. Read through timm:<name>, a folder "
+                "with its config.json or a timm train.py checkpoint, the architecture is exact."
             )
             self.notes.append(note)
             logger.warning(note)

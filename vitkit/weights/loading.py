@@ -151,7 +151,7 @@ def model_from_checkpoint(
         ``(model, report)`` with ``return_report=True``.
     """
     ckpt = read_checkpoint(source)
-    options = ckpt.model_options()
+    options = ckpt.model_options(given=overrides)
     if "img_size" not in options and "img_size" not in overrides:
         if "pos_embed" not in ckpt.state_dict and ckpt.pretrained_cfg.get("input_size"):
             options["img_size"] = tuple(ckpt.pretrained_cfg["input_size"][1:])
