@@ -39,7 +39,8 @@ def randomise(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-def hf_config(**overrides):
+def hf_config(config_class=None, **overrides):
+    """A tiny ``ViTConfig`` (or ``config_class``, a relative taking the same fields)."""
     options = dict(
         image_size=32,
         patch_size=8,
@@ -50,7 +51,7 @@ def hf_config(**overrides):
         num_labels=5,
     )
     options.update(overrides)
-    return transformers.ViTConfig(**options)
+    return (config_class or transformers.ViTConfig)(**options)
 
 
 # ---------------------------------------------------------------------------- Hugging Face
@@ -131,6 +132,27 @@ def test_hf_eps_difference_is_a_warning_not_an_error(tmp_path, caplog):
 def test_hf_unsupported_variants_are_explained(tmp_path):
     transformers.ViTForImageClassification(hf_config(hidden_act="relu")).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedCheckpointError, match="hidden_act='relu': vitkit's MLP has gelu, "):
+        read_checkpoint(tmp_path)
+
+
+def test_hf_vit_msn_reproduces_its_logits(tmp_path):
+    # ViTMSN is ViT's modules under ViT's names, with its own model_type
+    reference = randomise(transformers.ViTMSNForImageClassification(hf_config(transformers.ViTMSNConfig)))
+    reference.save_pretrained(tmp_path)
+    model = model_from_checkpoint(tmp_path).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(model(x), reference(pixel_values=x).logits) < 1e-5
+
+
+def test_hf_relatives_vitkit_cannot_read_point_to_the_timm_weights(tmp_path):
+    config = transformers.Dinov2Config(
+        image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    transformers.Dinov2Model(config).save_pretrained(tmp_path)
+    with pytest.raises(
+        UnsupportedCheckpointError, match=r"'dinov2' is not supported.*timm:vit_small_patch14_dinov2"
+    ):
         read_checkpoint(tmp_path)
 
 

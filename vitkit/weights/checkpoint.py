@@ -602,10 +602,11 @@ def _from_hf_folder(path: Path, config: Mapping[str, Any], source: str) -> Check
 def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
     """VisionTransformer options from a Hugging Face ViT ``config.json``."""
     model_type = config.get("model_type")
-    if model_type != "vit":
+    if model_type not in ("vit", "vit_msn"):  # ViTMSN's modules and names are ViT's
+        hint = _HF_TYPE_HINTS.get(str(model_type), "")
         raise UnsupportedCheckpointError(
-            f"Hugging Face model_type {model_type!r} is not supported: vitkit reads 'vit' models "
-            "(ViTModel, ViTForImageClassification)."
+            f"Hugging Face model_type {model_type!r} is not supported: vitkit reads 'vit' and 'vit_msn' "
+            f"models (ViTModel, ViTForImageClassification, ViTMSN*).{' ' + hint if hint else ''}"
         )
     act = config.get("hidden_act", "gelu")
     if act not in _HF_ACTIVATIONS:
@@ -627,6 +628,21 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
         "norm_eps": float(config.get("layer_norm_eps", 1e-12)),
         "act_layer": _HF_ACTIVATIONS[act],
     }
+
+
+# what to do instead, for the Hugging Face ViT relatives users reach for most
+_TIMM_HAS = "timm has these weights, and vitkit reads timm's exactly: "
+_HF_TYPE_HINTS = {
+    "dinov2": _TIMM_HAS + "timm:vit_small_patch14_dinov2.lvd142m (small, base, large, giant).",
+    "dinov2_with_registers": _TIMM_HAS + "timm:vit_small_patch14_reg4_dinov2.lvd142m.",
+    "deit": "Its models carry a distillation token, which vitkit's ViT does not have; the non-distilled "
+    "DeiT weights load through timm: timm:deit_base_patch16_224.fb_in1k.",
+    "clip_vision_model": _TIMM_HAS + "timm:vit_base_patch16_clip_224.openai.",
+    "clip": _TIMM_HAS + "timm:vit_base_patch16_clip_224.openai.",
+    "vit_mae": _TIMM_HAS + "timm:vit_base_patch16_224.mae.",
+    "beit": "BEiT uses relative position biases, which vitkit's ViT does not have.",
+    "data2vec-vision": "data2vec-vision uses relative position biases, which vitkit's ViT does not have.",
+}
 
 
 # transformers' ``hidden_act`` names -> vitkit's ``act_layer`` ("gelu_new" and "gelu_fast" are the
