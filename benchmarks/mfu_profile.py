@@ -6,7 +6,8 @@ on a batch already on the device, profiles a few steps, and splits the device ti
 products, attention, the optimizer, copies, and the rest (LayerNorm, GELU, residual adds, casts:
 the memory-bound work, fused by ``torch.compile``). The FLOPs of the matrix products and of
 attention are counted by torch (``FlopCounterMode``, on the step's own kernels), so each kind
-also gets the TFLOP/s it ran at.
+also gets the TFLOP/s it ran at, and the bytes an eager step's operators read and write are
+counted by kind too (on any device, a CPU included).
 
 Two kinds of bf16 step (``--weights``): ``fp32`` is ``torch.autocast`` over fp32 weights (what
 ``vitkit bench --precision bf16`` and Lightning's ``bf16-mixed`` run): the matrix products run in
@@ -75,6 +76,30 @@ def _flops_by_kind(step) -> dict[str, float]:
     for op, count in counter.get_flop_counts().get("Global", {}).items():
         flops["attention" if "attention" in str(op) else "matmul"] += count
     return flops
+
+
+def _bytes_by_kind(step) -> dict[str, float]:
+    """Bytes the operators of one eager call of ``step`` read and write, by kind: every operator's
+    tensor inputs and outputs, views excluded (they move nothing). Unfused, so more than a compiled
+    step moves, but the same accounting for every setting: it shows what a change of dtypes saves."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    moved: dict[str, float] = defaultdict(float)
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.__name__.split(".")[0]
+            if not func.is_view and name not in ("detach", "alias"):
+                tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+                moved[kind_of(f"aten::{name}")] += sum(t.numel() * t.element_size() for t in tensors)
+            return out
+
+    step()  # the optimizer's first step creates its state: count a later one
+    with _Count():
+        step()
+    return dict(moved)
 
 
 def _device_time_by_kind(prof, device: torch.device, steps: int) -> tuple[dict[str, float], list]:
@@ -154,6 +179,7 @@ def measure(
     seconds = sorted(_time(step, args.iters, device) for _ in range(args.rounds))[args.rounds // 2]
     peak_gb = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
     kernel_flops = _flops_by_kind(_on_sdpa_backend(train_step(model), sdpa_backend))
+    eager_bytes = _bytes_by_kind(_on_sdpa_backend(train_step(model), sdpa_backend))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(args.profile_steps):
@@ -175,6 +201,7 @@ def measure(
         "mfu": images_per_s * flops_per_image / (peak * 1e12) if peak else None,
         "peak_gb": peak_gb,
         "device_ms_by_kind": {k: v * 1e3 for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "eager_gb_by_kind": {k: v / 1e9 for k, v in eager_bytes.items()},
         "tflops_by_kind": {
             k: kernel_flops[k] / by_kind[k] / 1e12 for k in ("matmul", "attention") if by_kind.get(k)
         },
@@ -192,13 +219,19 @@ def report(result: dict) -> str:
         f"{result['images_per_s']:.1f} img/s, {step_ms:.2f} ms/step, MFU {mfu} "
         f"({result['model_gflops_per_image']:.2f} model GFLOPs/img), peak {result['peak_gb'] or 0:.1f} GB, "
         f"first 3 steps {result['warmup_s']:.0f} s",
-        "| kind | ms/step | share of the step | TFLOP/s |",
-        "|---|---:|---:|---:|",
+        "| kind | ms/step | share of the step | TFLOP/s | GB read + written (eager, unfused) |",
+        "|---|---:|---:|---:|---:|",
     ]
-    for kind, ms in result["device_ms_by_kind"].items():
+    moved = result["eager_gb_by_kind"]
+    for kind in dict.fromkeys([*result["device_ms_by_kind"], *moved]):
+        ms = result["device_ms_by_kind"].get(kind, 0.0)
         tflops = result["tflops_by_kind"].get(kind)
-        lines.append(f"| {kind} | {ms:.2f} | {ms / step_ms:.1%} | {f'{tflops:.0f}' if tflops else ''} |")
-    lines.append(f"| device idle | {max(step_ms - busy, 0):.2f} | {max(step_ms - busy, 0) / step_ms:.1%} | |")
+        gb = f"{moved[kind]:.2f}" if kind in moved else ""
+        lines.append(
+            f"| {kind} | {ms:.2f} | {ms / step_ms:.1%} | {f'{tflops:.0f}' if tflops else ''} | {gb} |"
+        )
+    idle = max(step_ms - busy, 0)
+    lines.append(f"| device idle | {idle:.2f} | {idle / step_ms:.1%} | | |")
     return "\n".join(lines)
 
 

@@ -430,6 +430,14 @@ def test_mfu_profile_counts_the_step_it_profiles(tmp_path):
         assert result["device_ms_by_kind"]["matmul"] > 0 and result["device_ms_by_kind"]["attention"] > 0
         times = [ms for _, ms in result["top_kernels_ms"]]
         assert times == sorted(times, reverse=True) and times[0] > 0
+    # the bytes the eager step moves: bf16 weights leave no casts and halve the activations' bytes
+    moved = {(r["batch_size"], r["weights"]): r["eager_gb_by_kind"] for r in results}
+    memory_bound = {key: gb.get("copy", 0.0) + gb[mfu_profile.OTHER] for key, gb in moved.items()}
+    assert moved[(2, "bf16")].get("copy", 0.0) < 0.01 * moved[(2, "fp32")]["copy"]  # only the logits' cast
+    for batch in (2, 4):
+        assert memory_bound[(batch, "bf16")] < 0.8 * memory_bound[(batch, "fp32")]
+        assert moved[(batch, "bf16")]["matmul"] == pytest.approx(moved[(batch, "fp32")]["matmul"])
+    assert memory_bound[(4, "fp32")] > memory_bound[(2, "fp32")]  # activations grow with the batch
 
 
 def test_bf16_weights_step_updates_an_fp32_master_copy_with_adamw():
