@@ -145,15 +145,50 @@ def test_hf_vit_msn_reproduces_its_logits(tmp_path):
         assert relative_error(model(x), reference(pixel_values=x).logits) < 1e-5
 
 
+def dinov2_config(**overrides):
+    options = dict(image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+    return transformers.Dinov2Config(**{**options, "layerscale_value": 0.5, "num_labels": 3, **overrides})
+
+
+def test_hf_dinov2_backbone_reproduces_its_tokens_and_preprocessing(tmp_path):
+    # Dinov2Model: LayerScale, an MLP ratio, eps 1e-6, patch 14; BitImageProcessor's resize 256 / crop 224
+    reference = randomise(transformers.Dinov2Model(dinov2_config()))
+    reference.save_pretrained(tmp_path)
+    transformers.BitImageProcessor(
+        size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, resample=3
+    ).save_pretrained(tmp_path)
+    model, report = model_from_checkpoint(tmp_path, return_report=True)
+    assert model.config["init_values"] == 0.5 and model.config["norm_eps"] == 1e-6
+    assert model.pretrained_cfg["crop_pct"] == 0.875 and model.pretrained_cfg["interpolation"] == "bicubic"
+    assert any("mask_token" in note for note in report.notes)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        tokens = reference(pixel_values=x).last_hidden_state  # after the final LayerNorm
+        assert relative_error(model.eval().forward_features(x), tokens) < 1e-5
+
+
+def test_hf_dinov2_classifier_loads_its_backbone_and_says_why_not_its_head(tmp_path):
+    # the classifier reads [class token, mean patch token]: 2 x D inputs, not vitkit's head
+    reference = randomise(transformers.Dinov2ForImageClassification(dinov2_config()))
+    reference.save_pretrained(tmp_path)
+    model, report = model_from_checkpoint(tmp_path, return_report=True)
+    assert model.num_classes == 0 and any("2 x embed_dim" in note for note in report.notes)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        tokens = reference.dinov2(pixel_values=x).last_hidden_state
+        assert relative_error(model.eval().forward_features(x), tokens) < 1e-5
+
+
 def test_hf_relatives_vitkit_cannot_read_point_to_the_timm_weights(tmp_path):
-    config = transformers.Dinov2Config(
-        image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=1, num_attention_heads=2
-    )
-    transformers.Dinov2Model(config).save_pretrained(tmp_path)
+    small = dict(image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**small)).save_pretrained(tmp_path / "clip")
     with pytest.raises(
-        UnsupportedCheckpointError, match=r"'dinov2' is not supported.*timm:vit_small_patch14_dinov2"
+        UnsupportedCheckpointError, match=r"'clip_vision_model' is not supported.*timm:vit_base_"
     ):
-        read_checkpoint(tmp_path)
+        read_checkpoint(tmp_path / "clip")
+    transformers.Dinov2Model(dinov2_config(use_swiglu_ffn=True)).save_pretrained(tmp_path / "giant")
+    with pytest.raises(UnsupportedCheckpointError, match="SwiGLU"):
+        read_checkpoint(tmp_path / "giant")
 
 
 # ---------------------------------------------------------------------------- torchvision

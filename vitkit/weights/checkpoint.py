@@ -596,17 +596,28 @@ def _from_hf_folder(path: Path, config: Mapping[str, Any], source: str) -> Check
     if labels and None not in labels and not all(re.fullmatch(r"LABEL_\d+", str(x)) for x in labels):
         ckpt.label_names = labels if len(labels) == ckpt.options.get("num_classes") else None
     ckpt.model_name = config.get("_name_or_path") or None
+    if "Dinov2ForImageClassification" in (config.get("architectures") or []):
+        ckpt.notes.append(
+            "Dinov2ForImageClassification's classifier reads the class token and the mean patch token "
+            "side by side (2 x embed_dim inputs), which vitkit's head does not: the backbone is loaded "
+            "without it (num_classes=0, a feature extractor; pass num_classes=... for a fresh head)."
+        )
     return ckpt
 
 
 def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
     """VisionTransformer options from a Hugging Face ViT ``config.json``."""
     model_type = config.get("model_type")
-    if model_type not in ("vit", "vit_msn"):  # ViTMSN's modules and names are ViT's
+    if model_type not in ("vit", "vit_msn", "dinov2"):  # ViTMSN's modules and names are ViT's
         hint = _HF_TYPE_HINTS.get(str(model_type), "")
         raise UnsupportedCheckpointError(
-            f"Hugging Face model_type {model_type!r} is not supported: vitkit reads 'vit' and 'vit_msn' "
-            f"models (ViTModel, ViTForImageClassification, ViTMSN*).{' ' + hint if hint else ''}"
+            f"Hugging Face model_type {model_type!r} is not supported: vitkit reads 'vit', 'vit_msn' and "
+            f"'dinov2' models (ViTModel, ViTForImageClassification, ViTMSN*, Dinov2Model)."
+            f"{' ' + hint if hint else ''}"
+        )
+    if model_type == "dinov2" and config.get("use_swiglu_ffn"):
+        raise UnsupportedCheckpointError(
+            "This DINOv2 (the giant model) has a SwiGLU MLP, which vitkit's ViT does not have."
         )
     act = config.get("hidden_act", "gelu")
     if act not in _HF_ACTIVATIONS:
@@ -615,7 +626,7 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
             "names), so these logits would differ."
         )
     hidden = int(config.get("hidden_size", 768))
-    return {
+    options = {
         **_HF_DEFAULTS,
         "img_size": to_2tuple(config.get("image_size", 224)),
         "patch_size": to_2tuple(config.get("patch_size", 16)),
@@ -628,12 +639,20 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
         "norm_eps": float(config.get("layer_norm_eps", 1e-12)),
         "act_layer": _HF_ACTIVATIONS[act],
     }
+    if model_type == "dinov2":  # LayerScale, an MLP ratio instead of a width, timm's epsilon
+        options.update(
+            mlp_ratio=float(config.get("mlp_ratio", 4)),
+            init_values=float(config.get("layerscale_value", 1.0)),
+            norm_eps=float(config.get("layer_norm_eps", 1e-6)),
+            img_size=to_2tuple(config.get("image_size", 518)),
+            patch_size=to_2tuple(config.get("patch_size", 14)),
+        )
+    return options
 
 
 # what to do instead, for the Hugging Face ViT relatives users reach for most
 _TIMM_HAS = "timm has these weights, and vitkit reads timm's exactly: "
 _HF_TYPE_HINTS = {
-    "dinov2": _TIMM_HAS + "timm:vit_small_patch14_dinov2.lvd142m (small, base, large, giant).",
     "dinov2_with_registers": _TIMM_HAS + "timm:vit_small_patch14_reg4_dinov2.lvd142m.",
     "deit": "Its models carry a distillation token, which vitkit's ViT does not have; the non-distilled "
     "DeiT weights load through timm: timm:deit_base_patch16_224.fb_in1k.",

@@ -133,6 +133,10 @@ _HF_RENAMES = [
     (r"layers\.(\d+)\.mlp\.fc([12])\.", r"blocks.\1.mlp.fc\2."),
     (r"layers\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
     (r"layers\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
+    # DINOv2 (Dinov2Model): timm-like block names, LayerScale as layer_scaleN.lambda1
+    (r"encoder\.layer\.(\d+)\.norm([12])\.", r"blocks.\1.norm\2."),
+    (r"encoder\.layer\.(\d+)\.mlp\.fc([12])\.", r"blocks.\1.mlp.fc\2."),
+    (r"encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1$", r"blocks.\1.ls\2.gamma"),
     (r"layernorm\.", "norm."),
     (r"classifier\.", "head."),
 ]
@@ -144,7 +148,8 @@ _QKV_ORDER = {"query": 0, "key": 1, "value": 2, "q": 0, "k": 1, "v": 2}
 
 
 def hf_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
-    """Hugging Face ``ViTModel`` / ``ViTForImageClassification`` weights -> vitkit names.
+    """Hugging Face ``ViTModel`` / ``ViTForImageClassification`` (and ``ViTMSN*``, ``Dinov2Model``)
+    weights -> vitkit names.
 
     Accepts the ``vit.``-prefixed keys of the classifier and the bare keys of ``ViTModel``, in
     the layout ``save_pretrained`` writes and in transformers 5's module names. Query, key and
