@@ -100,6 +100,37 @@ def test_dynamic_size_matches_timm():
         assert _relative_error(model(x), reference(x)) < 1e-5
 
 
+def test_distilled_model_matches_timms_deit_both_ways():
+    # DeiT's distillation token: a second prefix token, a second head, the two logits averaged
+    from timm.models.deit import VisionTransformerDistilled
+
+    from vitkit.bench import timm_twin
+
+    reference = VisionTransformerDistilled(**BASE).eval()
+    _randomise(reference)
+    model = vitkit.create_model("vit_tiny_patch16_224", distilled=True, **BASE).eval()
+    model.load_state_dict(reference.state_dict(), strict=True)
+    x = _input(BASE)
+    with torch.no_grad():
+        assert _relative_error(model(x), reference(x)) < 1e-5
+        pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+        assert (
+            _relative_error(pooled, reference.forward_head(reference.forward_features(x), pre_logits=True))
+            < 1e-5
+        )
+    assert model.num_prefix_tokens == 2 and "dist_token" in model.no_weight_decay()
+    assert timm_twin(model).__class__ is VisionTransformerDistilled
+    model.reset_classifier(3)  # both heads, fresh
+    assert model.head.out_features == model.head_dist.out_features == 3 and model(x).shape == (3, 3)
+    assert (
+        "distilled" not in vitkit.create_model("vit_tiny_patch16_224", **BASE).config
+    )  # timm's options only
+    with pytest.raises(ValueError, match="distilled=True reads the class and distillation tokens"):
+        vitkit.create_model("vit_tiny_patch16_224", distilled=True, **{**BASE, "global_pool": "avg"})
+    with pytest.raises(ValueError, match="keep 'token'"):
+        model.reset_classifier(3, global_pool="avg")
+
+
 def test_forward_intermediates_match_timm():
     options = {**BASE, "reg_tokens": 1}
     reference = TimmViT(**options).eval()
@@ -135,6 +166,7 @@ TIMM_ONLY = [
     "deit3_small_patch16_224",
     "vit_base_patch32_clip_224",
     "vit_medium_patch16_gap_256",
+    "deit_tiny_distilled_patch16_224",  # a distillation token and a second head (timm's own class)
 ]
 
 
@@ -173,7 +205,7 @@ def test_list_models_with_timm_adds_only_what_vitkit_builds(capsys):
 
     names = vitkit.list_models("deit*", timm=True)
     assert set(vitkit.list_models("deit*")) < set(names)  # the registered ones, and more
-    assert "deit3_small_patch16_224" in names and "deit_tiny_distilled_patch16_224" not in names
+    assert {"deit3_small_patch16_224", "deit_tiny_distilled_patch16_224"} <= set(names)
     assert "vit_so400m_patch14_siglip_gap_384" not in vitkit.list_models("vit_so400m*", timm=True)  # 384 % 14
     assert main(["models", "--timm", "deit3_s*"]) == 0
     assert capsys.readouterr().out.split() == ["deit3_small_patch16_224", "deit3_small_patch16_384"]
@@ -187,7 +219,6 @@ def test_list_models_with_timm_adds_only_what_vitkit_builds(capsys):
         ("vit_base_patch16_siglip_224", "attention-pooling"),
         ("vit_medium_patch16_rope_reg1_gap_256", "Eva"),
         ("vit_giant_patch14_dinov2", "GluMlp MLP, activation SiLU"),
-        ("deit_tiny_distilled_patch16_224", "distillation token"),
         ("vit_relpos_base_patch16_224", "VisionTransformerRelPos"),
     ],
 )

@@ -171,9 +171,9 @@ def test_reset_classifier_and_no_weight_decay():
     model.reset_classifier(0, global_pool="avg")
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 32)
     assert model.config["num_classes"] == 0 and model.config["global_pool"] == "avg"
-    assert model.no_weight_decay() == {"pos_embed", "cls_token", "reg_token"}
+    assert model.no_weight_decay() == {"pos_embed", "cls_token", "dist_token", "reg_token"}
     names = dict(model.named_parameters())
-    assert model.no_weight_decay() - {"reg_token"} <= set(names)
+    assert model.no_weight_decay() - {"reg_token", "dist_token"} <= set(names)
 
 
 def test_registry_lists_creates_and_overrides():

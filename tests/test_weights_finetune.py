@@ -55,6 +55,28 @@ def test_new_class_count_reinitialises_the_head_and_says_so(caplog):
     torch.testing.assert_close(model.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
 
 
+def test_distilled_checkpoint_fine_tunes_with_both_heads_fresh_and_trainable():
+    from timm.models.deit import VisionTransformerDistilled
+
+    source = VisionTransformerDistilled(**TINY).eval()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model = vit(distilled=True, num_classes=3)
+    fresh = model.head_dist.weight.clone()
+    report = load_pretrained(model, source.state_dict())
+    assert report.head_reset
+    torch.testing.assert_close(model.head_dist.weight, fresh)  # neither 5-class head was taken
+    torch.testing.assert_close(model.dist_token, source.dist_token)
+    # a linear probe trains both heads; the distillation token is stem (LLRD layer 0)
+    frozen = set(freeze(model, "linear_probe"))
+    assert "head_dist.weight" not in frozen and "head.weight" not in frozen and "dist_token" in frozen
+    unfreeze(model)
+    groups = param_groups_lrd(model, layer_decay=0.5, base_lr=1.0)
+    scale = {name: g["lr_scale"] for g in groups for name in g["param_names"]}
+    assert scale["dist_token"] == min(scale.values()) and scale["head_dist.weight"] == 1.0
+
+
 # ---------------------------------------------------------------------------- new resolution
 def test_same_grid_is_identity_and_new_grid_resamples():
     source = reference()

@@ -145,6 +145,26 @@ def test_hf_vit_msn_reproduces_its_logits(tmp_path):
         assert relative_error(model(x), reference(pixel_values=x).logits) < 1e-5
 
 
+def test_hf_deit_with_teacher_reproduces_its_logits_and_the_backbones_tokens(tmp_path):
+    # DeiT: a distillation token after the class token; WithTeacher averages a head on each
+    config = hf_config(transformers.DeiTConfig)
+    reference = randomise(transformers.DeiTForImageClassificationWithTeacher(config))
+    reference.save_pretrained(tmp_path / "teacher")
+    model = model_from_checkpoint(tmp_path / "teacher").eval()
+    assert model.config["distilled"] and model.num_classes == 5
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(model(x), reference(pixel_values=x).logits) < 1e-5
+    # DeiTForImageClassification's one head reads the class token alone: the backbone loads, the head not
+    single = randomise(transformers.DeiTForImageClassification(config))
+    single.save_pretrained(tmp_path / "single")
+    model, report = model_from_checkpoint(tmp_path / "single", return_report=True)
+    assert model.num_classes == 0 and any("reads the class token alone" in note for note in report.notes)
+    with torch.no_grad():
+        tokens = single.deit(pixel_values=x).last_hidden_state
+        assert relative_error(model.eval().forward_features(x), tokens) < 1e-5
+
+
 def dinov2_config(**overrides):
     options = dict(image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
     return transformers.Dinov2Config(**{**options, "layerscale_value": 0.5, "num_labels": 3, **overrides})

@@ -2,18 +2,19 @@
 
     image (B, C, H, W)
       -> PatchEmbedding                      patch tokens (B, H/P · W/P, D)
-      -> prepend [class] and register tokens (B, prefix + patches, D)
+      -> prepend [class], [distillation] and register tokens (B, prefix + patches, D)
       -> add position embeddings
       -> depth x TransformerBlock            (B, N, D)
       -> LayerNorm
       -> pool: the class token, or the mean of the patch tokens
       -> Linear head                         logits (B, num_classes)
+         (DeiT distilled: a second head on the distillation token, the two logits averaged)
 
 Options and parameter names follow timm's ``VisionTransformer``, so a timm checkpoint loads as
 is and ``model.state_dict()`` loads into timm. Names that appear in ``state_dict``:
-``cls_token``, ``reg_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.N.{norm1, attn.qkv,
-attn.q_norm, attn.k_norm, attn.proj, ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}``, ``norm``,
-``fc_norm``, ``head``.
+``cls_token``, ``dist_token``, ``reg_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.N.{norm1,
+attn.qkv, attn.q_norm, attn.k_norm, attn.proj, ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}``,
+``norm``, ``fc_norm``, ``head``, ``head_dist``.
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ class VisionTransformer(nn.Module):
         init_values: LayerScale initial value (``None``: no LayerScale).
         class_token: prepend a learned [class] token.
         reg_tokens: number of register tokens ("Vision Transformers Need Registers").
+        distilled: a [distillation] token after the class token, read by a second head
+            (``head_dist``); the logits are the mean of both heads (DeiT, Touvron et al. 2021; timm's
+            ``VisionTransformerDistilled``, its ``deit_*_distilled_*`` models). Needs the class token
+            and ``global_pool='token'``. Training against a teacher's predictions is not built in:
+            both heads learn from the labels, as in timm's fine-tuning.
         no_embed_class: position embeddings cover the patches only, not the prefix tokens.
         pre_norm: LayerNorm before the blocks (CLIP); removes the patch projection's bias.
         final_norm: LayerNorm after the blocks (or after pooling, see ``fc_norm``).
@@ -109,6 +115,7 @@ class VisionTransformer(nn.Module):
         init_values: float | None = None,
         class_token: bool = True,
         reg_tokens: int = 0,
+        distilled: bool = False,
         no_embed_class: bool = False,
         pre_norm: bool = False,
         final_norm: bool = True,
@@ -138,6 +145,12 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"pos_embed={pos_embed!r} is not one of {_POS_EMBEDS}.")
         if weight_init not in ("", "jax"):
             raise ValueError(f"weight_init={weight_init!r} is not one of ('', 'jax').")
+        if distilled and (not class_token or global_pool != "token" or reg_tokens or fc_norm):
+            raise ValueError(
+                "distilled=True reads the class and distillation tokens: it needs class_token=True, "
+                f"global_pool='token', no registers and no fc_norm (got class_token={class_token}, "
+                f"global_pool={global_pool!r}, reg_tokens={reg_tokens}, fc_norm={fc_norm})."
+            )
         # Every constructor argument, so the model can be rebuilt (checkpoints, export, CLI).
         self.config: dict[str, Any] = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         if attn_mode == "soft":  # soft configs keep timm's option names only (timm twins, exports)
@@ -149,6 +162,8 @@ class VisionTransformer(nn.Module):
             self.config["stem_channels"] = stem_channels = tuple(int(c) for c in stem_channels)
         if fused_attn:  # the default kernel choice is not recorded: configs stay timm's
             del self.config["fused_attn"]
+        if not distilled:  # timm's VisionTransformer has no such option (its distilled twin is a class)
+            del self.config["distilled"]
         self.config["img_size"] = to_2tuple(img_size)
         self.config["patch_size"] = to_2tuple(patch_size)
         self.pretrained_cfg: dict[str, Any] = {}
@@ -161,7 +176,7 @@ class VisionTransformer(nn.Module):
         self.embed_dim = self.num_features = embed_dim
         self.has_class_token = class_token
         self.num_reg_tokens = reg_tokens
-        self.num_prefix_tokens = int(class_token) + reg_tokens
+        self.num_prefix_tokens = int(class_token) + int(distilled) + reg_tokens
         self.no_embed_class = no_embed_class
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
@@ -174,6 +189,7 @@ class VisionTransformer(nn.Module):
                 img_size, patch_size, in_chans, embed_dim, channels=stem_channels, **embed_options
             )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
 
         self.pos_embed_type = pos_embed if pos_embed in ("learn", "sincos") else "none"
@@ -219,6 +235,7 @@ class VisionTransformer(nn.Module):
         self.fc_norm = norm_layer(embed_dim) if final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head_dist = self._new_head(num_classes) if distilled else None
 
         self.init_weights(weight_init)
 
@@ -233,9 +250,11 @@ class VisionTransformer(nn.Module):
         for token in (self.cls_token, self.reg_token):
             if token is not None:
                 nn.init.normal_(token, std=1e-6)
+        if self.dist_token is not None:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)  # as DeiT and timm
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                if mode == "jax" and name == "head":
+                if mode == "jax" and name in ("head", "head_dist"):
                     nn.init.zeros_(module.weight)
                     nn.init.zeros_(module.bias)
                     continue
@@ -292,37 +311,47 @@ class VisionTransformer(nn.Module):
         return lacking
 
     def no_weight_decay(self) -> set[str]:
-        """Parameters that should not be weight-decayed: position, class and register tokens."""
-        return {"pos_embed", "cls_token", "reg_token"}
+        """Parameters that should not be weight-decayed: position, class, distillation and register
+        tokens."""
+        return {"pos_embed", "cls_token", "dist_token", "reg_token"}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of storing them."""
         self.grad_checkpointing = enable
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
+    def get_classifier(self) -> nn.Module | tuple[nn.Module, nn.Module]:
+        """The head; for a distilled model (head, head_dist), as timm returns them."""
+        return self.head if self.head_dist is None else (self.head, self.head_dist)
+
+    def _new_head(self, num_classes: int) -> nn.Module:
+        """A freshly initialised head on this model's device and dtype (the identity for 0 classes)."""
+        if num_classes <= 0:
+            return nn.Identity()
+        weight = next((p for p in self.parameters()), None)
+        head = nn.Linear(self.embed_dim, num_classes, device=weight.device if weight is not None else None)
+        nn.init.trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+        return head.to(weight.dtype) if weight is not None else head
 
     def reset_classifier(self, num_classes: int, global_pool: GlobalPool | None = None) -> None:
-        """Replace the head by a freshly initialised one with ``num_classes`` outputs (0: none)."""
+        """Replace the head (both heads of a distilled model) by freshly initialised ones with
+        ``num_classes`` outputs (0: none)."""
         if global_pool is not None:
             if global_pool not in _POOLS:
                 raise ValueError(f"global_pool={global_pool!r} is not one of {_POOLS}.")
             if global_pool == "token" and not self.has_class_token:
                 raise ValueError("global_pool='token' needs a class token, and this model has none.")
+            if global_pool != "token" and self.dist_token is not None:
+                raise ValueError(
+                    "A distilled model's heads read its class and distillation tokens: keep 'token'."
+                )
             self.global_pool = global_pool
             self.config["global_pool"] = global_pool
         self.num_classes = num_classes
         self.config["num_classes"] = num_classes
-        old = self.head
-        device = next(self.parameters()).device
-        self.head = (
-            nn.Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
-        )
-        if isinstance(self.head, nn.Linear):
-            nn.init.trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
-            if isinstance(old, nn.Linear):
-                self.head.to(old.weight.dtype)
+        self.head = self._new_head(num_classes)
+        if self.head_dist is not None:
+            self.head_dist = self._new_head(num_classes)
 
     # ------------------------------------------------------------------ forward
     def _position_embedding(self, grid: tuple[int, int]) -> torch.Tensor | None:
@@ -338,9 +367,8 @@ class VisionTransformer(nn.Module):
         """Patch tokens (B, gh, gw, D) -> sequence (B, prefix + gh·gw, D) with positions added."""
         batch, gh, gw, _ = patches.shape
         x = rearrange(patches, "b gh gw d -> b (gh gw) d")
-        prefix = [
-            token.expand(batch, -1, -1) for token in (self.cls_token, self.reg_token) if token is not None
-        ]
+        tokens = (self.cls_token, self.dist_token, self.reg_token)
+        prefix = [token.expand(batch, -1, -1) for token in tokens if token is not None]
         pos_embed = self._position_embedding((gh, gw))
         if pos_embed is None:
             x = torch.cat([*prefix, x], dim=1)
@@ -368,7 +396,10 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, N, D) -> one vector per image (B, D) following ``global_pool``."""
+        """Tokens (B, N, D) -> one vector per image (B, D) following ``global_pool`` (a distilled
+        model: the mean of its class and distillation tokens)."""
+        if self.dist_token is not None:
+            return (x[:, 0] + x[:, 1]) / 2
         if self.global_pool == "token":
             return x[:, 0]
         patches = x[:, self.num_prefix_tokens :]
@@ -382,6 +413,9 @@ class VisionTransformer(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens (B, N, D) -> logits (B, num_classes), or the pooled features with ``pre_logits``."""
+        if self.head_dist is not None:  # DeiT: a head per token, their logits averaged
+            cls, dist = self.head_drop(x[:, 0]), self.head_drop(x[:, 1])
+            return (cls + dist) / 2 if pre_logits else (self.head(cls) + self.head_dist(dist)) / 2
         x = self.head_drop(self.fc_norm(self.pool(x)))
         return x if pre_logits else self.head(x)
 

@@ -115,7 +115,7 @@ class Checkpoint:
             self.notes.append(note)
             logger.warning(note)
         if "img_size" not in opts and "pos_embed" in self.state_dict and "patch_size" in opts:
-            prefix = int(opts.get("class_token", False)) + int(opts.get("reg_tokens", 0))
+            prefix = _prefix_tokens(opts)
             guess = guess_grid_options(self.state_dict["pos_embed"], prefix, opts["patch_size"])
             if "no_embed_class" in opts:
                 guess.pop("no_embed_class", None)
@@ -206,8 +206,8 @@ def infer_vit_options(
     From shapes: ``embed_dim``, ``in_chans``, ``patch_size`` (from ``known`` with a convolutional
     stem, whose ``stem_channels`` are read instead), ``depth``, ``mlp_ratio``,
     ``qkv_bias``, ``qk_norm``, ``init_values`` (presence only, unless ``known`` has the value),
-    ``class_token``, ``reg_tokens``, ``pre_norm``, ``final_norm``, ``fc_norm``, ``num_classes``,
-    ``pos_embed``; ``num_heads`` when qk_norm reveals the head width. ``img_size`` and
+    ``class_token``, ``distilled``, ``reg_tokens``, ``pre_norm``, ``final_norm``, ``fc_norm``,
+    ``num_classes``, ``pos_embed``; ``num_heads`` when qk_norm reveals the head width. ``img_size`` and
     ``no_embed_class`` only when ``known`` has an image size that fits the position table
     (shapes alone do not determine a grid; :meth:`Checkpoint.model_options` guesses one).
 
@@ -246,6 +246,7 @@ def infer_vit_options(
         if options["qk_norm"] and "embed_dim" in options:
             options["num_heads"] = options["embed_dim"] // int(state["blocks.0.attn.q_norm.weight"].shape[0])
     options["class_token"] = "cls_token" in state
+    options["distilled"] = "dist_token" in state
     options["reg_tokens"] = int(state["reg_token"].shape[1]) if "reg_token" in state else 0
     options["pre_norm"] = "norm_pre.weight" in state
     options["final_norm"] = "norm.weight" in state or "fc_norm.weight" in state
@@ -266,6 +267,15 @@ def infer_vit_options(
     return merged
 
 
+def _prefix_tokens(options: Mapping[str, Any]) -> int:
+    """Tokens before the patches: class, distillation, registers."""
+    return (
+        int(bool(options.get("class_token", False)))
+        + int(bool(options.get("distilled", False)))
+        + int(options.get("reg_tokens", 0))
+    )
+
+
 def _grid_options(pos: torch.Tensor, options: dict[str, Any], known: dict[str, Any]) -> dict[str, Any]:
     """``img_size`` and ``no_embed_class`` when a known image size fits the position table.
 
@@ -276,7 +286,7 @@ def _grid_options(pos: torch.Tensor, options: dict[str, Any], known: dict[str, A
     if "img_size" not in known:
         return {}
     n = int(pos.shape[1])
-    prefix = int(options["class_token"]) + options["reg_tokens"]
+    prefix = _prefix_tokens(options)
     size, patch = to_2tuple(known["img_size"]), options["patch_size"]
     patches = (size[0] // patch[0]) * (size[1] // patch[1])
     if prefix == 0:
@@ -608,11 +618,11 @@ def _from_hf_folder(path: Path, config: Mapping[str, Any], source: str) -> Check
 def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
     """VisionTransformer options from a Hugging Face ViT ``config.json``."""
     model_type = config.get("model_type")
-    if model_type not in ("vit", "vit_msn", "dinov2"):  # ViTMSN's modules and names are ViT's
+    if model_type not in ("vit", "vit_msn", "deit", "dinov2"):  # ViTMSN's modules and names are ViT's
         hint = _HF_TYPE_HINTS.get(str(model_type), "")
         raise UnsupportedCheckpointError(
-            f"Hugging Face model_type {model_type!r} is not supported: vitkit reads 'vit', 'vit_msn' and "
-            f"'dinov2' models (ViTModel, ViTForImageClassification, ViTMSN*, Dinov2Model)."
+            f"Hugging Face model_type {model_type!r} is not supported: vitkit reads 'vit', 'vit_msn', "
+            f"'deit' and 'dinov2' models (ViTModel, ViTForImageClassification, ViTMSN*, DeiT*, Dinov2Model)."
             f"{' ' + hint if hint else ''}"
         )
     if model_type == "dinov2" and config.get("use_swiglu_ffn"):
@@ -639,6 +649,8 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
         "norm_eps": float(config.get("layer_norm_eps", 1e-12)),
         "act_layer": _HF_ACTIVATIONS[act],
     }
+    if model_type == "deit":  # ViT with a distillation token after the class token
+        options["distilled"] = True
     if model_type == "dinov2":  # LayerScale, an MLP ratio instead of a width, timm's epsilon
         options.update(
             mlp_ratio=float(config.get("mlp_ratio", 4)),
@@ -654,8 +666,6 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
 _TIMM_HAS = "timm has these weights, and vitkit reads timm's exactly: "
 _HF_TYPE_HINTS = {
     "dinov2_with_registers": _TIMM_HAS + "timm:vit_small_patch14_reg4_dinov2.lvd142m.",
-    "deit": "Its models carry a distillation token, which vitkit's ViT does not have; the non-distilled "
-    "DeiT weights load through timm: timm:deit_base_patch16_224.fb_in1k.",
     "clip_vision_model": _TIMM_HAS + "timm:vit_base_patch16_clip_224.openai.",
     "clip": _TIMM_HAS + "timm:vit_base_patch16_clip_224.openai.",
     "vit_mae": _TIMM_HAS + "timm:vit_base_patch16_224.mae.",
@@ -725,8 +735,6 @@ def timm_model_options(model: nn.Module) -> dict[str, Any]:
         problems.append("a patch embedding other than one Conv2d (hybrid stem or embedding norm)")
     if getattr(embed, "dynamic_img_pad", False):
         problems.append("dynamic_img_pad")
-    if getattr(model, "dist_token", None) is not None:
-        problems.append("a distillation token (DeiT distilled)")
     if block is not None and type(block) is not Block:  # parallel or post-norm blocks
         problems.append(f"{type(block).__name__} blocks")
     elif block is not None:
@@ -760,6 +768,7 @@ def timm_model_options(model: nn.Module) -> dict[str, Any]:
         "depth": len(model.blocks),
         "class_token": model.cls_token is not None,
         "reg_tokens": int(getattr(model, "num_reg_tokens", 0)),
+        "distilled": getattr(model, "dist_token", None) is not None,
         "no_embed_class": bool(model.no_embed_class),
         "pre_norm": not isinstance(model.norm_pre, nn.Identity),
         "final_norm": not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),

@@ -68,8 +68,8 @@ def detect_format(state: Mapping[str, Any]) -> tuple[str, str]:
         for key in state:
             if key == anchor or key.endswith("." + anchor):
                 prefix = key[: len(key) - len(anchor)]
-                if fmt == "hf" and prefix.endswith("vit."):
-                    prefix = prefix[: -len("vit.")]
+                if fmt == "hf" and prefix.endswith(("vit.", "deit.")):  # their heads sit beside them
+                    prefix = prefix.removesuffix("deit.").removesuffix("vit.")
                 found.append((len(prefix), fmt, prefix))
     if not found:
         sample = ", ".join(sorted(state)[:8])
@@ -120,6 +120,7 @@ def _drop_timm_extras(state: StateDict) -> tuple[StateDict, list[str]]:
 # ---------------------------------------------------------------------------- Hugging Face
 _HF_RENAMES = [
     (r"embeddings\.cls_token", "cls_token"),
+    (r"embeddings\.distillation_token", "dist_token"),  # DeiT
     (r"embeddings\.position_embeddings", "pos_embed"),
     (r"embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
     # transformers < 5 names (also what ``save_pretrained`` writes)
@@ -138,6 +139,8 @@ _HF_RENAMES = [
     (r"encoder\.layer\.(\d+)\.mlp\.fc([12])\.", r"blocks.\1.mlp.fc\2."),
     (r"encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1$", r"blocks.\1.ls\2.gamma"),
     (r"layernorm\.", "norm."),
+    (r"cls_classifier\.", "head."),  # DeiTForImageClassificationWithTeacher
+    (r"distillation_classifier\.", "head_dist."),
     (r"classifier\.", "head."),
 ]
 _HF_QKV = [
@@ -148,8 +151,8 @@ _QKV_ORDER = {"query": 0, "key": 1, "value": 2, "q": 0, "k": 1, "v": 2}
 
 
 def hf_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
-    """Hugging Face ``ViTModel`` / ``ViTForImageClassification`` (and ``ViTMSN*``, ``Dinov2Model``)
-    weights -> vitkit names.
+    """Hugging Face ``ViTModel`` / ``ViTForImageClassification`` (and ``ViTMSN*``, ``Dinov2Model``,
+    ``DeiTModel`` / ``DeiTForImageClassificationWithTeacher``) weights -> vitkit names.
 
     Accepts the ``vit.``-prefixed keys of the classifier and the bare keys of ``ViTModel``, in
     the layout ``save_pretrained`` writes and in transformers 5's module names. Query, key and
@@ -163,9 +166,16 @@ def hf_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str
     qkv: dict[tuple[int, str], list[torch.Tensor | None]] = {}
     notes = []
     dropped = []
+    # DeiTForImageClassification: a distillation token, but one head, on the class token only
+    cls_only_head = "classifier.weight" in state and any(
+        k.endswith("embeddings.distillation_token") for k in state
+    )
     for key, value in state.items():
-        name = key.removeprefix("vit.")
+        name = key.removeprefix("vit.").removeprefix("deit.")
         if name.startswith("pooler.") or name == "embeddings.mask_token":
+            dropped.append(name)
+            continue
+        if cls_only_head and name.startswith("classifier."):
             dropped.append(name)
             continue
         match = next((m for p in _HF_QKV if (m := p.fullmatch(name))), None)
@@ -193,6 +203,13 @@ def hf_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str
         )
     if "embeddings.mask_token" in dropped:
         notes.append("dropped the masked-image-modelling mask_token.")
+    if cls_only_head:
+        notes.append(
+            "dropped DeiTForImageClassification's head: it reads the class token alone, while a "
+            "distilled ViT averages a head on the class token and one on the distillation token: the "
+            "backbone loads without a head (num_classes=0; pass num_classes=... for fresh heads). "
+            "DeiTForImageClassificationWithTeacher's two heads load."
+        )
     return out, notes
 
 

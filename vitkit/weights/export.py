@@ -143,6 +143,8 @@ def _save_timm(state, config, cfg, labels, path: Path) -> Path:
 
     name = config.get("model_name")
     architecture = name if isinstance(name, str) and timm.is_model(name) else "vit_base_patch16_224"
+    if config.get("distilled") and "distilled" not in architecture:  # timm picks the class by name
+        architecture = "deit_base_distilled_patch16_224"
     model_args = {k: config[k] for k in _TIMM_ARGS if k in config}
     if config.get("weight_init"):
         model_args["weight_init"] = config["weight_init"]
@@ -187,6 +189,7 @@ def hf_export_problems(config: dict[str, Any]) -> list[str]:
         (not config.get("final_norm", True), "final_norm=False"),
         (config.get("fc_norm"), "fc_norm=True (the final norm comes before pooling there)"),
         (config.get("pos_embed") == "none", "pos_embed='none'"),
+        (config.get("distilled"), "distilled=True (a distillation token: transformers' DeiT, not its ViT)"),
     ]
     problems += [message for bad, message in checks if bad]
     return problems

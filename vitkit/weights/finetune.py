@@ -5,7 +5,7 @@ loop (vitkit's Lightning module, or your own) can use them directly.
 
 Layer-wise LR decay (BEiT, MAE): lower layers hold general features that fine-tuning should
 change little, so their learning rate is scaled down geometrically with the distance from the
-head. With ``L = depth + 1`` layers, the stem (patch embedding, class/register tokens,
+head. With ``L = depth + 1`` layers, the stem (patch embedding, class/distillation/register tokens,
 positions, pre-norm) is layer 0, block i is layer i + 1, and the final norms and head are
 layer L; a parameter of layer l gets ``lr_scale = layer_decay ** (L - l)``.
 
@@ -31,7 +31,7 @@ FREEZE_STRATEGIES = ("none", "full", "linear_probe", "freeze_blocks:N", "backbon
 
 def layer_id(name: str, depth: int) -> int:
     """The layer of a parameter for LR decay: stem 0, block i -> i + 1, norms and head depth + 1."""
-    if name.startswith(_STEM) or name in ("cls_token", "reg_token", "pos_embed"):
+    if name.startswith(_STEM) or name in ("cls_token", "dist_token", "reg_token", "pos_embed"):
         return 0
     match = re.match(r"blocks\.(\d+)\.", name)
     if match:
@@ -116,7 +116,7 @@ def freeze(model: nn.Module, strategy: str = "linear_probe") -> list[str]:
     if strategy in ("none", "full", ""):
         return []
     if strategy == "linear_probe":
-        frozen = lambda name: not name.startswith("head.")  # noqa: E731
+        frozen = lambda name: not name.startswith(("head.", "head_dist."))  # noqa: E731
     elif (match := re.fullmatch(r"(freeze_blocks|backbone_until|last_blocks):(\d+)", strategy)) is not None:
         kind, n = match.group(1), int(match.group(2))
         if n > depth:

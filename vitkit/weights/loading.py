@@ -176,6 +176,11 @@ def model_from_checkpoint(
 
 
 # ---------------------------------------------------------------------------- adapting
+def _is_head(key: str) -> bool:
+    """A classifier weight: the head, or a distilled model's second head."""
+    return key.startswith(("head.", "head_dist."))
+
+
 def _adapt_to_model(
     state: StateDict,
     model: nn.Module,
@@ -190,16 +195,16 @@ def _adapt_to_model(
     if head_w is not None and (own_head_w is None or head_w.shape != own_head_w.shape):
         ckpt_classes = head_w.shape[0]
         model_classes = own_head_w.shape[0] if own_head_w is not None else 0
-        state.pop("head.weight")
-        state.pop("head.bias", None)
-        state.update({k: v for k, v in own.items() if k.startswith("head.")})  # keep the fresh head
+        for key in [k for k in state if _is_head(k)]:
+            del state[key]
+        state.update({k: v for k, v in own.items() if _is_head(k)})  # keep the fresh head(s)
         report.head_reset = True
         report.notes.append(
             f"classifier head not loaded: the checkpoint has {ckpt_classes} classes and the model "
             f"{model_classes}; the model keeps its freshly initialised head."
         )
     elif head_w is None and own_head_w is not None:
-        state.update({k: v for k, v in own.items() if k.startswith("head.")})
+        state.update({k: v for k, v in own.items() if _is_head(k)})
         report.head_reset = True
         report.notes.append(
             "the checkpoint has no classifier head; the model keeps its freshly initialised one."
