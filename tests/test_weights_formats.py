@@ -39,17 +39,20 @@ def randomise(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
+# a tiny ViT in transformers' config names (the ViT relatives take the same fields)
+HF_TINY = dict(
+    image_size=32,
+    patch_size=8,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=48,
+)
+
+
 def hf_config(config_class=None, **overrides):
     """A tiny ``ViTConfig`` (or ``config_class``, a relative taking the same fields)."""
-    options = dict(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        num_labels=5,
-    )
+    options = dict(HF_TINY, num_labels=5)
     options.update(overrides)
     return (config_class or transformers.ViTConfig)(**options)
 
@@ -95,7 +98,9 @@ def test_hf_weights_file_alone_and_bare_vit_model(tmp_path):
     reference.save_pretrained(tmp_path / "cls")
     # the weights file alone: no config, so heads come from vitkit's guess or the caller
     ckpt = read_checkpoint(tmp_path / "cls" / "model.safetensors")
-    assert ckpt.format == "hf" and ckpt.options["norm_eps"] == 1e-12
+    # transformers' ViT epsilon is the guess, said in a note (ViTMSN and DINOv2 use 1e-6)
+    assert ckpt.format == "hf" and ckpt.model_options(given=["num_heads"])["norm_eps"] == 1e-12
+    assert any("norm_eps=1e-12" in note for note in ckpt.notes)
     assert ckpt.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)  # ViTImageProcessor's defaults
     model = model_from_checkpoint(ckpt, num_heads=2).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -199,16 +204,66 @@ def test_hf_dinov2_classifier_loads_its_backbone_and_says_why_not_its_head(tmp_p
         assert relative_error(model.eval().forward_features(x), tokens) < 1e-5
 
 
-def test_hf_relatives_vitkit_cannot_read_point_to_the_timm_weights(tmp_path):
-    small = dict(image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
-    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**small)).save_pretrained(tmp_path / "clip")
-    with pytest.raises(
-        UnsupportedCheckpointError, match=r"'clip_vision_model' is not supported.*timm:vit_base_"
-    ):
-        read_checkpoint(tmp_path / "clip")
+def test_hf_clip_image_tower_reproduces_its_pooled_features(tmp_path):
+    # CLIP's image tower is a pre-norm ViT with QuickGELU and eps 1e-5; transformers applies the last
+    # LayerNorm to the pooled class token, vitkit to every token: the pooled features agree
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48)
+    clip = transformers.CLIPConfig(vision_config=HF_TINY, text_config=text)
+    reference = randomise(transformers.CLIPModel(clip))
+    reference.save_pretrained(tmp_path / "clip")
+    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32).save_pretrained(
+        tmp_path / "clip"
+    )
+    model, report = model_from_checkpoint(tmp_path / "clip", return_report=True)
+    assert model.config["act_layer"] == "quick_gelu" and model.config["norm_eps"] == 1e-5
+    assert model.config["pre_norm"] and model.num_classes == 0
+    assert model.pretrained_cfg["mean"] == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+    assert any("visual_projection" in note for note in report.notes)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        pooled = reference.vision_model(pixel_values=x).pooler_output
+        ours = model.eval().forward_head(model.forward_features(x), pre_logits=True)
+        assert relative_error(ours, pooled) < 1e-5
+    # the weights file alone: CLIP's activation and epsilon are the guess, and the note says so
+    save_file(reference.state_dict(), str(tmp_path / "clip.safetensors"))
+    model, report = model_from_checkpoint(tmp_path / "clip.safetensors", num_heads=4, return_report=True)
+    assert any("act_layer='quick_gelu', norm_eps=1e-05" in note for note in report.notes)
+    with torch.no_grad():
+        assert (
+            relative_error(model.eval().forward_head(model.forward_features(x), pre_logits=True), pooled)
+            < 1e-5
+        )
+
+
+def test_hf_config_values_left_out_mean_transformers_defaults(tmp_path):
+    # an older config.json may omit what equals the config class's default (CLIP: patch 32, QuickGELU)
+    import json
+
+    reference = randomise(
+        transformers.CLIPVisionModel(
+            transformers.CLIPVisionConfig(**{**HF_TINY, "patch_size": 32, "image_size": 64})
+        )
+    )
+    reference.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("patch_size", "hidden_act", "layer_norm_eps"):
+        del config[key]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = model_from_checkpoint(tmp_path).eval()
+    assert model.patch_size == (32, 32) and model.config["act_layer"] == "quick_gelu"
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ours = model.forward_head(model.forward_features(x), pre_logits=True)
+        assert relative_error(ours, reference(pixel_values=x).pooler_output) < 1e-5
+
+
+def test_hf_relatives_vitkit_cannot_read_are_named(tmp_path):
     transformers.Dinov2Model(dinov2_config(use_swiglu_ffn=True)).save_pretrained(tmp_path / "giant")
     with pytest.raises(UnsupportedCheckpointError, match="SwiGLU"):
         read_checkpoint(tmp_path / "giant")
+    transformers.BeitModel(hf_config(transformers.BeitConfig)).save_pretrained(tmp_path / "beit")
+    with pytest.raises(UnsupportedCheckpointError, match="'beit' is not supported.*relative position biases"):
+        read_checkpoint(tmp_path / "beit")
 
 
 # ---------------------------------------------------------------------------- torchvision

@@ -46,9 +46,13 @@ _CONTAINER_KEYS = ("state_dict", "model", "module", "model_state", "state_dict_e
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
 _VIT_OPTIONS = tuple(inspect.signature(VisionTransformer).parameters)
 _METADATA_KEY = "vitkit"  # safetensors metadata entry written by vitkit.weights.save
-# what a bare timm / Hugging Face state dict leaves open: a CLIP-style model (QuickGELU, eps 1e-5)
-# has the same tensors as a timm ViT (GELU, eps 1e-6)
-_SHAPELESS_DEFAULTS = {"act_layer": "gelu", "norm_eps": 1e-6}
+# what a bare state dict leaves open, by layout, and the likeliest value: a CLIP-style timm model
+# (QuickGELU, eps 1e-5) has the same tensors as a timm ViT (GELU, eps 1e-6)
+_SHAPELESS_DEFAULTS = {
+    "timm": {"act_layer": "gelu", "norm_eps": 1e-6},
+    "hf": {"act_layer": "gelu", "norm_eps": 1e-12},
+    "clip": {"act_layer": "quick_gelu", "norm_eps": 1e-5},  # OpenAI's CLIP
+}
 
 
 @dataclass
@@ -100,10 +104,12 @@ class Checkpoint:
             guessed["num_heads"] = (
                 f"{opts['num_heads']} (head width {opts['embed_dim'] // opts['num_heads']})"
             )
-        if self.format in ("timm", "hf"):  # a bare state dict: no config says how the tensors are used
-            guessed.update(
-                {k: repr(v) for k, v in _SHAPELESS_DEFAULTS.items() if k not in opts and k not in given}
-            )
+        if self.format in _SHAPELESS_DEFAULTS:  # a bare state dict: no config says how the tensors are used
+            left_open = {
+                k: v for k, v in _SHAPELESS_DEFAULTS[self.format].items() if k not in opts and k not in given
+            }
+            guessed.update({k: repr(v) for k, v in left_open.items()})
+            opts.update(left_open)
         if guessed:
             names = ", ".join(guessed)
             used = ", ".join(f"{k}={v}" for k, v in guessed.items())
@@ -414,6 +420,8 @@ def _from_mapping(
     state, fmt, notes = to_vitkit(unwrap_state_dict(obj, source))
     if fmt == "hf":
         known = {**_HF_DEFAULTS, **known}
+    elif fmt == "clip":
+        known = {**_CLIP_DEFAULTS, **known}
     elif fmt == "torchvision":
         known = {**_TV_DEFAULTS, **known}
         tv = _torchvision_weights_for_file(filename) if filename else None
@@ -438,6 +446,12 @@ def _from_mapping(
         if fmt == "hf":
             ckpt.pretrained_cfg = prep.hf_default(img, ckpt.options.get("in_chans", 3))
             ckpt.notes.append("no preprocessor config: assuming ViTImageProcessor's defaults (mean/std 0.5).")
+        elif fmt == "clip":
+            ckpt.pretrained_cfg = prep.clip_default(img, ckpt.options.get("in_chans", 3))
+            ckpt.notes.append(
+                "no preprocessor config: assuming CLIPImageProcessor's defaults (OpenAI CLIP mean/std, "
+                "bicubic, centre crop)."
+            )
         elif fmt == "torchvision":
             ckpt.pretrained_cfg = prep.torchvision_default(img[0] if img else 224)
             ckpt.notes.append(
@@ -545,7 +559,13 @@ _HF_DEFAULTS = {
     "no_embed_class": False,
     "global_pool": "token",
     "fc_norm": False,
-    "norm_eps": 1e-12,
+}
+_CLIP_DEFAULTS = {
+    "class_token": True,
+    "reg_tokens": 0,
+    "no_embed_class": False,
+    "global_pool": "token",
+    "fc_norm": False,
 }
 _TV_DEFAULTS = {"no_embed_class": False, "global_pool": "token", "fc_norm": False, "norm_eps": 1e-6}
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
@@ -606,6 +626,14 @@ def _from_hf_folder(path: Path, config: Mapping[str, Any], source: str) -> Check
     if labels and None not in labels and not all(re.fullmatch(r"LABEL_\d+", str(x)) for x in labels):
         ckpt.label_names = labels if len(labels) == ckpt.options.get("num_classes") else None
     ckpt.model_name = config.get("_name_or_path") or None
+    if config.get("model_type") == "clip" or "CLIPVisionModelWithProjection" in (
+        config.get("architectures") or []
+    ):
+        ckpt.notes.append(
+            "CLIP's projection into the joint image-text space (visual_projection) and its text tower "
+            "are not part of an image classifier: not loaded. The pooled features are the image "
+            "tower's own, before that projection."
+        )
     if "Dinov2ForImageClassification" in (config.get("architectures") or []):
         ckpt.notes.append(
             "Dinov2ForImageClassification's classifier reads the class token and the mean patch token "
@@ -618,13 +646,18 @@ def _from_hf_folder(path: Path, config: Mapping[str, Any], source: str) -> Check
 def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
     """VisionTransformer options from a Hugging Face ViT ``config.json``."""
     model_type = config.get("model_type")
-    if model_type not in ("vit", "vit_msn", "deit", "dinov2"):  # ViTMSN's modules and names are ViT's
+    if model_type == "clip":  # CLIPModel: the image tower's options are under vision_config
+        config = {**dict(config.get("vision_config") or {}), "model_type": "clip_vision_model"}
+        model_type = "clip_vision_model"
+    if model_type not in ("vit", "vit_msn", "deit", "dinov2", "clip_vision_model"):  # ViTMSN's modules: ViT's
         hint = _HF_TYPE_HINTS.get(str(model_type), "")
         raise UnsupportedCheckpointError(
             f"Hugging Face model_type {model_type!r} is not supported: vitkit reads 'vit', 'vit_msn', "
-            f"'deit' and 'dinov2' models (ViTModel, ViTForImageClassification, ViTMSN*, DeiT*, Dinov2Model)."
-            f"{' ' + hint if hint else ''}"
+            "'deit', 'dinov2' and 'clip' models (ViTModel, ViTForImageClassification, ViTMSN*, DeiT*, "
+            f"Dinov2Model, CLIP's image tower).{' ' + hint if hint else ''}"
         )
+    # a config.json may leave out what equals its class's default: start from transformers' defaults
+    config = {**_HF_CONFIG_DEFAULTS[model_type], **config}
     if model_type == "dinov2" and config.get("use_swiglu_ffn"):
         raise UnsupportedCheckpointError(
             "This DINOv2 (the giant model) has a SwiGLU MLP, which vitkit's ViT does not have."
@@ -644,30 +677,59 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
         "embed_dim": hidden,
         "depth": int(config.get("num_hidden_layers", 12)),
         "num_heads": int(config.get("num_attention_heads", 12)),
-        "mlp_ratio": int(config.get("intermediate_size", 4 * hidden)) / hidden,
+        "mlp_ratio": int(config.get("intermediate_size") or 4 * hidden) / hidden,
         "qkv_bias": bool(config.get("qkv_bias", True)),
         "norm_eps": float(config.get("layer_norm_eps", 1e-12)),
         "act_layer": _HF_ACTIVATIONS[act],
     }
+    if model_type == "clip_vision_model":  # timm's pre-norm ViT: a LayerNorm before the blocks
+        options["pre_norm"] = True
     if model_type == "deit":  # ViT with a distillation token after the class token
         options["distilled"] = True
-    if model_type == "dinov2":  # LayerScale, an MLP ratio instead of a width, timm's epsilon
-        options.update(
-            mlp_ratio=float(config.get("mlp_ratio", 4)),
-            init_values=float(config.get("layerscale_value", 1.0)),
-            norm_eps=float(config.get("layer_norm_eps", 1e-6)),
-            img_size=to_2tuple(config.get("image_size", 518)),
-            patch_size=to_2tuple(config.get("patch_size", 14)),
-        )
+    if model_type == "dinov2":  # LayerScale, an MLP ratio instead of a width
+        options.update(mlp_ratio=float(config["mlp_ratio"]), init_values=float(config["layerscale_value"]))
     return options
+
+
+# transformers' defaults of the configs vitkit reads (ViTConfig, ViTMSNConfig, DeiTConfig,
+# Dinov2Config, CLIPVisionConfig): what a config.json that omits a value means
+_HF_VIT_BASE = {
+    "image_size": 224,
+    "patch_size": 16,
+    "num_channels": 3,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-12,
+    "qkv_bias": True,
+}
+_HF_CONFIG_DEFAULTS = {
+    "vit": _HF_VIT_BASE,
+    "deit": _HF_VIT_BASE,
+    "vit_msn": {**_HF_VIT_BASE, "layer_norm_eps": 1e-6},
+    "dinov2": {
+        **_HF_VIT_BASE,
+        "patch_size": 14,
+        "intermediate_size": None,
+        "mlp_ratio": 4,
+        "layer_norm_eps": 1e-6,
+        "layerscale_value": 1.0,
+    },
+    "clip_vision_model": {
+        **_HF_VIT_BASE,
+        "patch_size": 32,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+    },
+}
 
 
 # what to do instead, for the Hugging Face ViT relatives users reach for most
 _TIMM_HAS = "timm has these weights, and vitkit reads timm's exactly: "
 _HF_TYPE_HINTS = {
     "dinov2_with_registers": _TIMM_HAS + "timm:vit_small_patch14_reg4_dinov2.lvd142m.",
-    "clip_vision_model": _TIMM_HAS + "timm:vit_base_patch16_clip_224.openai.",
-    "clip": _TIMM_HAS + "timm:vit_base_patch16_clip_224.openai.",
     "vit_mae": _TIMM_HAS + "timm:vit_base_patch16_224.mae.",
     "beit": "BEiT uses relative position biases, which vitkit's ViT does not have.",
     "data2vec-vision": "data2vec-vision uses relative position biases, which vitkit's ViT does not have.",

@@ -18,6 +18,10 @@ vitkit / timm          Hugging Face ``ViTModel``                    torchvision 
 ``head``               ``classifier`` (outside the ``vit.`` prefix)  ``heads.head``
 =====================  ==========================================  =====================================
 
+Hugging Face's ViT relatives reuse these names with a few of their own: DeiT's
+``embeddings.distillation_token`` and ``distillation_classifier``, DINOv2's ``encoder.layer.N.{norm1,
+mlp.fc1, layer_scale1.lambda1}``. CLIP's image tower has a layout of its own (:func:`clip_to_vitkit`).
+
 Google's JAX checkpoints (``.npz``, the original ViT release and big_vision) store kernels
 transposed (``(in, out)``, convolutions ``(H, W, C_in, C_out)``) and q/k/v per head
 (``(D, heads, head_dim)``); :func:`npz_to_vitkit` reshapes them.
@@ -36,13 +40,14 @@ import torch
 
 StateDict = dict[str, torch.Tensor]
 
-FORMATS = ("timm", "hf", "torchvision")
+FORMATS = ("timm", "hf", "clip", "torchvision")
 """Layouts :func:`detect_format` tells apart from the keys (``.npz`` files are read separately)."""
 
 # A key that only one layout has, as it appears after any wrapper prefix ("module.", "model.", ...).
 _ANCHORS = {
     "timm": "patch_embed.proj.weight",
     "hf": "embeddings.patch_embeddings.projection.weight",
+    "clip": "embeddings.patch_embedding.weight",  # Hugging Face CLIP's image tower
     "torchvision": "conv_proj.weight",
 }
 
@@ -101,6 +106,8 @@ def to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, str, list[s
         notes.append(f"weights found under the prefix {prefix!r}.")
     if fmt == "hf":
         converted, more = hf_to_vitkit(inner)
+    elif fmt == "clip":
+        converted, more = clip_to_vitkit(inner)
     elif fmt == "torchvision":
         converted, more = torchvision_to_vitkit(inner)
     else:
@@ -150,6 +157,39 @@ _HF_QKV = [
 _QKV_ORDER = {"query": 0, "key": 1, "value": 2, "q": 0, "k": 1, "v": 2}
 
 
+def _rename(
+    state: Mapping[str, torch.Tensor],
+    renames: list[tuple[str, str]],
+    qkv_patterns: list[re.Pattern[str]],
+    layout: str,
+) -> StateDict:
+    """Rename each key by the first of ``renames`` that matches its start, and concatenate the
+    separate query, key and value projections (``qkv_patterns``: groups block, q/k/v, weight/bias)
+    into ``blocks.N.attn.qkv``. Keys nothing matches are kept as they are, for the loader to report."""
+    out: StateDict = {}
+    qkv: dict[tuple[int, str], list[torch.Tensor | None]] = {}
+    for key, value in state.items():
+        match = next((m for p in qkv_patterns if (m := p.fullmatch(key))), None)
+        if match:
+            block, part, kind = match.groups()
+            qkv.setdefault((int(block), kind), [None, None, None])[_QKV_ORDER[part]] = value
+            continue
+        for pattern, replacement in renames:
+            new, n = re.subn(f"^{pattern}", replacement, key)
+            if n:
+                out[new] = value
+                break
+        else:
+            out[key] = value
+    for (block, kind), parts in sorted(qkv.items()):
+        if any(p is None for p in parts):
+            raise UnsupportedCheckpointError(
+                f"{layout} checkpoint: block {block} lacks one of query/key/value {kind}."
+            )
+        out[f"blocks.{block}.attn.qkv.{kind}"] = torch.cat(parts, dim=0)  # type: ignore[arg-type]
+    return out
+
+
 def hf_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
     """Hugging Face ``ViTModel`` / ``ViTForImageClassification`` (and ``ViTMSN*``, ``Dinov2Model``,
     ``DeiTModel`` / ``DeiTForImageClassificationWithTeacher``) weights -> vitkit names.
@@ -162,40 +202,21 @@ def hf_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str
 
     Keys it does not recognise are kept as they are, so the loader reports them.
     """
-    out: StateDict = {}
-    qkv: dict[tuple[int, str], list[torch.Tensor | None]] = {}
     notes = []
     dropped = []
+    kept: dict[str, torch.Tensor] = {}
     # DeiTForImageClassification: a distillation token, but one head, on the class token only
     cls_only_head = "classifier.weight" in state and any(
         k.endswith("embeddings.distillation_token") for k in state
     )
     for key, value in state.items():
         name = key.removeprefix("vit.").removeprefix("deit.")
-        if name.startswith("pooler.") or name == "embeddings.mask_token":
+        not_weights = name.startswith("pooler.") or name == "embeddings.mask_token"
+        if not_weights or (cls_only_head and name.startswith("classifier.")):
             dropped.append(name)
-            continue
-        if cls_only_head and name.startswith("classifier."):
-            dropped.append(name)
-            continue
-        match = next((m for p in _HF_QKV if (m := p.fullmatch(name))), None)
-        if match:
-            block, part, kind = match.groups()
-            qkv.setdefault((int(block), kind), [None, None, None])[_QKV_ORDER[part]] = value
-            continue
-        for pattern, replacement in _HF_RENAMES:
-            new, n = re.subn(f"^{pattern}", replacement, name)
-            if n:
-                out[new] = value
-                break
         else:
-            out[key] = value
-    for (block, kind), parts in sorted(qkv.items()):
-        if any(p is None for p in parts):
-            raise UnsupportedCheckpointError(
-                f"Hugging Face checkpoint: block {block} lacks one of query/key/value {kind}."
-            )
-        out[f"blocks.{block}.attn.qkv.{kind}"] = torch.cat(parts, dim=0)  # type: ignore[arg-type]
+            kept[name] = value
+    out = _rename(kept, _HF_RENAMES, _HF_QKV, "Hugging Face")
     if any(d.startswith("pooler.") for d in dropped):
         notes.append(
             "dropped the ViTModel pooler (dense + tanh on the class token): the ViT classifier does "
@@ -211,6 +232,39 @@ def hf_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str
             "DeiTForImageClassificationWithTeacher's two heads load."
         )
     return out, notes
+
+
+# Hugging Face CLIP's image tower (``CLIPVisionModel``, the ``vision_model`` of ``CLIPModel``)
+_CLIP_RENAMES = [
+    (r"embeddings\.patch_embedding\.", "patch_embed.proj."),
+    (r"pre_layrnorm\.", "norm_pre."),  # sic: transformers' name
+    (r"encoder\.layers\.(\d+)\.layer_norm([12])\.", r"blocks.\1.norm\2."),
+    (r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"blocks.\1.attn.proj."),
+    (r"encoder\.layers\.(\d+)\.mlp\.fc([12])\.", r"blocks.\1.mlp.fc\2."),
+    (r"post_layernorm\.", "norm."),
+]
+_CLIP_QKV = re.compile(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
+
+
+def clip_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
+    """Hugging Face CLIP image-tower weights (``vision_model.`` stripped) -> vitkit names.
+
+    CLIP's tower is timm's ``pre_norm`` ViT: a class embedding (a vector), a patch convolution
+    without bias, a position table as an ``nn.Embedding``, a LayerNorm before the blocks and one
+    after. transformers applies that last norm to the pooled class token only, vitkit (as timm)
+    to every token: the pooled features are the same. The ``position_ids`` buffer is not a weight.
+    """
+    special: StateDict = {}
+    rest: StateDict = {}
+    for key, value in state.items():
+        if key == "embeddings.class_embedding":  # a vector
+            special["cls_token"] = value.reshape(1, 1, -1)
+        elif key == "embeddings.position_embedding.weight":  # an nn.Embedding's table
+            special["pos_embed"] = value.unsqueeze(0)
+        elif key != "embeddings.position_ids":  # a buffer, not a weight
+            rest[key] = value
+    out = {**special, **_rename(rest, _CLIP_RENAMES, [_CLIP_QKV], "CLIP")}
+    return out, []
 
 
 def vitkit_to_hf(state: Mapping[str, torch.Tensor], with_head: bool = True) -> StateDict:
@@ -283,17 +337,8 @@ def torchvision_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict,
             "torchvision ViT with a convolutional stem (conv_stem_configs) is not supported by vitkit."
         )
     has_pre_logits = any(k.startswith("heads.pre_logits.") for k in state)
-    out: StateDict = {}
-    for key, value in state.items():
-        if has_pre_logits and key.startswith("heads."):
-            continue
-        for pattern, replacement in _TV_RENAMES:
-            new, n = re.subn(f"^{pattern}", replacement, key)
-            if n:
-                out[new] = value
-                break
-        else:
-            out[key] = value
+    kept = {k: v for k, v in state.items() if not (has_pre_logits and k.startswith("heads."))}
+    out = _rename(kept, _TV_RENAMES, [], "torchvision")  # its q, k, v are one tensor already
     if has_pre_logits:
         notes.append(
             "dropped the representation layer (heads.pre_logits) and the head it feeds: vitkit has no "

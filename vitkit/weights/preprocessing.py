@@ -21,6 +21,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 PRETRAINED_CFG_KEYS = ("mean", "std", "interpolation", "crop_pct", "crop_mode", "input_size")
 
@@ -78,12 +80,29 @@ def from_hf_processor(config: Mapping[str, Any], num_channels: int = 3) -> dict[
 
 def hf_default(img_size: tuple[int, int] | None, num_channels: int = 3) -> dict[str, Any]:
     """What ``ViTImageProcessor()`` does when a checkpoint comes without a preprocessor config."""
+    return _processor_default(INCEPTION_MEAN, INCEPTION_STD, "bilinear", "squash", img_size, num_channels)
+
+
+def clip_default(img_size: tuple[int, int] | None, num_channels: int = 3) -> dict[str, Any]:
+    """What ``CLIPImageProcessor()`` does: shortest edge to the input size (bicubic), centre crop,
+    OpenAI CLIP's mean and std."""
+    return _processor_default(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "bicubic", "center", img_size, num_channels)
+
+
+def _processor_default(
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    interpolation: str,
+    crop_mode: str,
+    img_size: tuple[int, int] | None,
+    num_channels: int,
+) -> dict[str, Any]:
     cfg: dict[str, Any] = {
-        "mean": INCEPTION_MEAN,
-        "std": INCEPTION_STD,
-        "interpolation": "bilinear",
+        "mean": mean,
+        "std": std,
+        "interpolation": interpolation,
         "crop_pct": 1.0,
-        "crop_mode": "squash",
+        "crop_mode": crop_mode,
     }
     if img_size is not None:
         cfg["input_size"] = (num_channels, *img_size)
