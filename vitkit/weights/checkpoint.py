@@ -418,10 +418,8 @@ def _from_mapping(
         label_names = meta.get("label_names") or label_names
 
     state, fmt, notes = to_vitkit(unwrap_state_dict(obj, source))
-    if fmt == "hf":
+    if fmt in ("hf", "clip"):
         known = {**_HF_DEFAULTS, **known}
-    elif fmt == "clip":
-        known = {**_CLIP_DEFAULTS, **known}
     elif fmt == "torchvision":
         known = {**_TV_DEFAULTS, **known}
         tv = _torchvision_weights_for_file(filename) if filename else None
@@ -560,13 +558,6 @@ _HF_DEFAULTS = {
     "global_pool": "token",
     "fc_norm": False,
 }
-_CLIP_DEFAULTS = {
-    "class_token": True,
-    "reg_tokens": 0,
-    "no_embed_class": False,
-    "global_pool": "token",
-    "fc_norm": False,
-}
 _TV_DEFAULTS = {"no_embed_class": False, "global_pool": "token", "fc_norm": False, "norm_eps": 1e-6}
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 
@@ -644,7 +635,9 @@ def _from_hf_folder(path: Path, config: Mapping[str, Any], source: str) -> Check
 
 
 def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
-    """VisionTransformer options from a Hugging Face ViT ``config.json``."""
+    """VisionTransformer options from a Hugging Face ``config.json``: ViT, ViTMSN, DeiT (distilled),
+    DINOv2, CLIP (its image tower); other model types raise, with the way to the same weights when
+    there is one."""
     model_type = config.get("model_type")
     if model_type == "clip":  # CLIPModel: the image tower's options are under vision_config
         config = {**dict(config.get("vision_config") or {}), "model_type": "clip_vision_model"}
