@@ -192,6 +192,27 @@ def test_hf_dinov2_backbone_reproduces_its_tokens_and_preprocessing(tmp_path):
         assert relative_error(model.eval().forward_features(x), tokens) < 1e-5
 
 
+def test_hf_dinov2_with_registers_reproduces_its_tokens_from_a_folder_and_a_bare_file(tmp_path):
+    # registers sit between the class token (which has a position) and the patches, without one;
+    # vitkit folds the class position into the class token and keeps positions for the patches
+    config = transformers.Dinov2WithRegistersConfig(**{**dinov2_config().to_dict(), "num_register_tokens": 4})
+    reference = randomise(transformers.Dinov2WithRegistersModel(config))
+    reference.save_pretrained(tmp_path / "folder")  # transformers' legacy names
+    save_file(reference.state_dict(), str(tmp_path / "w.safetensors"))  # transformers 5 module names
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        tokens = reference(pixel_values=x).last_hidden_state
+    # the bare file does not say its epsilon (1e-6 here): the caller does
+    for source, given in (
+        (tmp_path / "folder", {}),
+        (tmp_path / "w.safetensors", {"num_heads": 2, "norm_eps": 1e-6}),
+    ):
+        model = model_from_checkpoint(source, **given).eval()
+        assert model.config["reg_tokens"] == 4 and model.config["no_embed_class"]
+        with torch.no_grad():
+            assert relative_error(model.forward_features(x), tokens) < 1e-5, source
+
+
 def test_hf_dinov2_classifier_loads_its_backbone_and_says_why_not_its_head(tmp_path):
     # the classifier reads [class token, mean patch token]: 2 x D inputs, not vitkit's head
     reference = randomise(transformers.Dinov2ForImageClassification(dinov2_config()))

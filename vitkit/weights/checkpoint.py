@@ -420,6 +420,8 @@ def _from_mapping(
     state, fmt, notes = to_vitkit(unwrap_state_dict(obj, source))
     if fmt in ("hf", "clip"):
         known = {**_HF_DEFAULTS, **known}
+        if "reg_token" in state:  # DINOv2 with registers, converted to positions for the patches only
+            known["no_embed_class"] = True
     elif fmt == "torchvision":
         known = {**_TV_DEFAULTS, **known}
         tv = _torchvision_weights_for_file(filename) if filename else None
@@ -642,16 +644,17 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
     if model_type == "clip":  # CLIPModel: the image tower's options are under vision_config
         config = {**dict(config.get("vision_config") or {}), "model_type": "clip_vision_model"}
         model_type = "clip_vision_model"
-    if model_type not in ("vit", "vit_msn", "deit", "dinov2", "clip_vision_model"):  # ViTMSN's modules: ViT's
+    supported = ("vit", "vit_msn", "deit", "dinov2", "dinov2_with_registers", "clip_vision_model")
+    if model_type not in supported:  # (ViTMSN's modules are ViT's)
         hint = _HF_TYPE_HINTS.get(str(model_type), "")
         raise UnsupportedCheckpointError(
             f"Hugging Face model_type {model_type!r} is not supported: vitkit reads 'vit', 'vit_msn', "
-            "'deit', 'dinov2' and 'clip' models (ViTModel, ViTForImageClassification, ViTMSN*, DeiT*, "
-            f"Dinov2Model, CLIP's image tower).{' ' + hint if hint else ''}"
+            "'deit', 'dinov2' (with registers too) and 'clip' models (ViTModel, ViTForImageClassification, "
+            f"ViTMSN*, DeiT*, Dinov2Model, CLIP's image tower).{' ' + hint if hint else ''}"
         )
     # a config.json may leave out what equals its class's default: start from transformers' defaults
     config = {**_HF_CONFIG_DEFAULTS[model_type], **config}
-    if model_type == "dinov2" and config.get("use_swiglu_ffn"):
+    if model_type.startswith("dinov2") and config.get("use_swiglu_ffn"):
         raise UnsupportedCheckpointError(
             "This DINOv2 (the giant model) has a SwiGLU MLP, which vitkit's ViT does not have."
         )
@@ -679,8 +682,10 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
         options["pre_norm"] = True
     if model_type == "deit":  # ViT with a distillation token after the class token
         options["distilled"] = True
-    if model_type == "dinov2":  # LayerScale, an MLP ratio instead of a width
+    if model_type.startswith("dinov2"):  # LayerScale, an MLP ratio instead of a width
         options.update(mlp_ratio=float(config["mlp_ratio"]), init_values=float(config["layerscale_value"]))
+    if model_type == "dinov2_with_registers":  # positions for the patches only (see hf_to_vitkit)
+        options.update(reg_tokens=int(config["num_register_tokens"]), no_embed_class=True)
     return options
 
 
@@ -698,18 +703,20 @@ _HF_VIT_BASE = {
     "layer_norm_eps": 1e-12,
     "qkv_bias": True,
 }
+_HF_DINOV2 = {
+    **_HF_VIT_BASE,
+    "patch_size": 14,
+    "intermediate_size": None,
+    "mlp_ratio": 4,
+    "layer_norm_eps": 1e-6,
+    "layerscale_value": 1.0,
+}
 _HF_CONFIG_DEFAULTS = {
     "vit": _HF_VIT_BASE,
     "deit": _HF_VIT_BASE,
     "vit_msn": {**_HF_VIT_BASE, "layer_norm_eps": 1e-6},
-    "dinov2": {
-        **_HF_VIT_BASE,
-        "patch_size": 14,
-        "intermediate_size": None,
-        "mlp_ratio": 4,
-        "layer_norm_eps": 1e-6,
-        "layerscale_value": 1.0,
-    },
+    "dinov2": _HF_DINOV2,
+    "dinov2_with_registers": {**_HF_DINOV2, "num_register_tokens": 4},
     "clip_vision_model": {
         **_HF_VIT_BASE,
         "patch_size": 32,
@@ -722,7 +729,6 @@ _HF_CONFIG_DEFAULTS = {
 # what to do instead, for the Hugging Face ViT relatives users reach for most
 _TIMM_HAS = "timm has these weights, and vitkit reads timm's exactly: "
 _HF_TYPE_HINTS = {
-    "dinov2_with_registers": _TIMM_HAS + "timm:vit_small_patch14_reg4_dinov2.lvd142m.",
     "vit_mae": _TIMM_HAS + "timm:vit_base_patch16_224.mae.",
     "beit": "BEiT uses relative position biases, which vitkit's ViT does not have.",
     "data2vec-vision": "data2vec-vision uses relative position biases, which vitkit's ViT does not have.",

@@ -128,6 +128,7 @@ def _drop_timm_extras(state: StateDict) -> tuple[StateDict, list[str]]:
 _HF_RENAMES = [
     (r"embeddings\.cls_token", "cls_token"),
     (r"embeddings\.distillation_token", "dist_token"),  # DeiT
+    (r"embeddings\.register_tokens", "reg_token"),  # DINOv2 with registers
     (r"embeddings\.position_embeddings", "pos_embed"),
     (r"embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
     # transformers < 5 names (also what ``save_pretrained`` writes)
@@ -137,7 +138,7 @@ _HF_RENAMES = [
     (r"encoder\.layer\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
     (r"encoder\.layer\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
     # transformers >= 5 module names (a ``torch.save(model.state_dict())`` of a v5 model)
-    (r"layers\.(\d+)\.attention\.o_proj\.", r"blocks.\1.attn.proj."),
+    (r"(?:encoder\.layer|layers)\.(\d+)\.attention\.o_proj\.", r"blocks.\1.attn.proj."),  # (DINOv2's)
     (r"layers\.(\d+)\.mlp\.fc([12])\.", r"blocks.\1.mlp.fc\2."),
     (r"layers\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
     (r"layers\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
@@ -152,7 +153,7 @@ _HF_RENAMES = [
 ]
 _HF_QKV = [
     re.compile(r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)"),
-    re.compile(r"layers\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)"),
+    re.compile(r"(?:encoder\.layer|layers)\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)"),
 ]
 _QKV_ORDER = {"query": 0, "key": 1, "value": 2, "q": 0, "k": 1, "v": 2}
 
@@ -217,6 +218,14 @@ def hf_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str
         else:
             kept[name] = value
     out = _rename(kept, _HF_RENAMES, _HF_QKV, "Hugging Face")
+    if "reg_token" in out and "cls_token" in out and "pos_embed" in out:
+        # DINOv2 with registers: the class token has a position, the registers none. vitkit's
+        # registers follow timm's no_embed_class layout (positions for the patches only), so the
+        # class token's position is added into the token itself: the same sum, at every grid.
+        pos = out["pos_embed"]
+        out["cls_token"] = out["cls_token"] + pos[:, :1]
+        out["pos_embed"] = pos[:, 1:]
+        notes.append("registers: the class token's position embedding is folded into the class token.")
     if any(d.startswith("pooler.") for d in dropped):
         notes.append(
             "dropped the ViTModel pooler (dense + tanh on the class token): the ViT classifier does "
