@@ -170,6 +170,25 @@ def test_hf_deit_with_teacher_reproduces_its_logits_and_the_backbones_tokens(tmp
         assert relative_error(model.eval().forward_features(x), tokens) < 1e-5
 
 
+def test_hf_mae_pretraining_checkpoint_loads_its_encoder(tmp_path):
+    # ViTMAEForPreTraining: the ViT encoder under vit., a decoder beside it that fine-tuning drops
+    decoder = dict(
+        decoder_hidden_size=16,
+        decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=32,
+    )
+    config = hf_config(transformers.ViTMAEConfig, mask_ratio=0.0, **decoder)
+    reference = randomise(transformers.ViTMAEForPreTraining(config))
+    reference.save_pretrained(tmp_path)
+    model, report = model_from_checkpoint(tmp_path, return_report=True)
+    assert model.num_classes == 0 and any("MAE decoder" in note for note in report.notes)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # MAE shuffles its patch tokens even unmasked: compare the class token
+        tokens = reference.vit(pixel_values=x).last_hidden_state
+        assert relative_error(model.eval().forward_features(x)[:, 0], tokens[:, 0]) < 1e-5
+
+
 def dinov2_config(**overrides):
     options = dict(image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
     return transformers.Dinov2Config(**{**options, "layerscale_value": 0.5, "num_labels": 3, **overrides})

@@ -644,13 +644,14 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
     if model_type == "clip":  # CLIPModel: the image tower's options are under vision_config
         config = {**dict(config.get("vision_config") or {}), "model_type": "clip_vision_model"}
         model_type = "clip_vision_model"
-    supported = ("vit", "vit_msn", "deit", "dinov2", "dinov2_with_registers", "clip_vision_model")
+    supported = ("vit", "vit_msn", "vit_mae", "deit", "dinov2", "dinov2_with_registers", "clip_vision_model")
     if model_type not in supported:  # (ViTMSN's modules are ViT's)
         hint = _HF_TYPE_HINTS.get(str(model_type), "")
         raise UnsupportedCheckpointError(
             f"Hugging Face model_type {model_type!r} is not supported: vitkit reads 'vit', 'vit_msn', "
-            "'deit', 'dinov2' (with registers too) and 'clip' models (ViTModel, ViTForImageClassification, "
-            f"ViTMSN*, DeiT*, Dinov2Model, CLIP's image tower).{' ' + hint if hint else ''}"
+            "'vit_mae', 'deit', 'dinov2' (with registers too) and 'clip' models (ViTModel, "
+            "ViTForImageClassification, ViTMSN*, ViTMAE*, DeiT*, Dinov2Model, CLIP's image tower)."
+            f"{' ' + hint if hint else ''}"
         )
     # a config.json may leave out what equals its class's default: start from transformers' defaults
     config = {**_HF_CONFIG_DEFAULTS[model_type], **config}
@@ -715,6 +716,7 @@ _HF_CONFIG_DEFAULTS = {
     "vit": _HF_VIT_BASE,
     "deit": _HF_VIT_BASE,
     "vit_msn": {**_HF_VIT_BASE, "layer_norm_eps": 1e-6},
+    "vit_mae": _HF_VIT_BASE,
     "dinov2": _HF_DINOV2,
     "dinov2_with_registers": {**_HF_DINOV2, "num_register_tokens": 4},
     "clip_vision_model": {
@@ -726,10 +728,8 @@ _HF_CONFIG_DEFAULTS = {
 }
 
 
-# what to do instead, for the Hugging Face ViT relatives users reach for most
-_TIMM_HAS = "timm has these weights, and vitkit reads timm's exactly: "
+# why vitkit cannot read some Hugging Face ViT relatives, said in the error
 _HF_TYPE_HINTS = {
-    "vit_mae": _TIMM_HAS + "timm:vit_base_patch16_224.mae.",
     "beit": "BEiT uses relative position biases, which vitkit's ViT does not have.",
     "data2vec-vision": "data2vec-vision uses relative position biases, which vitkit's ViT does not have.",
 }

@@ -212,7 +212,7 @@ def hf_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str
     )
     for key, value in state.items():
         name = key.removeprefix("vit.").removeprefix("deit.")
-        not_weights = name.startswith("pooler.") or name == "embeddings.mask_token"
+        not_weights = name.startswith(("pooler.", "decoder.")) or name == "embeddings.mask_token"
         if not_weights or (cls_only_head and name.startswith("classifier.")):
             dropped.append(name)
         else:
@@ -233,6 +233,8 @@ def hf_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str
         )
     if "embeddings.mask_token" in dropped:
         notes.append("dropped the masked-image-modelling mask_token.")
+    if any(d.startswith("decoder.") for d in dropped):
+        notes.append("dropped the MAE decoder (pre-training only): the encoder is the ViT.")
     if cls_only_head:
         notes.append(
             "dropped DeiTForImageClassification's head: it reads the class token alone, while a "
