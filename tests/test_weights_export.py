@@ -85,6 +85,19 @@ def test_timm_folder_round_trip(tmp_path):
         assert relative_error(loaded(x), model(x)) < 1e-5
 
 
+def test_distilled_model_exports_for_timm_and_not_for_transformers_vit(tmp_path):
+    model = trained_model(distilled=True)
+    folder = save(model, tmp_path / "timm_export", format="timm")
+    assert "distilled" in json.loads((folder / "config.json").read_text())["architecture"]
+    reference = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()  # timm's DeiT class
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(reference(x), model(x)) < 1e-5
+        assert relative_error(model_from_checkpoint(folder).eval()(x), model(x)) < 1e-5
+    with pytest.raises(ValueError, match="distilled=True"):
+        save(model, tmp_path / "hf_export", format="hf")
+
+
 def test_the_attention_kernel_choice_survives_vitkit_files_and_stays_out_of_timm_ones(tmp_path):
     model = trained_model(fused_attn=False)
     loaded = model_from_checkpoint(save(model, tmp_path / "model.safetensors"))
