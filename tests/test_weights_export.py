@@ -85,7 +85,7 @@ def test_timm_folder_round_trip(tmp_path):
         assert relative_error(loaded(x), model(x)) < 1e-5
 
 
-def test_distilled_model_exports_for_timm_and_not_for_transformers_vit(tmp_path):
+def test_distilled_model_exports_for_timm_and_for_transformers_deit(tmp_path):
     model = trained_model(distilled=True)
     folder = save(model, tmp_path / "timm_export", format="timm")
     assert "distilled" in json.loads((folder / "config.json").read_text())["architecture"]
@@ -94,8 +94,11 @@ def test_distilled_model_exports_for_timm_and_not_for_transformers_vit(tmp_path)
     with torch.no_grad():
         assert relative_error(reference(x), model(x)) < 1e-5
         assert relative_error(model_from_checkpoint(folder).eval()(x), model(x)) < 1e-5
-    with pytest.raises(ValueError, match="distilled=True"):
-        save(model, tmp_path / "hf_export", format="hf")
+    transformers = pytest.importorskip("transformers")
+    folder = save(model, tmp_path / "hf_export", format="hf")
+    deit = transformers.DeiTForImageClassificationWithTeacher.from_pretrained(folder).eval()
+    with torch.no_grad():
+        assert relative_error(deit(pixel_values=x).logits, model(x)) < 1e-5
 
 
 def test_the_attention_kernel_choice_survives_vitkit_files_and_stays_out_of_timm_ones(tmp_path):

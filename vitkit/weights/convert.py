@@ -278,24 +278,31 @@ def clip_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[s
     return out, []
 
 
-def vitkit_to_hf(state: Mapping[str, torch.Tensor], with_head: bool = True) -> StateDict:
-    """vitkit weights -> the layout ``ViTForImageClassification.save_pretrained`` writes.
+def vitkit_to_hf(
+    state: Mapping[str, torch.Tensor], with_head: bool = True, distilled: bool = False
+) -> StateDict:
+    """vitkit weights -> the layout ``ViTForImageClassification.save_pretrained`` writes (with
+    ``distilled``: ``DeiTForImageClassificationWithTeacher``'s).
 
     Only the original ViT's parameters have a Hugging Face counterpart (class token, learned
     positions including the class token's, no registers, no LayerScale, no q/k norm, final norm
-    before class-token pooling); :func:`vitkit.weights.save` checks the model options first.
+    before class-token pooling), and DeiT's distillation token and second head;
+    :func:`vitkit.weights.save` checks the model options first.
     """
+    model = "deit" if distilled else "vit"
     renames = [
-        (r"cls_token", "vit.embeddings.cls_token"),
-        (r"pos_embed", "vit.embeddings.position_embeddings"),
-        (r"patch_embed\.proj\.", "vit.embeddings.patch_embeddings.projection."),
-        (r"blocks\.(\d+)\.norm1\.", r"vit.encoder.layer.\1.layernorm_before."),
-        (r"blocks\.(\d+)\.norm2\.", r"vit.encoder.layer.\1.layernorm_after."),
-        (r"blocks\.(\d+)\.attn\.proj\.", r"vit.encoder.layer.\1.attention.output.dense."),
-        (r"blocks\.(\d+)\.mlp\.fc1\.", r"vit.encoder.layer.\1.intermediate.dense."),
-        (r"blocks\.(\d+)\.mlp\.fc2\.", r"vit.encoder.layer.\1.output.dense."),
-        (r"norm\.", "vit.layernorm."),
-        (r"head\.", "classifier."),
+        (r"cls_token", f"{model}.embeddings.cls_token"),
+        (r"dist_token", f"{model}.embeddings.distillation_token"),
+        (r"pos_embed", f"{model}.embeddings.position_embeddings"),
+        (r"patch_embed\.proj\.", f"{model}.embeddings.patch_embeddings.projection."),
+        (r"blocks\.(\d+)\.norm1\.", rf"{model}.encoder.layer.\1.layernorm_before."),
+        (r"blocks\.(\d+)\.norm2\.", rf"{model}.encoder.layer.\1.layernorm_after."),
+        (r"blocks\.(\d+)\.attn\.proj\.", rf"{model}.encoder.layer.\1.attention.output.dense."),
+        (r"blocks\.(\d+)\.mlp\.fc1\.", rf"{model}.encoder.layer.\1.intermediate.dense."),
+        (r"blocks\.(\d+)\.mlp\.fc2\.", rf"{model}.encoder.layer.\1.output.dense."),
+        (r"norm\.", f"{model}.layernorm."),
+        (r"head_dist\.", "distillation_classifier."),
+        (r"head\.", "cls_classifier." if distilled else "classifier."),
     ]
     out: StateDict = {}
     for key, value in state.items():
@@ -303,9 +310,9 @@ def vitkit_to_hf(state: Mapping[str, torch.Tensor], with_head: bool = True) -> S
         if match:
             block, kind = match.groups()
             for part, chunk in zip(("query", "key", "value"), value.chunk(3, dim=0), strict=True):
-                out[f"vit.encoder.layer.{block}.attention.attention.{part}.{kind}"] = chunk.contiguous()
+                out[f"{model}.encoder.layer.{block}.attention.attention.{part}.{kind}"] = chunk.contiguous()
             continue
-        if key.startswith("head.") and not with_head:
+        if key.startswith(("head.", "head_dist.")) and not with_head:
             continue
         for pattern, replacement in renames:
             new, n = re.subn(f"^{pattern}", replacement, key)

@@ -9,9 +9,10 @@
   ``timm.create_model("local-dir:<folder>", pretrained=True)`` or pushed to the Hub as is.
 * ``format="hf"``: a folder in Hugging Face layout (``config.json``, ``model.safetensors``,
   ``preprocessor_config.json``), loadable with
-  ``transformers.ViTForImageClassification.from_pretrained(folder)``. Only the original ViT
-  has a transformers counterpart: class-token pooling, positions for the class token too, no
-  registers, LayerScale, q/k norm or pre-norm.
+  ``transformers.ViTForImageClassification.from_pretrained(folder)`` (a distilled model:
+  ``DeiTForImageClassificationWithTeacher``). Only the original ViT has a transformers
+  counterpart: class-token pooling, positions for the class token too, no registers, LayerScale,
+  q/k norm or pre-norm.
 """
 
 from __future__ import annotations
@@ -189,7 +190,6 @@ def hf_export_problems(config: dict[str, Any]) -> list[str]:
         (not config.get("final_norm", True), "final_norm=False"),
         (config.get("fc_norm"), "fc_norm=True (the final norm comes before pooling there)"),
         (config.get("pos_embed") == "none", "pos_embed='none'"),
-        (config.get("distilled"), "distilled=True (a distillation token: transformers' DeiT, not its ViT)"),
     ]
     problems += [message for bad, message in checks if bad]
     return problems
@@ -199,16 +199,21 @@ def _save_hf(state, config, cfg, labels, path: Path) -> Path:
     problems = hf_export_problems(config)
     if problems:
         raise ValueError(
-            "This model cannot be saved for transformers' ViTForImageClassification: "
+            "This model cannot be saved for transformers' ViTForImageClassification (or DeiT's): "
             + "; ".join(problems)
             + ". Use format='vitkit' or 'timm' instead."
         )
     num_classes = int(config["num_classes"])
     img, patch = tuple(config["img_size"]), tuple(config["patch_size"])
     labels = list(labels) if labels else [f"LABEL_{i}" for i in range(num_classes)]
+    distilled = bool(config.get("distilled"))
+    if distilled:  # transformers' DeiT: the distillation token and a head on each token, averaged
+        architecture = "DeiTForImageClassificationWithTeacher" if num_classes else "DeiTModel"
+    else:
+        architecture = "ViTForImageClassification" if num_classes else "ViTModel"
     hf_config = {
-        "architectures": ["ViTForImageClassification" if num_classes else "ViTModel"],
-        "model_type": "vit",
+        "architectures": [architecture],
+        "model_type": "deit" if distilled else "vit",
         "hidden_size": config["embed_dim"],
         "num_hidden_layers": config["depth"],
         "num_attention_heads": config["num_heads"],
@@ -231,7 +236,7 @@ def _save_hf(state, config, cfg, labels, path: Path) -> Path:
         hf_config["id2label"] = {str(i): str(name) for i, name in enumerate(labels)}
         hf_config["label2id"] = {str(name): i for i, name in enumerate(labels)}
     path.mkdir(parents=True, exist_ok=True)
-    _save_file(vitkit_to_hf(state, with_head=bool(num_classes)), path / "model.safetensors", {})
+    _save_file(vitkit_to_hf(state, bool(num_classes), distilled), path / "model.safetensors", {})
     (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     processor = prep.to_hf_processor(cfg, img)
     (path / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
