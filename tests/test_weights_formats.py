@@ -476,6 +476,20 @@ def test_timm_training_checkpoint_rebuilds_its_architecture_exactly(tmp_path):
         assert relative_error(model(x), reference(x)) < 1e-5
 
 
+def test_research_repo_checkpoints_with_their_command_line_load(tmp_path):
+    # DeiT's, MAE's and DINO's own training scripts save {"model" or "teacher": weights, "args":
+    # argparse.Namespace, ...}: the Namespace no longer stops torch.load(weights_only=True)
+    import argparse
+
+    reference = randomise(TimmViT(**TINY))
+    args = argparse.Namespace(model="deit_tiny_patch16_224", lr=5e-4, input_size=32, drop_path=0.1)
+    torch.save({"model": reference.state_dict(), "epoch": 299, "args": args}, tmp_path / "checkpoint.pth")
+    model = model_from_checkpoint(tmp_path / "checkpoint.pth", num_heads=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(model(x), reference(x)) < 1e-5
+
+
 def test_timm_training_checkpoint_of_a_variant_vitkit_lacks_is_refused(tmp_path):
     # residual post-norm blocks have the same tensors as pre-norm ones: only the arch tells them apart
     _timm_train_checkpoint("vit_base_patch16_rpn_224", tmp_path / "last.pth.tar")
