@@ -4,27 +4,27 @@
 #
 #     bash benchmarks/gpu_suite.sh OUT ~/.cache/vitkit/cifar10 [PART ...]
 #
-# With no PART it runs the short parts that decide the open GPU targets: data_path (re-measured with
-# warm-up steps), mfu_weights, mfu_graphs, mfu_s16 (about 4.5 minutes; 12.5 by their limits). Then, in
-# a second call while the machine is still warm (it is given back after 30 s idle): speedrun with
-# SPEEDRUN_MINUTES=6 (the default 8 fits one 10-minute call on its own). The H200 run of 2026-11-30
-# measured data_path, mfu_profile and a 2.4-minute speedrun (BENCHMARKS.md). `all` runs every part.
+# With no PART it runs the short parts of the open GPU targets: data_path, mfu_weights, mfu_graphs,
+# mfu_s16 (263 s on the H200; 12.5 minutes by their limits). Then, in a second call while the machine
+# is still warm (it is given back after 30 s idle): speedrun with SPEEDRUN_MINUTES=6 (392 s; the default
+# 8 fits one 10-minute call on its own). Both H200 sessions of 2026-11-30 are in BENCHMARKS.md. Not run
+# on a GPU yet: compile_time. `all` runs every part.
 # Parts (limit in seconds; what took how long on the H100 of 2026-11-24 / the H200 of 2026-11-30):
 #
 #   data_path      CIFAR-10 loop, ViT-S/4, batch 512, RandAugment: JPEG folder / uint8 cache augmented
-#                  in the workers / uint8 cache augmented on the GPU / plain timm loop / step alone (150; 91 s)
+#                  in the workers / uint8 cache augmented on the GPU / plain timm loop / step alone (150; 72 s)
 #   compile_time   the speedrun's model, batch 512: cold compile and step of eager / torch.compile(model) /
 #                  compile_blocks, one fresh process each (benchmarks/compile_time.py; 150; not run yet)
 #   data_profile   profiler report of the loop augmented on the GPU (90)
 #   mfu_profile    ViT-B/16 bf16 training step, compiled, batch 256: MFU and the device time by kernel kind,
 #                  attention chosen by PyTorch and on cuDNN (benchmarks/mfu_profile.py; 200; 57 s)
 #   mfu_weights    the same, autocast over fp32 weights against bf16 weights with an fp32 master copy
-#                  (mfu_profile.py --weights fp32 bf16; 200; not run yet)
-#   mfu_graphs     the same two with CUDA graphs (--compile-mode reduce-overhead) for the 5% idle (240)
-#   mfu_s16        ViT-S/16, both weight kinds, compiled, batch 512 (160)
+#                  (mfu_profile.py --weights fp32 bf16; 200; 69 s)
+#   mfu_graphs     the same two with CUDA graphs (--compile-mode reduce-overhead) for the 5% idle (240; 50 s)
+#   mfu_s16        ViT-S/16, both weight kinds, compiled, batch 512 (160; 51 s)
 #   b16_autotune   ViT-B/16 bf16 training step, torch.compile max-autotune-no-cudagraphs, batch 256 (180)
 #   speedrun       CIFAR-10 time-to-accuracy for SPEEDRUN_MINUTES (default 8; the LR annealed to fit) with
-#                  SPEEDRUN_ARGS (limit +60; 2.4 minutes took 184 s)
+#                  SPEEDRUN_ARGS (limit +60; 2.4 minutes took 184 s, 6 minutes 381 s)
 #   b16_eager b16_compiled b16_batch512 s16_eager s16_compiled b16_explicit b16_fp32 explain_cost:
 #                  the speed / MFU / explanation tables (eager ~90 s, compiled ~150-200 s each)
 #   b16_cudnn      ViT-B/16 bf16 training step, compiled, attention on cuDNN's kernel (200; torch 2.11 picks
