@@ -108,8 +108,8 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
-def _drop_path(rate: float) -> nn.Module:
-    return DropPath(rate) if rate > 0 else nn.Identity()
+def _drop_path(rate: float | None) -> nn.Module:
+    return nn.Identity() if rate is None else DropPath(rate)
 
 
 class TransformerBlock(nn.Module):
@@ -123,7 +123,9 @@ class TransformerBlock(nn.Module):
         init_values: LayerScale initial value; ``None`` disables LayerScale.
         proj_drop: dropout after the attention projection and in the MLP.
         attn_drop: dropout on the attention weights.
-        drop_path: stochastic-depth rate of this block.
+        drop_path: stochastic-depth rate of this block; ``None`` (the default): no stochastic depth.
+            A model with stochastic depth gives every block a rate, 0 included, so that all its blocks
+            hold the same modules (blocks compiled one by one then share one compiled graph).
         norm_layer: normalisation layer constructor.
         act_layer: the MLP's activation, a name of :data:`ACTIVATIONS`.
         attn_mode, hard_k, hard_estimator: soft or hard (top-k) attention, see :class:`SelfAttention`.
@@ -140,7 +142,7 @@ class TransformerBlock(nn.Module):
         init_values: float | None = None,
         proj_drop: float = 0.0,
         attn_drop: float = 0.0,
-        drop_path: float = 0.0,
+        drop_path: float | None = None,
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
         act_layer: str = "gelu",
         attn_mode: str = "soft",

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ._utils import to_2tuple
-from .block import DropPath, TransformerBlock
+from .block import TransformerBlock
 from .patch_embedding import ConvStem, PatchEmbedding
 from .position import resample_position_embedding, sincos_2d_position_embedding
 
@@ -203,7 +203,12 @@ class VisionTransformer(nn.Module):
         self.pos_drop = nn.Dropout(pos_drop_rate)
         self.norm_pre = norm_layer(embed_dim) if pre_norm else nn.Identity()
 
-        drop_path_rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # (also on meta)
+        # (on the CPU, also when building on the meta device); None: no stochastic depth at all
+        drop_path_rates = (
+            torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+            if drop_path_rate > 0
+            else [None] * depth
+        )
         self.blocks = nn.Sequential(
             *[
                 TransformerBlock(
@@ -226,11 +231,6 @@ class VisionTransformer(nn.Module):
                 for rate in drop_path_rates
             ]
         )
-        if drop_path_rate > 0:
-            # the first block's rate is 0: give it a DropPath(0) too, so that every block holds the
-            # same modules and blocks compiled one by one (compile_blocks) share one compiled graph
-            first = self.blocks[0]
-            first.drop_path1, first.drop_path2 = DropPath(0.0), DropPath(0.0)
         self.norm = norm_layer(embed_dim) if final_norm and not use_fc_norm else nn.Identity()
         self.fc_norm = norm_layer(embed_dim) if final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
