@@ -644,8 +644,7 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
     if model_type == "clip":  # CLIPModel: the image tower's options are under vision_config
         config = {**dict(config.get("vision_config") or {}), "model_type": "clip_vision_model"}
         model_type = "clip_vision_model"
-    supported = ("vit", "vit_msn", "vit_mae", "deit", "dinov2", "dinov2_with_registers", "clip_vision_model")
-    if model_type not in supported:  # (ViTMSN's modules are ViT's)
+    if model_type not in _HF_CONFIG_DEFAULTS:  # the model types vitkit reads
         hint = _HF_TYPE_HINTS.get(str(model_type), "")
         raise UnsupportedCheckpointError(
             f"Hugging Face model_type {model_type!r} is not supported: vitkit reads 'vit', 'vit_msn', "
@@ -690,8 +689,9 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
-# transformers' defaults of the configs vitkit reads (ViTConfig, ViTMSNConfig, DeiTConfig,
-# Dinov2Config, CLIPVisionConfig): what a config.json that omits a value means
+# The Hugging Face model types vitkit reads, each with its transformers config's defaults (ViTConfig,
+# ViTMSNConfig, ViTMAEConfig, DeiTConfig, Dinov2Config, CLIPVisionConfig): what a config.json that
+# omits a value means
 _HF_VIT_BASE = {
     "image_size": 224,
     "patch_size": 16,
