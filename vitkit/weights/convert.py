@@ -43,6 +43,10 @@ StateDict = dict[str, torch.Tensor]
 FORMATS = ("timm", "hf", "clip", "torchvision")
 """Layouts :func:`detect_format` tells apart from the keys (``.npz`` files are read separately)."""
 
+# The model inside a Hugging Face classifier (ViTFor..., DeiTFor...): its keys start with this, the
+# classifier's own head sits beside it.
+_HF_MODEL_PREFIXES = ("vit.", "deit.")
+
 # A key that only one layout has, as it appears after any wrapper prefix ("module.", "model.", ...).
 _ANCHORS = {
     "timm": "patch_embed.proj.weight",
@@ -63,7 +67,7 @@ def detect_format(state: Mapping[str, Any]) -> tuple[str, str]:
     Returns:
         ``(format, prefix)``: one of :data:`FORMATS`, and the wrapper prefix in front of the
         model's own keys (``""``, ``"module."``, ``"model."`` for a Lightning checkpoint, ...).
-        For Hugging Face the prefix excludes ``vit.``, which is part of the layout.
+        For Hugging Face the prefix excludes ``vit.`` / ``deit.``, which are part of the layout.
 
     Raises:
         UnsupportedCheckpointError: no known ViT layout matches.
@@ -73,8 +77,9 @@ def detect_format(state: Mapping[str, Any]) -> tuple[str, str]:
         for key in state:
             if key == anchor or key.endswith("." + anchor):
                 prefix = key[: len(key) - len(anchor)]
-                if fmt == "hf" and prefix.endswith(("vit.", "deit.")):  # their heads sit beside them
-                    prefix = prefix.removesuffix("deit.").removesuffix("vit.")
+                if fmt == "hf":  # vit. / deit. are part of the layout: the classifier heads sit beside them
+                    model = next((m for m in _HF_MODEL_PREFIXES if prefix.endswith(m)), "")
+                    prefix = prefix.removesuffix(model)
                 found.append((len(prefix), fmt, prefix))
     if not found:
         sample = ", ".join(sorted(state)[:8])
@@ -211,7 +216,8 @@ def hf_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str
         k.endswith("embeddings.distillation_token") for k in state
     )
     for key, value in state.items():
-        name = key.removeprefix("vit.").removeprefix("deit.")
+        model = next((m for m in _HF_MODEL_PREFIXES if key.startswith(m)), "")
+        name = key.removeprefix(model)
         not_weights = name.startswith(("pooler.", "decoder.")) or name == "embeddings.mask_token"
         if not_weights or (cls_only_head and name.startswith("classifier.")):
             dropped.append(name)
