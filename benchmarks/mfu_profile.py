@@ -37,6 +37,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import vitkit
 from vitkit.bench.speed import (
+    _adamw,
     _check_device,
     _example_batch,
     _on_sdpa_backend,
@@ -133,8 +134,7 @@ def bf16_weights_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
     master = [p.detach().float().requires_grad_() for p in params]
     for weight in master:
         weight.grad = torch.zeros_like(weight)
-    fused = {"fused": True} if x.device.type in ("cuda", "cpu") else {}
-    optimizer = torch.optim.AdamW(master, lr=lr, **fused)
+    optimizer = _adamw(master, x.device, lr=lr)
 
     def step() -> None:
         loss = torch.nn.functional.cross_entropy(model(x).float(), y)

@@ -89,8 +89,7 @@ def _train_step_fn(
 ) -> Callable[[], None]:
     """One training step: forward, backward, AdamW (fused where the device has it; ``fused=False``:
     the foreach AdamW)."""
-    kind = {"fused": x.device.type in ("cuda", "cpu")} if fused else {"foreach": True}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **kind)
+    optimizer = _adamw(model.parameters(), x.device, fused=fused)
 
     def step() -> None:
         with _autocast(x.device, precision):
@@ -101,6 +100,13 @@ def _train_step_fn(
 
     step.optimizer = optimizer  # type: ignore[attr-defined]  # (its state counts as the model's memory)
     return step
+
+
+def _adamw(params: Any, device: torch.device, lr: float = 1e-4, fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW as the benchmarks step it: the fused kernel where the device has one (``fused=False``:
+    the foreach one)."""
+    kind = {"fused": device.type in ("cuda", "cpu")} if fused else {"foreach": True}
+    return torch.optim.AdamW(params, lr=lr, **kind)
 
 
 def _resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None, *tensors: torch.Tensor) -> int:
