@@ -66,13 +66,47 @@ def test_model_with_a_stem_trains_its_stem_and_accepts_other_sizes():
     assert "stem_channels" not in VisionTransformer(**TINY).config  # plain models keep timm's options only
 
 
+def test_stem_strides_put_the_halvings_where_asked_and_keep_the_grid():
+    x = torch.randn(2, 3, 32, 32)
+    late = ConvStem(32, 4, 3, 24, channels=(8, 16, 16), strides=(1, 2, 2))
+    assert [m.stride[0] for m in late.stem if isinstance(m, torch.nn.Conv2d)] == [1, 2, 2]
+    assert late(x, flatten=False).shape == (2, 8, 8, 24)
+    # the first convolution now runs at full resolution, the default stem's at half
+    sizes = {}
+    early = ConvStem(32, 4, 3, 24, channels=(8, 16, 16))
+    for name, stem in [("early", early), ("late", late)]:
+        first = stem.stem[0]
+        first.register_forward_hook(lambda m, i, out, name=name: sizes.__setitem__(name, out.shape[-2:]))
+        stem(x)
+    assert sizes == {"early": (16, 16), "late": (32, 32)}
+
+
+def test_stem_strides_are_kept_by_the_model_and_its_files(tmp_path):
+    model = _stem_model(patch_size=4, stem_strides=(1, 2, 2))
+    assert model.config["stem_strides"] == (1, 2, 2)
+    assert "stem_strides" not in _stem_model().config
+    assert "stem_strides=(1, 2, 2)" in model.options_timm_lacks()[0]
+    back = vitkit.create_model(pretrained=save(model, tmp_path / "x.safetensors")).eval()
+    assert back.config["stem_strides"] == (1, 2, 2)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x))
+
+
 @pytest.mark.parametrize(
-    ("patch_size", "channels", "message"),
-    [(6, (8, 16), "power-of-two"), (8, (8, 16), "needs at least 3")],
+    ("patch_size", "options", "message"),
+    [
+        (6, {"stem_channels": (8, 16)}, "power-of-two"),
+        (8, {"stem_channels": (8, 16)}, "needs at least 3"),
+        (8, {"stem_channels": (8, 16, 16), "stem_strides": (1, 2, 2)}, "with 3 of them 2 for patch size 8"),
+        (4, {"stem_channels": (8, 16, 16), "stem_strides": (2, 2)}, "each of the 3 convolutions"),
+        (4, {"stem_channels": (8, 16, 16), "stem_strides": (4, 1, 1)}, "a stride of 1 or 2"),
+        (4, {"stem_strides": (2, 2)}, "needs stem_channels"),
+    ],
 )
-def test_bad_stem_options_say_what_to_change(patch_size, channels, message):
+def test_bad_stem_options_say_what_to_change(patch_size, options, message):
     with pytest.raises(ValueError, match=message):
-        VisionTransformer(**{**TINY, "img_size": 48, "patch_size": patch_size, "stem_channels": channels})
+        VisionTransformer(**{**TINY, "img_size": 48, "patch_size": patch_size, **options})
 
 
 @pytest.mark.parametrize("format", ["timm", "hf"])

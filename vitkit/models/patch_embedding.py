@@ -113,7 +113,8 @@ class ConvStem(PatchEmbedding):
 
     "Early convolutions help transformers see better" (Xiao et al. 2021), the hybrid stem of the
     original ViT paper in miniature: a stack of 3x3 convolutions, each followed by BatchNorm and
-    ReLU, the first log2(P) of them with stride 2, then a 1x1 convolution to the token width D:
+    ReLU, log2(P) of them with stride 2 (by default the first ones), then a 1x1 convolution to the
+    token width D:
 
         x -> [conv3x3 stride 2, BN, ReLU] x log2(P) -> [conv3x3, BN, ReLU] x rest -> conv1x1 -> tokens
 
@@ -124,6 +125,10 @@ class ConvStem(PatchEmbedding):
     Args:
         channels: output channels of the 3x3 convolutions, e.g. ``(32, 64)`` for P = 4; at least
             log2(P) of them.
+        strides: the stride of each convolution, 1 or 2, as many as ``channels``, whose product is P;
+            default: 2 for the first log2(P), 1 for the rest. Stride-1 convolutions before the
+            halvings see the image at full resolution (as in a ResNet's first stage): more
+            computation, more detail in every token; e.g. ``(1, 2, 2)`` for P = 4.
         Other arguments as :class:`PatchEmbedding`; P must be a power of two, equal in both directions.
     """
 
@@ -134,24 +139,32 @@ class ConvStem(PatchEmbedding):
         in_chans: int = 3,
         embed_dim: int = 768,
         channels: tuple[int, ...] = (64, 128),
+        strides: tuple[int, ...] | None = None,
         bias: bool = True,
         strict_img_size: bool = True,
     ) -> None:
         nn.Module.__init__(self)  # not PatchEmbedding.__init__: its P x P projection is not needed here
         self._set_geometry(img_size, patch_size, in_chans, strict_img_size)
         size = self.patch_size[0]
-        strides = size.bit_length() - 1  # log2(P)
-        if self.patch_size[0] != self.patch_size[1] or size != 2**strides:
+        halvings = size.bit_length() - 1  # log2(P)
+        if self.patch_size[0] != self.patch_size[1] or size != 2**halvings:
             raise ValueError(f"A conv stem needs a square, power-of-two patch_size; got {self.patch_size}.")
-        if len(channels) < strides:
+        if len(channels) < halvings:
             raise ValueError(
                 f"stem_channels={tuple(channels)} has {len(channels)} convolutions; patch size {size} "
-                f"needs at least {strides} (one stride-2 convolution per halving)."
+                f"needs at least {halvings} (one stride-2 convolution per halving)."
+            )
+        if strides is None:
+            strides = tuple(2 if index < halvings else 1 for index in range(len(channels)))
+        elif len(strides) != len(channels) or set(strides) - {1, 2} or 2 ** list(strides).count(2) != size:
+            raise ValueError(
+                f"stem_strides={tuple(strides)} must give each of the {len(channels)} convolutions of "
+                f"stem_channels={tuple(channels)} a stride of 1 or 2, with {halvings} of them 2 for "
+                f"patch size {size}."
             )
         layers: list[nn.Module] = []
         previous = in_chans
-        for index, width in enumerate(channels):
-            stride = 2 if index < strides else 1
+        for width, stride in zip(channels, strides, strict=True):
             layers += [
                 nn.Conv2d(previous, width, 3, stride=stride, padding=1, bias=False),
                 nn.BatchNorm2d(width),

@@ -90,6 +90,9 @@ class VisionTransformer(nn.Module):
         stem_channels: replace the patch projection by a convolutional stem (:class:`ConvStem`):
             3x3 convolutions with these output channels, the first log2(patch_size) with stride 2,
             then a 1x1 convolution to ``embed_dim``. Same token grid; timm has no such option.
+        stem_strides: with ``stem_channels``, the stride (1 or 2) of each stem convolution, e.g.
+            ``(1, 2, 2)``: full-resolution convolutions before the halvings (default: the halvings
+            first, the cheapest).
         fused_attn: ``True`` (the default): soft attention through the fused
             ``scaled_dot_product_attention`` kernel; ``False``: the explicit formula, in every
             block. Same numbers, different speed: on this project's 2-core CPU (no AMX), bf16
@@ -134,6 +137,7 @@ class VisionTransformer(nn.Module):
         hard_k: int | None = None,
         hard_estimator: Literal["ste", "gumbel"] = "ste",
         stem_channels: Sequence[int] | None = None,
+        stem_strides: Sequence[int] | None = None,
         fused_attn: bool = True,
     ) -> None:
         super().__init__()
@@ -156,10 +160,18 @@ class VisionTransformer(nn.Module):
         if attn_mode == "soft":  # soft configs keep timm's option names only (timm twins, exports)
             for key in ("attn_mode", "hard_k", "hard_estimator"):
                 del self.config[key]
+        if stem_strides is not None and stem_channels is None:
+            raise ValueError(
+                f"stem_strides={tuple(stem_strides)} needs stem_channels (the stem's convolutions)."
+            )
         if stem_channels is None:  # likewise for the patch projection timm knows
             del self.config["stem_channels"]
         else:
             self.config["stem_channels"] = stem_channels = tuple(int(c) for c in stem_channels)
+        if stem_strides is None:
+            del self.config["stem_strides"]
+        else:
+            self.config["stem_strides"] = stem_strides = tuple(int(s) for s in stem_strides)
         if fused_attn:  # the default kernel choice is not recorded: configs stay timm's
             del self.config["fused_attn"]
         if not distilled:  # timm's VisionTransformer has no such option (its distilled twin is a class)
@@ -186,7 +198,13 @@ class VisionTransformer(nn.Module):
             self.patch_embed = PatchEmbedding(img_size, patch_size, in_chans, embed_dim, **embed_options)
         else:
             self.patch_embed = ConvStem(
-                img_size, patch_size, in_chans, embed_dim, channels=stem_channels, **embed_options
+                img_size,
+                patch_size,
+                in_chans,
+                embed_dim,
+                channels=stem_channels,
+                strides=stem_strides,
+                **embed_options,
             )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
@@ -307,7 +325,8 @@ class VisionTransformer(nn.Module):
             hard = f"attn_mode={config['attn_mode']!r}, hard_k={config.get('hard_k')}"
             lacking.append(f"hard attention ({hard})")
         if config.get("stem_channels"):
-            lacking.append(f"convolutional stem (stem_channels={config['stem_channels']})")
+            strides = f", stem_strides={config['stem_strides']}" if config.get("stem_strides") else ""
+            lacking.append(f"convolutional stem (stem_channels={config['stem_channels']}{strides})")
         return lacking
 
     def no_weight_decay(self) -> set[str]:

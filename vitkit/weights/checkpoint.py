@@ -210,11 +210,12 @@ def infer_vit_options(
     """Read the architecture options a vitkit-layout state dict reveals, completed by ``known``.
 
     From shapes: ``embed_dim``, ``in_chans``, ``patch_size`` (from ``known`` with a convolutional
-    stem, whose ``stem_channels`` are read instead), ``depth``, ``mlp_ratio``,
-    ``qkv_bias``, ``qk_norm``, ``init_values`` (presence only, unless ``known`` has the value),
-    ``class_token``, ``distilled``, ``reg_tokens``, ``pre_norm``, ``final_norm``, ``fc_norm``,
-    ``num_classes``, ``pos_embed``; ``num_heads`` when qk_norm reveals the head width. ``img_size`` and
-    ``no_embed_class`` only when ``known`` has an image size that fits the position table
+    stem, whose ``stem_channels`` are read instead; its ``stem_strides`` only from ``known``),
+    ``depth``, ``mlp_ratio``, ``qkv_bias``, ``qk_norm``, ``init_values`` (presence only, unless
+    ``known`` has the value), ``class_token``, ``distilled``, ``reg_tokens``, ``pre_norm``,
+    ``final_norm``, ``fc_norm``, ``num_classes``, ``pos_embed``; ``num_heads`` when qk_norm reveals
+    the head width. ``img_size`` and ``no_embed_class`` only when ``known`` has an image size that
+    fits the position table
     (shapes alone do not determine a grid; :meth:`Checkpoint.model_options` guesses one).
 
     Args:
