@@ -114,6 +114,11 @@ def test_token_layouts_of_vitkit_and_timm_models():
     assert (reg.num_prefix_tokens, reg.reg_indices, reg.pooling) == (5, (1, 2, 3, 4), "patches")
     assert reg.query_indices() == list(range(5, 21))
     assert reg.labels()[:6] == ["CLS", "REG0", "REG1", "REG2", "REG3", "(0,0)"]
+    # pooling the prefix tokens with the patches: the prediction reads every token
+    every = token_layout(
+        VisionTransformer(**TINY, reg_tokens=4, global_pool="avg", pool_include_prefix=True), (32, 32)
+    )
+    assert (every.pooling, every.query_indices()) == ("all", list(range(21)))
     gap = token_layout(VisionTransformer(**TINY, class_token=False, global_pool="avg"), (32, 32))
     assert (gap.cls_index, gap.num_prefix_tokens) == (None, 0)
     with pytest.raises(ValueError, match="no class token"):

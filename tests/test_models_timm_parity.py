@@ -23,6 +23,7 @@ OPTION_SETS = {
     "avg_pool_no_class_token": {"class_token": False, "global_pool": "avg"},
     "registers": {"reg_tokens": 4},
     "registers_no_embed_class": {"reg_tokens": 2, "no_embed_class": True, "global_pool": "avg"},
+    "avg_pool_with_prefix_tokens": {"reg_tokens": 2, "global_pool": "avg", "pool_include_prefix": True},
     "qk_norm_layerscale": {"qk_norm": True, "init_values": 1e-2},
     "non_square": {"img_size": (32, 48)},
     "pre_norm_no_qkv_bias": {"pre_norm": True, "qkv_bias": False},

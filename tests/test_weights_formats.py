@@ -476,6 +476,21 @@ def test_timm_training_checkpoint_rebuilds_its_architecture_exactly(tmp_path):
         assert relative_error(model(x), reference(x)) < 1e-5
 
 
+def test_timm_training_checkpoint_keeps_options_its_model_kwargs_set(tmp_path):
+    # pool_include_prefix has no tensor of its own: only --model-kwargs says the class token is pooled too
+    path = tmp_path / "last.pth.tar"
+    reference = _timm_train_checkpoint(
+        "vit_tiny_patch16_224", path, global_pool="avg", pool_include_prefix=True
+    )
+    model = model_from_checkpoint(path).eval()
+    assert model.config["pool_include_prefix"] is True
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(model(x), reference(x)) < 1e-5
+        reference.pool_include_prefix = False  # the option matters: without it the logits move
+        assert relative_error(model(x), reference(x)) > 1e-3
+
+
 def test_research_repo_checkpoints_with_their_command_line_load(tmp_path):
     # DeiT's, MAE's and DINO's own training scripts save {"model" or "teacher": weights, "args":
     # argparse.Namespace, ...}: the Namespace no longer stops torch.load(weights_only=True)

@@ -49,7 +49,8 @@ class TokenLayout:
         dist_index: index of the distillation token (DeiT), or ``None``.
         reg_indices: indices of the register tokens.
         pooling: what the classifier reads: ``'token'`` (the class token, and the distillation
-            token for DeiT) or ``'patches'`` (global average/max pooling of the patch tokens).
+            token for DeiT), ``'patches'`` (global average/max pooling of the patch tokens) or
+            ``'all'`` (pooling of every token, prefix tokens included: timm's ``pool_include_prefix``).
     """
 
     grid: tuple[int, int]
@@ -57,7 +58,7 @@ class TokenLayout:
     cls_index: int | None = 0
     dist_index: int | None = None
     reg_indices: tuple[int, ...] = ()
-    pooling: Literal["token", "patches"] = "token"
+    pooling: Literal["token", "patches", "all"] = "token"
 
     def __post_init__(self) -> None:
         special = [i for i in (self.cls_index, self.dist_index) if i is not None] + list(self.reg_indices)
@@ -86,12 +87,15 @@ class TokenLayout:
         """Rows of an (N, N) matrix whose mean is "what the prediction reads".
 
         ``'auto'``: the tokens the classifier reads (class token, plus the distillation token
-        whose head is averaged in for DeiT; all patches for a pooled model); ``'cls'``: the class
+        whose head is averaged in for DeiT; all patches for a pooled model, all tokens for one that
+        pools its prefix tokens too); ``'cls'``: the class
         token; ``'patches'``: all patch tokens (models without class token).
         """
         if query == "auto":
             if self.pooling == "token":
                 return [i for i in (self.cls_index, self.dist_index) if i is not None]
+            if self.pooling == "all":
+                return list(range(self.num_tokens))
             query = "patches"
         if query == "cls":
             if self.cls_index is None:
@@ -145,6 +149,8 @@ def token_layout(model: nn.Module, images: torch.Tensor | Sequence[int]) -> Toke
         first_reg = int(has_cls) + int(has_dist)
         pool = getattr(model, "global_pool", "token")
         pooling = "token" if (pool == "token" and has_cls) else "patches"
+        if pooling == "patches" and getattr(model, "pool_include_prefix", False):
+            pooling = "all"
         return TokenLayout(
             grid=(int(grid[0]), int(grid[1])),
             num_prefix_tokens=prefix,

@@ -49,6 +49,8 @@ class VisionTransformer(nn.Module):
         num_classes: classifier outputs; 0 gives a feature extractor (the head is the identity).
         global_pool: ``'token'`` (class token), ``'avg'`` (mean of patch tokens), ``'max'``,
             ``'avgmax'``, or ``''`` (no pooling; ``forward_head`` sees all tokens).
+        pool_include_prefix: ``'avg'``, ``'max'`` and ``'avgmax'`` pool the prefix tokens (class,
+            registers) together with the patches (timm's option of the same name).
         embed_dim: token width D.
         depth: number of Transformer blocks.
         num_heads: attention heads per block.
@@ -109,6 +111,7 @@ class VisionTransformer(nn.Module):
         in_chans: int = 3,
         num_classes: int = 1000,
         global_pool: GlobalPool = "token",
+        pool_include_prefix: bool = False,
         embed_dim: int = 768,
         depth: int = 12,
         num_heads: int = 12,
@@ -176,6 +179,8 @@ class VisionTransformer(nn.Module):
             del self.config["fused_attn"]
         if not distilled:  # timm's VisionTransformer has no such option (its distilled twin is a class)
             del self.config["distilled"]
+        if not pool_include_prefix:  # set by few timm models: configs of the others stay as they were
+            del self.config["pool_include_prefix"]
         self.config["img_size"] = to_2tuple(img_size)
         self.config["patch_size"] = to_2tuple(patch_size)
         self.pretrained_cfg: dict[str, Any] = {}
@@ -185,6 +190,7 @@ class VisionTransformer(nn.Module):
 
         self.num_classes = num_classes
         self.global_pool = global_pool
+        self.pool_include_prefix = pool_include_prefix
         self.embed_dim = self.num_features = embed_dim
         self.has_class_token = class_token
         self.num_reg_tokens = reg_tokens
@@ -421,7 +427,7 @@ class VisionTransformer(nn.Module):
             return (x[:, 0] + x[:, 1]) / 2
         if self.global_pool == "token":
             return x[:, 0]
-        patches = x[:, self.num_prefix_tokens :]
+        patches = x if self.pool_include_prefix else x[:, self.num_prefix_tokens :]
         if self.global_pool == "avg":
             return patches.mean(dim=1)
         if self.global_pool == "max":

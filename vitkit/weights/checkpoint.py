@@ -826,6 +826,7 @@ def timm_model_options(model: nn.Module) -> dict[str, Any]:
         "in_chans": int(embed.proj.in_channels),
         "num_classes": int(model.num_classes),
         "global_pool": model.global_pool,
+        "pool_include_prefix": bool(getattr(model, "pool_include_prefix", False)),
         "embed_dim": int(model.embed_dim),
         "depth": len(model.blocks),
         "class_token": model.cls_token is not None,

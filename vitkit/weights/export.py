@@ -36,6 +36,7 @@ _TIMM_ARGS = (
     "in_chans",
     "num_classes",
     "global_pool",
+    "pool_include_prefix",
     "embed_dim",
     "depth",
     "num_heads",
