@@ -221,6 +221,10 @@ def test_list_models_with_timm_adds_only_what_vitkit_builds(capsys):
         ("vit_medium_patch16_rope_reg1_gap_256", "Eva"),
         ("vit_giant_patch14_dinov2", "GluMlp MLP, activation SiLU"),
         ("vit_relpos_base_patch16_224", "VisionTransformerRelPos"),
+        (
+            "beit3_base_patch16_224",
+            r"attention, before its output projection \(scale_attn_norm\), a norm inside the MLP",
+        ),
     ],
 )
 def test_timm_architectures_vitkit_lacks_are_named(name, part):

@@ -505,10 +505,20 @@ def test_research_repo_checkpoints_with_their_command_line_load(tmp_path):
         assert relative_error(model(x), reference(x)) < 1e-5
 
 
-def test_timm_training_checkpoint_of_a_variant_vitkit_lacks_is_refused(tmp_path):
-    # residual post-norm blocks have the same tensors as pre-norm ones: only the arch tells them apart
-    _timm_train_checkpoint("vit_base_patch16_rpn_224", tmp_path / "last.pth.tar")
-    with pytest.raises(UnsupportedCheckpointError, match="ResPostBlock"):
+@pytest.mark.parametrize(
+    ("arch", "model_kwargs", "part"),
+    [
+        # residual post-norm blocks have the same tensors as pre-norm ones: only the arch tells them apart
+        ("vit_base_patch16_rpn_224", {}, "ResPostBlock"),
+        # options of timm's VisionTransformer that vitkit's lacks, set through --model-kwargs
+        ("vit_tiny_patch16_224", {"proj_bias": False}, r"without biases \(proj_bias=False\)"),
+        ("vit_tiny_patch16_224", {"global_pool": "prr"}, r"attention-pooling head \(global_pool='prr'\)"),
+        ("vit_tiny_patch16_224", {"scale_mlp_norm": True}, r"norm inside the MLP.*\(scale_mlp_norm\)"),
+    ],
+)
+def test_timm_training_checkpoint_of_a_variant_vitkit_lacks_is_refused(arch, model_kwargs, part, tmp_path):
+    _timm_train_checkpoint(arch, tmp_path / "last.pth.tar", **model_kwargs)
+    with pytest.raises(UnsupportedCheckpointError, match=part):
         read_checkpoint(tmp_path / "last.pth.tar")
 
 

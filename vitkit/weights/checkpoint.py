@@ -789,7 +789,7 @@ def timm_model_options(model: nn.Module) -> dict[str, Any]:
     block = model.blocks[0] if len(model.blocks) else None
     problems = []
     if getattr(model, "attn_pool", None) is not None:
-        problems.append("an attention-pooling head (global_pool='map')")
+        problems.append(f"an attention-pooling head (global_pool={model.global_pool!r})")
     embed = model.patch_embed
     if not isinstance(getattr(embed, "proj", None), nn.Conv2d) or not isinstance(
         getattr(embed, "norm", nn.Identity()), nn.Identity
@@ -800,14 +800,16 @@ def timm_model_options(model: nn.Module) -> dict[str, Any]:
     if block is not None and type(block) is not Block:  # parallel or post-norm blocks
         problems.append(f"{type(block).__name__} blocks")
     elif block is not None:
-        if type(block.attn) is not Attention or not isinstance(
-            getattr(block.attn, "norm", nn.Identity()), nn.Identity
-        ):
+        if type(block.attn) is not Attention:
             problems.append(f"{type(block.attn).__name__} attention")
-        if type(block.mlp) is not Mlp or not isinstance(
-            getattr(block.mlp, "norm", nn.Identity()), nn.Identity
-        ):
+        elif not isinstance(getattr(block.attn, "norm", nn.Identity()), nn.Identity):
+            problems.append("a norm inside the attention, before its output projection (scale_attn_norm)")
+        if type(block.mlp) is not Mlp:
             problems.append(f"{type(block.mlp).__name__} MLP")
+        elif not isinstance(getattr(block.mlp, "norm", nn.Identity()), nn.Identity):
+            problems.append("a norm inside the MLP, before its second layer (scale_mlp_norm)")
+        if type(block.attn) is Attention and type(block.mlp) is Mlp and block.attn.proj.bias is None:
+            problems.append("attention output and MLP layers without biases (proj_bias=False)")
         if _timm_activation(block.mlp) is None:
             problems.append(f"activation {block.mlp.act!r} (vitkit has {', '.join(ACTIVATIONS)})")
     norms = [m for m in model.modules() if isinstance(m, nn.Module) and "norm" in type(m).__name__.lower()]
