@@ -398,6 +398,8 @@ def test_what_a_bare_state_dict_leaves_open_is_guessed_and_said(tmp_path):
     # has the same tensors): all three are named, with the values used
     (note,) = [n for n in report.notes if "does not store" in n]
     assert "num_heads=3 (head width 64), act_layer='gelu', norm_eps=1e-06" in note
+    # nor whether its blocks are pre-norm: timm's post-norm and rotary ViTs have the same tensors
+    assert "post-norm blocks (vit_*_rpn_*) and rotary positions (vit_pe_*)" in note
     # options the caller gives are not guessed, so not noted
     _, report = model_from_checkpoint(
         tmp_path / "w.safetensors", num_heads=3, norm_eps=1e-6, return_report=True

@@ -118,6 +118,12 @@ class Checkpoint:
                 f"Pass {'=..., '.join(guessed)}=... if that is wrong. Read through timm:<name>, a folder "
                 "with its config.json or a timm train.py checkpoint, the architecture is exact."
             )
+            if self.format == "timm":
+                note += (
+                    " The same tensors also fit timm ViTs vitkit does not have, which would load wrong: "
+                    "post-norm blocks (vit_*_rpn_*) and rotary positions (vit_pe_*); if the file could be "
+                    "one of those, load it by its timm name and vitkit says which part it lacks."
+                )
             self.notes.append(note)
             logger.warning(note)
         if "img_size" not in opts and "pos_embed" in self.state_dict and "patch_size" in opts:
