@@ -7,6 +7,8 @@ dict loaded into timm must give vitkit's.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import timm
 import torch
@@ -230,6 +232,27 @@ def test_list_models_with_timm_adds_only_what_vitkit_builds(capsys):
 def test_timm_architectures_vitkit_lacks_are_named(name, part):
     with pytest.raises(ValueError, match=part):
         vitkit.create_model(name)
+
+
+@pytest.mark.parametrize(
+    ("name", "part"),
+    [
+        ("vit_base_patch16_siglip_224", "an attention-pooling head"),
+        ("vit_giant_patch14_dinov2", "a gated MLP (SwiGLU"),
+        ("eva02_tiny_patch14_224", "separate q and v biases"),
+        ("vit_relpos_small_patch16_224", "relative position biases"),
+    ],
+)
+def test_a_bare_state_dict_of_a_relative_vitkit_lacks_names_the_part(name, part, tmp_path):
+    # without the timm name only the tensors can tell, and they do: the error says what they show
+    patch = 14 if "patch14" in name else 16
+    reference = timm.create_model(name, depth=1, embed_dim=96, num_heads=2, img_size=2 * patch)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    with pytest.raises(
+        CheckpointMismatchError, match="parts vitkit's VisionTransformer does not: .*" + re.escape(part)
+    ):
+        vitkit.create_model(pretrained=path)
 
 
 def test_mismatched_checkpoint_names_keys_shapes_and_options(tmp_path):
