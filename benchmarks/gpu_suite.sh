@@ -24,7 +24,8 @@
 #   mfu_s16        ViT-S/16, both weight kinds, compiled, batch 512 (160; 51 s)
 #   b16_autotune   ViT-B/16 bf16 training step, torch.compile max-autotune-no-cudagraphs, batch 256 (180)
 #   speedrun       CIFAR-10 time-to-accuracy for SPEEDRUN_MINUTES (default 8; the LR annealed to fit) with
-#                  SPEEDRUN_ARGS (limit +60; 2.4 minutes took 184 s, 6 minutes 381 s)
+#                  SPEEDRUN_ARGS and the model options SPEEDRUN_OPTIONS (JSON) (limit +60; 2.4 minutes took
+#                  184 s, 6 minutes 381 s)
 #   b16_eager b16_compiled b16_batch512 s16_eager s16_compiled b16_explicit b16_fp32 explain_cost:
 #                  the speed / MFU / explanation tables (eager ~90 s, compiled ~150-200 s each)
 #   b16_cudnn      ViT-B/16 bf16 training step, compiled, attention on cuDNN's kernel (200; torch 2.11 picks
@@ -122,9 +123,10 @@ for name in $parts; do
         # default: the ViT-S/4 behind a convolutional stem, light regularisation, EMA with warm-up; up to
         # 200 epochs, the cosine annealed to its end when the minutes run out, stopped early at 94%
         read -r -a extra <<<"${SPEEDRUN_ARGS:---epochs 200 --warmup-epochs 3 --mixup 0 --cutmix 0 --stop-at-target}"
+        options=${SPEEDRUN_OPTIONS:-'{"stem_channels": [64, 128, 256], "drop_path_rate": 0.1}'}
         part "$name" "$(python3 -c "print(int($minutes * 60 + 60))")" "$py" benchmarks/cifar10_speedrun.py \
             --root "$data" --workers 15 --max-minutes "$minutes" --json "$out/speedrun.json" \
-            --options '{"stem_channels": [64, 128, 256], "drop_path_rate": 0.1}' "${extra[@]}"
+            --options "$options" "${extra[@]}"
         ;;
     *) echo "=== unknown part $name (see the header of $0)" ;;
     esac
