@@ -103,6 +103,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=True,
         help="grow the EMA window with the step count (vitkit.training.EMA(warmup=True))",
     )
+    parser.add_argument(
+        "--tta",
+        default="none",
+        choices=["none", "hflip"],
+        help="test-time augmentation of the validation (ImageClassifier(tta=...)): 'hflip' averages the "
+        "logits of each image and its mirror image, as CIFAR-10 speed records report",
+    )
     parser.add_argument("--target", type=float, default=0.94)
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--precision", default="bf16-mixed")
@@ -178,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         label_smoothing=args.label_smoothing,
         compile=args.compile_scope if args.compile else False,
         anneal_by_time=args.anneal_by_time,
+        tta=args.tta,
     )
     callbacks: list[L.Callback] = [timeline]
     if args.ema > 0:

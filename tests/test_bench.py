@@ -275,9 +275,11 @@ def test_cifar10_speedrun_script_trains_and_reports_when_the_target_is_reached(t
     assert json.loads((tmp_path / "timeline.json").read_text())["best"] == summary["best"]
     assert summary["settings"]["anneal_by_time"] is False  # no time limit: the steps set the cosine
     # a fixed-time try that stops at the target: the first validation already reaches 0%
-    summary = speedrun.main([*argv, "--epochs", "3", "--max-minutes", "30", "--stop-at-target"])
+    summary = speedrun.main(
+        [*argv, "--epochs", "3", "--max-minutes", "30", "--stop-at-target", "--tta", "hflip"]
+    )
     assert [row["epoch"] for row in summary["timeline"]] == [1]
-    assert summary["settings"]["anneal_by_time"] is True
+    assert summary["settings"]["anneal_by_time"] is True and summary["settings"]["tta"] == "hflip"
     assert 0 < summary["final_lr"] <= 1e-3
 
 

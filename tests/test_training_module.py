@@ -815,3 +815,22 @@ def test_torch_compile_option_trains_the_same_model(tmp_path, compile):
     assert trainer.global_step == 3
     assert not torch.equal(module.model.head.weight, before)  # the compiled graph updated the real weights
     assert all(k.startswith(("model.", "val_", "test_")) for k in module.state_dict())  # weights stored once
+
+
+def test_flip_tta_evaluates_the_mean_logits_of_each_image_and_its_mirror(tmp_path):
+    torch.manual_seed(0)
+    module, data = _module(tta="hflip"), QuadrantData(n=256)
+    _trainer(tmp_path, max_epochs=3).fit(module, datamodule=data)  # learns which quadrant is bright
+    module.eval()
+    images, labels = data.val_set.tensors
+    with torch.no_grad():
+        plain = module(images)
+        mean = (plain + module(images.flip(-1))) / 2
+    # the mirror image moves the square to the other side: averaging changes predictions here
+    assert (mean.argmax(-1) != plain.argmax(-1)).any()
+    (metrics,) = _trainer(tmp_path).validate(module, datamodule=data, verbose=False)
+    assert metrics["val/acc1"] == pytest.approx((mean.argmax(-1) == labels).float().mean().item(), abs=1e-6)
+    out = module.predict_step((images[:4], labels[:4]), 0)
+    torch.testing.assert_close(out["probs"], mean[:4].softmax(-1))
+    with pytest.raises(ValueError, match="tta='vflip' is not one of"):
+        _module(tta="vflip")

@@ -91,6 +91,11 @@ class ImageClassifier(L.LightningModule):
             price of exact reproducibility: the LR depends on the wall time. Off by default,
             so that a time limit used as a safety stop (a cluster job resumed later) leaves the
             schedule alone.
+        tta: test-time augmentation in validation, test and predict. ``'none'`` (default);
+            ``'hflip'``: the mean of the logits of each image and its mirror image, for a model
+            trained with horizontal flips (``hflip`` in the data module). Twice the evaluation
+            cost, typically a few tenths of a point of accuracy; CIFAR-10 speed records report
+            with it. The loss logged in validation is that of the averaged logits.
     """
 
     def __init__(
@@ -117,8 +122,11 @@ class ImageClassifier(L.LightningModule):
         compile: bool | Literal["model", "blocks"] = False,
         compile_mode: str | None = None,
         anneal_by_time: bool = False,
+        tta: Literal["none", "hflip"] = "none",
     ) -> None:
         super().__init__()
+        if tta not in ("none", "hflip"):
+            raise ValueError(f"tta={tta!r} is not one of 'none', 'hflip'.")
         self.save_hyperparameters()
         options = dict(model_options or {})
         if num_classes is None and classes:
@@ -248,9 +256,16 @@ class ImageClassifier(L.LightningModule):
         self._loss_guard.flush()
         self._loss_guard.disarm()
 
+    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits for evaluation: the model's, averaged over test-time augmentations (``tta``)."""
+        logits = self(images)
+        if self.hparams.tta == "hflip":
+            logits = (logits + self(images.flip(-1))) / 2
+        return logits
+
     def _evaluate(self, batch: Any, metrics: MetricCollection, confusion: nn.Module, stage: str) -> None:
         images, targets = batch[0], batch[1]
-        logits = self(images)
+        logits = self.predict_logits(images)
         loss = self.compute_loss(logits, targets)
         labels = targets if targets.ndim == 1 else targets.argmax(dim=-1)
         metrics.update(logits, labels)
@@ -284,7 +299,7 @@ class ImageClassifier(L.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         images = batch[0] if isinstance(batch, list | tuple) else batch
         extra = batch[1] if isinstance(batch, list | tuple) and len(batch) > 1 else None
-        return {"probs": self(images).float().softmax(dim=-1), "meta": extra}
+        return {"probs": self.predict_logits(images).float().softmax(dim=-1), "meta": extra}
 
     def on_train_epoch_start(self) -> None:
         epoch = self.hparams.unfreeze_at_epoch
