@@ -121,6 +121,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="with --compile: the whole model, or each Transformer block (ImageClassifier(compile="
         "'blocks'): compiled once for all blocks, so training starts sooner)",
     )
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile's mode (ImageClassifier(compile_mode=...)), e.g. reduce-overhead: CUDA graphs, "
+        "for a step short enough that launching its kernels shows",
+    )
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument(
         "--augment-on",
@@ -184,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         warmup_epochs=args.warmup_epochs,
         label_smoothing=args.label_smoothing,
         compile=args.compile_scope if args.compile else False,
+        compile_mode=args.compile_mode,
         anneal_by_time=args.anneal_by_time,
         tta=args.tta,
     )

@@ -90,8 +90,9 @@ class VisionTransformer(nn.Module):
         hard_estimator: ``'ste'`` (straight-through) or ``'gumbel'`` (Gumbel-top-k sampling of
             the kept keys during training, straight-through gradients).
         stem_channels: replace the patch projection by a convolutional stem (:class:`ConvStem`):
-            3x3 convolutions with these output channels, the first log2(patch_size) with stride 2,
-            then a 1x1 convolution to ``embed_dim``. Same token grid; timm has no such option.
+            3x3 convolutions with these output channels, log2(patch_size) of them with stride 2
+            (the first ones unless ``stem_strides`` says), then a 1x1 convolution to ``embed_dim``.
+            Same token grid; timm has no such option.
         stem_strides: with ``stem_channels``, the stride (1 or 2) of each stem convolution, e.g.
             ``(1, 2, 2)``: full-resolution convolutions before the halvings (default: the halvings
             first, the cheapest).

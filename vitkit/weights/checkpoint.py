@@ -221,8 +221,8 @@ def infer_vit_options(
     ``known`` has the value), ``class_token``, ``distilled``, ``reg_tokens``, ``pre_norm``,
     ``final_norm``, ``fc_norm``, ``num_classes``, ``pos_embed``; ``num_heads`` when qk_norm reveals
     the head width. ``img_size`` and ``no_embed_class`` only when ``known`` has an image size that
-    fits the position table
-    (shapes alone do not determine a grid; :meth:`Checkpoint.model_options` guesses one).
+    fits the position table (shapes alone do not determine a grid; :meth:`Checkpoint.model_options`
+    guesses one).
 
     Args:
         state: weights in vitkit layout.
