@@ -10,6 +10,10 @@ attention, fused AdamW, all threads, eager), so background load hits all alike.
     python benchmarks/cpu_settings.py                      # the hybrid recipe's model, batch 128
     python benchmarks/cpu_settings.py --no-compile --rounds 7
     python benchmarks/cpu_settings.py --profile            # where a bf16 step's time goes, per attention path
+    python benchmarks/cpu_settings.py --variants '{"late halving": {"stem_strides": [1, 2, 2]}}'
+
+With ``--variants`` it times model variants instead of settings: the recipe's setting for the
+recipe's model and for each variant (the recipe's options with the given ones changed).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from vitkit.training.recipes import recipe_path
 RECIPE = yaml.safe_load(recipe_path("cifar10_hybrid_cpu").read_text())["model"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=RECIPE["model_name"])
     parser.add_argument(
@@ -41,17 +45,26 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3, help="steps timed per setting and round")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
+        "--variants",
+        default=None,
+        help='instead of the settings: model variants under the recipe\'s setting, as JSON {"name": '
+        '{options changed}}, e.g. \'{"deeper stem": {"stem_channels": [32, 64, 64, 128], '
+        '"stem_strides": [1, 2, 1, 2]}}\'',
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="instead: torch.profiler's top ops of 3 bf16 steps, both paths"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     threads = torch.get_num_threads()
     torch.manual_seed(0)
     options = json.loads(args.options)
     options.pop("fused_attn", None)  # every setting below names its attention path
 
-    def build(fused_attn: bool = False) -> nn.Module:
+    def build(fused_attn: bool = False, **changes) -> nn.Module:
         torch.manual_seed(0)
-        model = vitkit.create_model(args.model, num_classes=10, fused_attn=fused_attn, **options)
+        model = vitkit.create_model(
+            args.model, num_classes=10, fused_attn=fused_attn, **{**options, **changes}
+        )
         return model.train()
 
     x = torch.randn(args.batch_size, 3, 32, 32)
@@ -66,6 +79,20 @@ def main() -> None:
             print(f"bf16 autocast, {'fused attention kernel' if fused_attn else 'explicit attention'}:")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
         return
+    if args.variants:
+        recipe = "the recipe's model"
+        settings = {recipe: (_train_step_fn(build(), x, y, "bf16"), threads)}
+        for name, changes in json.loads(args.variants).items():
+            settings[name] = (_train_step_fn(build(**changes), x, y, "bf16"), threads)
+        args.compile = False
+    else:
+        recipe = "bf16 autocast, explicit attention, fused AdamW (the recipe)"
+        settings = _settings(build, x, y, threads, args.compile)
+    _report(settings, recipe, args, options, threads)
+
+
+def _settings(build, x: torch.Tensor, y: torch.Tensor, threads: int, compile: bool) -> dict[str, tuple]:
+    """The settings compared, by name: (training step, threads)."""
     recipe = "bf16 autocast, explicit attention, fused AdamW (the recipe)"
     settings = {  # name: (step, threads)
         "fp32, fused attention kernel": (_train_step_fn(build(True), x, y, "fp32"), threads),
@@ -78,11 +105,18 @@ def main() -> None:
         ),
         "bf16, explicit attention, 1 thread": (_train_step_fn(build(), x, y, "bf16"), 1),
     }
-    if args.compile:
+    if compile:
         settings["bf16, explicit attention, torch.compile"] = (
             _train_step_fn(torch.compile(build()), x, y, "bf16"),
             threads,
         )
+    return settings
+
+
+def _report(
+    settings: dict[str, tuple], recipe: str, args: argparse.Namespace, options: dict, threads: int
+) -> None:
+    """Warm every setting up, time them in alternating rounds, print the table."""
     compile_seconds = 0.0
     for name, (step, n) in settings.items():  # warm-up (and compilation) outside the clock
         torch.set_num_threads(n)
@@ -95,11 +129,12 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, (step, n) in settings.items():
             torch.set_num_threads(n)
-            rates[name].append(args.batch_size / _time(step, args.iters, x.device))
+            rates[name].append(args.batch_size / _time(step, args.iters, torch.device("cpu")))
     torch.set_num_threads(threads)
     base = statistics.median(rates[recipe])
     print(f"{args.model} {options}, batch {args.batch_size}, {threads} threads, {args.rounds} rounds")
-    print("| setting | images/s (median) | vs the recipe |\n|---|---:|---:|")
+    kind = "variant" if args.variants else "setting"
+    print(f"| {kind} | images/s (median) | vs the recipe |\n|---|---:|---:|")
     for name, values in rates.items():
         median = statistics.median(values)
         print(f"| {name} | {median:.1f} | {median / base:.2f}x |")

@@ -283,6 +283,35 @@ def test_cifar10_speedrun_script_trains_and_reports_when_the_target_is_reached(t
     assert 0 < summary["final_lr"] <= 1e-3
 
 
+def test_cpu_settings_times_model_variants_against_the_recipes_model(capsys, monkeypatch):
+    import json
+
+    cpu_settings = _load_benchmark_script("cpu_settings")
+    built = []
+    create = cpu_settings.vitkit.create_model
+    monkeypatch.setattr(
+        cpu_settings.vitkit, "create_model", lambda *a, **kw: built.append(kw) or create(*a, **kw)
+    )
+    options = {
+        "img_size": 32,
+        "patch_size": 4,
+        "embed_dim": 32,
+        "depth": 1,
+        "num_heads": 2,
+        "stem_channels": [8, 16],
+    }
+    variants = {"late halving": {"stem_strides": [1, 2, 2], "stem_channels": [8, 8, 16]}}
+    argv = ["--options", json.dumps(options), "--variants", json.dumps(variants)]
+    cpu_settings.main([*argv, "--batch-size", "4", "--rounds", "1", "--iters", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| variant |") and len(rows) == 3
+    assert rows[1].startswith("| the recipe's model |") and rows[1].endswith("| 1.00x |")
+    assert rows[2].startswith("| late halving |")
+    # each variant is the recipe's options with its own changed
+    assert [kw.get("stem_strides") for kw in built] == [None, [1, 2, 2]]
+    assert built[1]["stem_channels"] == [8, 8, 16] and built[1]["embed_dim"] == 32
+
+
 def test_bench_passes_the_compile_mode_to_both_models(monkeypatch):
     from vitkit.bench import speed
 
