@@ -122,7 +122,8 @@ for name in $parts; do
         minutes=${SPEEDRUN_MINUTES:-8}
         # default: the ViT-S/4 behind a convolutional stem, light regularisation, EMA with warm-up; up to
         # 200 epochs, the cosine annealed to its end when the minutes run out, stopped early at 94%
-        read -r -a extra <<<"${SPEEDRUN_ARGS:---epochs 200 --warmup-epochs 3 --mixup 0 --cutmix 0 --stop-at-target}"
+        # -d "": the whole value, line breaks included, split into words
+        read -r -d "" -a extra <<<"${SPEEDRUN_ARGS:---epochs 200 --warmup-epochs 3 --mixup 0 --cutmix 0 --stop-at-target}" || true
         options=${SPEEDRUN_OPTIONS:-'{"stem_channels": [64, 128, 256], "drop_path_rate": 0.1}'}
         part "$name" "$(python3 -c "print(int($minutes * 60 + 60))")" "$py" benchmarks/cifar10_speedrun.py \
             --root "$data" --workers 15 --max-minutes "$minutes" --json "$out/speedrun.json" \
