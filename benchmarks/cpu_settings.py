@@ -32,6 +32,8 @@ from vitkit.bench.speed import _time, _train_step_fn
 from vitkit.training.recipes import recipe_path
 
 RECIPE = yaml.safe_load(recipe_path("cifar10_hybrid_cpu").read_text())["model"]
+RECIPE_SETTING = "bf16 autocast, explicit attention, fused AdamW (the recipe)"
+COMPILED_SETTING = "bf16, explicit attention, torch.compile"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,21 +86,19 @@ def main(argv: list[str] | None = None) -> None:
         settings = {recipe: (_train_step_fn(build(), x, y, "bf16"), threads)}
         for name, changes in json.loads(args.variants).items():
             settings[name] = (_train_step_fn(build(**changes), x, y, "bf16"), threads)
-        args.compile = False
     else:
-        recipe = "bf16 autocast, explicit attention, fused AdamW (the recipe)"
+        recipe = RECIPE_SETTING
         settings = _settings(build, x, y, threads, args.compile)
     _report(settings, recipe, args, options, threads)
 
 
 def _settings(build, x: torch.Tensor, y: torch.Tensor, threads: int, compile: bool) -> dict[str, tuple]:
     """The settings compared, by name: (training step, threads)."""
-    recipe = "bf16 autocast, explicit attention, fused AdamW (the recipe)"
     settings = {  # name: (step, threads)
         "fp32, fused attention kernel": (_train_step_fn(build(True), x, y, "fp32"), threads),
         "fp32, explicit attention": (_train_step_fn(build(), x, y, "fp32"), threads),
         "bf16 autocast, fused attention kernel": (_train_step_fn(build(True), x, y, "bf16"), threads),
-        recipe: (_train_step_fn(build(), x, y, "bf16"), threads),
+        RECIPE_SETTING: (_train_step_fn(build(), x, y, "bf16"), threads),
         "bf16, explicit attention, foreach AdamW": (
             _train_step_fn(build(), x, y, "bf16", fused=False),
             threads,
@@ -106,7 +106,7 @@ def _settings(build, x: torch.Tensor, y: torch.Tensor, threads: int, compile: bo
         "bf16, explicit attention, 1 thread": (_train_step_fn(build(), x, y, "bf16"), 1),
     }
     if compile:
-        settings["bf16, explicit attention, torch.compile"] = (
+        settings[COMPILED_SETTING] = (
             _train_step_fn(torch.compile(build()), x, y, "bf16"),
             threads,
         )
@@ -123,7 +123,7 @@ def _report(
         start = time.perf_counter()
         step()
         step()
-        if "compile" in name:
+        if name == COMPILED_SETTING:
             compile_seconds = time.perf_counter() - start
     rates: dict[str, list[float]] = {name: [] for name in settings}
     for _ in range(args.rounds):
@@ -138,7 +138,7 @@ def _report(
     for name, values in rates.items():
         median = statistics.median(values)
         print(f"| {name} | {median:.1f} | {median / base:.2f}x |")
-    if args.compile:
+    if COMPILED_SETTING in settings:
         print(f"first two compiled steps (compilation): {compile_seconds:.0f} s")
 
 
