@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torchvision.models.vision_transformer import VisionTransformer as TvViT
+from torchvision.models.vision_transformer import interpolate_embeddings
 
 import vitkit
 from vitkit.weights import (
@@ -321,6 +322,47 @@ def tv_model(num_classes: int = 5) -> TvViT:
     )
 
 
+def _hf_reference_at(kind: str):
+    """A random transformers model with a 48x48 (or DINOv2: 56x56) input and how it runs at 32 (28)."""
+    if kind == "vit":
+        ref = randomise(transformers.ViTForImageClassification(hf_config(image_size=48)))
+        return ref, 32, lambda x: ref(pixel_values=x, interpolate_pos_encoding=True).logits
+    if kind == "clip":
+        ref = randomise(
+            transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**{**HF_TINY, "image_size": 48}))
+        )
+        return ref, 32, lambda x: ref(pixel_values=x, interpolate_pos_encoding=True).pooler_output
+    if kind == "dinov2":  # transformers' DINOv2 resamples whenever the input differs from image_size
+        ref = randomise(transformers.Dinov2Model(dinov2_config(image_size=56)))
+    else:
+        config = transformers.Dinov2WithRegistersConfig(
+            **{**dinov2_config(image_size=56).to_dict(), "num_register_tokens": 2}
+        )
+        ref = randomise(transformers.Dinov2WithRegistersModel(config))
+    return ref, 28, lambda x: ref(pixel_values=x).last_hidden_state
+
+
+@pytest.mark.parametrize("kind", ["vit", "clip", "dinov2", "dinov2_with_registers"])
+def test_hf_weights_at_a_smaller_size_reproduce_transformers_resampled_positions(kind, tmp_path):
+    # transformers shrinks ViT/DeiT/CLIP/DINOv2 position tables without antialiasing (DINOv2 with
+    # registers and timm with it): loaded at the smaller size, vitkit must give the same numbers
+    reference, size, run = _hf_reference_at(kind)
+    reference.save_pretrained(tmp_path)
+    model, report = model_from_checkpoint(tmp_path, img_size=size, return_report=True)
+    assert report.pos_embed_resampled is not None
+    assert ("antialias=False" in str(report.notes)) == (kind != "dinov2_with_registers")
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        reference_out = run(x)
+        if kind == "clip":
+            ours = model.eval().forward_head(model.forward_features(x), pre_logits=True)
+        elif kind == "vit":
+            ours = model.eval()(x)
+        else:
+            ours = model.eval().forward_features(x)
+    assert relative_error(ours, reference_out) < 1e-5
+
+
 def test_torchvision_state_dict_reproduces_logits(tmp_path):
     reference = tv_model()
     torch.save(reference.state_dict(), tmp_path / "tv.pth")
@@ -338,6 +380,14 @@ def test_torchvision_state_dict_reproduces_logits(tmp_path):
     model = vitkit.create_model("vit_tiny_patch16_224", **{**TINY, "img_size": 48})
     report = load_pretrained(model, tmp_path / "tv.pth")
     assert report.pos_embed_resampled == ((4, 4), (6, 6)) and not report.head_reset
+    # resampled as torchvision's own interpolate_embeddings does (align_corners=True): the same logits
+    resized = TvViT(
+        image_size=48, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=128, num_classes=5
+    )
+    resized.load_state_dict(interpolate_embeddings(48, 8, reference.state_dict()))
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert relative_error(model.eval()(x), resized.eval()(x)) < 1e-5
 
 
 def test_torchvision_file_name_selects_its_weights_transforms(tmp_path):

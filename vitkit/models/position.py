@@ -42,12 +42,17 @@ def resample_position_embedding(
     new_grid: tuple[int, int],
     old_grid: tuple[int, int],
     num_prefix_tokens: int = 0,
+    *,
+    antialias: bool = True,
+    align_corners: bool = False,
 ) -> torch.Tensor:
     """Resample (1, prefix + Hₒ·Wₒ, D) position embeddings to (1, prefix + Hₙ·Wₙ, D).
 
     The patch part is treated as a D-channel image and resized with bicubic interpolation
-    (antialiased when shrinking); the first ``num_prefix_tokens`` entries (class/register
-    tokens) have no position on the grid and are kept unchanged.
+    (antialiased when shrinking, as timm does); the first ``num_prefix_tokens`` entries
+    (class/register tokens) have no position on the grid and are kept unchanged.
+    ``antialias`` and ``align_corners`` select another library's way: transformers' ViT, DeiT,
+    DINOv2 and CLIP shrink without antialiasing, torchvision aligns the corners.
     """
     new_grid, old_grid = tuple(new_grid), tuple(old_grid)
     if new_grid == old_grid:
@@ -60,6 +65,8 @@ def resample_position_embedding(
         )
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     grid = rearrange(grid.float(), "1 (h w) d -> 1 d h w", h=old_grid[0], w=old_grid[1])
-    grid = F.interpolate(grid, size=new_grid, mode="bicubic", antialias=True, align_corners=False)
+    grid = F.interpolate(
+        grid, size=new_grid, mode="bicubic", antialias=antialias, align_corners=align_corners
+    )
     grid = rearrange(grid, "1 d h w -> 1 (h w) d").to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)

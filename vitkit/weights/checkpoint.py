@@ -72,6 +72,12 @@ class Checkpoint:
         model_name: the source's model name, when it has one.
         label_names: class names of the checkpoint's head, when known.
         notes: what the conversion dropped or assumed.
+        pos_embed_resize: how the source library resizes its position table for another input
+            size, as keyword arguments of
+            :func:`~vitkit.models.resample_position_embedding` (transformers' ViT, DeiT, DINOv2
+            and CLIP: no antialiasing; torchvision: ``align_corners``). Loading at another
+            ``img_size`` resamples the same way, so that the model reproduces the source's
+            outputs at that size. Empty: timm's way (bicubic, antialiased).
     """
 
     state_dict: StateDict
@@ -82,6 +88,7 @@ class Checkpoint:
     model_name: str | None = None
     label_names: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+    pos_embed_resize: dict[str, bool] = field(default_factory=dict)
 
     def model_options(self, given: Iterable[str] = ()) -> dict[str, Any]:
         """Constructor options for a model that fits these weights; ``given``: options the caller
@@ -448,6 +455,9 @@ def _from_mapping(
                 "For the EMA ones: read_checkpoint(torch.load(path)['state_dict_ema'])."
             )
     ckpt = _finish(state, source, fmt, known, pretrained_cfg, notes, model_name, label_names)
+    ckpt.pos_embed_resize = _POS_EMBED_RESIZE.get(fmt, {})
+    if "reg_token" in state and fmt == "hf":  # transformers' DINOv2 with registers antialiases, as timm
+        ckpt.pos_embed_resize = {}
     if not ckpt.pretrained_cfg:
         img = ckpt.options.get("img_size")
         if fmt == "hf":
@@ -470,6 +480,15 @@ def _from_mapping(
                 "pretrained_cfg."
             )
     return ckpt
+
+
+# How each library resizes its position table for another input size (its interpolate_pos_encoding /
+# interpolate_embeddings), where it differs from timm's bicubic, antialiased resize.
+_POS_EMBED_RESIZE: dict[str, dict[str, bool]] = {
+    "hf": {"antialias": False},
+    "clip": {"antialias": False},
+    "torchvision": {"antialias": False, "align_corners": True},
+}
 
 
 def _finish(

@@ -98,7 +98,9 @@ def load_pretrained(
         source=ckpt.source, format=ckpt.format, checkpoint_options=dict(ckpt.options), notes=list(ckpt.notes)
     )
     option_hints = _metadata_hints(ckpt.options, model, report)
-    state = _adapt_to_model(dict(ckpt.state_dict), model, ckpt.options, report, old_grid)
+    state = _adapt_to_model(
+        dict(ckpt.state_dict), model, ckpt.options, report, old_grid, ckpt.pos_embed_resize
+    )
     _check_fits(state, model, ckpt.source, ckpt.options, option_hints)
     model.load_state_dict(state, strict=True)
 
@@ -181,12 +183,16 @@ def _is_head(key: str) -> bool:
     return key.startswith(("head.", "head_dist."))
 
 
+_LIBRARIES = {"hf": "transformers", "clip": "transformers"}
+
+
 def _adapt_to_model(
     state: StateDict,
     model: nn.Module,
     ckpt_options: Mapping[str, Any],
     report: LoadReport,
     old_grid: tuple[int, int] | None,
+    pos_embed_resize: Mapping[str, bool],
 ) -> StateDict:
     """Drop a head of another class count; resample the patch kernel and the position table."""
     own = model.state_dict()
@@ -257,9 +263,15 @@ def _adapt_to_model(
         ):
             state["pos_embed"] = own_pos  # fixed table: the model's own is exact at its grid
         else:
-            state["pos_embed"] = resample_position_embedding(pos, new_grid, grid, prefix)
+            state["pos_embed"] = resample_position_embedding(pos, new_grid, grid, prefix, **pos_embed_resize)
         report.pos_embed_resampled = (tuple(grid), new_grid)
-        report.notes.append(f"position embeddings resampled from a {grid[0]}x{grid[1]} grid to {new_grid}.")
+        how = ""
+        if pos_embed_resize:
+            library = _LIBRARIES.get(report.format, report.format)
+            how = f", as {library} does ({', '.join(f'{k}={v}' for k, v in pos_embed_resize.items())})"
+        report.notes.append(
+            f"position embeddings resampled from a {grid[0]}x{grid[1]} grid to {new_grid}{how}."
+        )
     return state
 
 
