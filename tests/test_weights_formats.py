@@ -276,6 +276,28 @@ def test_hf_clip_image_tower_reproduces_its_pooled_features(tmp_path):
         )
 
 
+@pytest.mark.parametrize(
+    "processor",
+    [
+        {"rescale_factor": 1 / 127.5, "image_mean": [1.0, 1.0, 1.0], "image_std": [1.0, 1.0, 1.0]},  # [-1, 1]
+        {"do_rescale": False, "image_mean": [120.0, 110.0, 100.0], "image_std": [60.0, 50.0, 40.0]},
+        {"do_normalize": False, "rescale_factor": 1 / 127.5},
+    ],
+)
+def test_hf_processor_rescaling_is_folded_into_mean_and_std(processor, tmp_path):
+    # vitkit's pipeline scales pixels by 1/255 and then normalises: another rescale_factor (or none)
+    # must come out as the mean and std that give transformers' pixel values
+    hf = transformers.ViTImageProcessor(do_resize=False, **processor)
+    randomise(transformers.ViTModel(hf_config())).save_pretrained(tmp_path)
+    hf.save_pretrained(tmp_path)
+    cfg = read_checkpoint(tmp_path).pretrained_cfg
+    image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    expected = torch.as_tensor(hf(images=image, return_tensors="np")["pixel_values"][0])
+    pixels = torch.as_tensor(image).permute(2, 0, 1).float() / 255
+    ours = (pixels - torch.tensor(cfg["mean"])[:, None, None]) / torch.tensor(cfg["std"])[:, None, None]
+    assert torch.allclose(ours, expected, atol=1e-5)
+
+
 def test_hf_config_values_left_out_mean_transformers_defaults(tmp_path):
     # an older config.json may omit what equals the config class's default (CLIP: patch 32, QuickGELU)
     import json

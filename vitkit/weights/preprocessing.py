@@ -53,6 +53,12 @@ def from_hf_processor(config: Mapping[str, Any], num_channels: int = 3) -> dict[
         mean, std = (0.0,) * num_channels, (1.0,) * num_channels
     if isinstance(mean, (int, float)):
         mean, std = (mean,) * num_channels, (std,) * num_channels
+    # transformers feeds (pixel * rescale_factor - mean) / std for pixels in 0..255; vitkit's
+    # pipeline (pixel / 255 - mean') / std'. The same numbers when mean' = mean / k and std' = std / k,
+    # k = 255 * rescale_factor (1 for the usual 1/255; 255 without rescaling).
+    k = 255.0 * float(config.get("rescale_factor", 1 / 255)) if config.get("do_rescale", True) else 255.0
+    if abs(k - 1.0) > 1e-9:
+        mean, std = tuple(float(m) / k for m in mean), tuple(float(s) / k for s in std)
     resample = config.get("resample", 2)
     interpolation = _PIL_RESAMPLE.get(resample, "bilinear") if isinstance(resample, int) else str(resample)
     size = _hw(config.get("size")) if config.get("do_resize", True) else None
