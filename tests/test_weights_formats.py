@@ -67,8 +67,18 @@ def hf_config(config_class=None, **overrides):
         {"layer_norm_eps": 1e-6, "patch_size": 16},
         {"hidden_act": "gelu_new"},
         {"hidden_act": "quick_gelu"},
+        {"hidden_act": "gelu_python"},
+        {"hidden_act": "gelu_python_tanh"},
     ],
-    ids=["default", "non_square_no_qkv_bias", "eps_1e-6_patch16", "gelu_new", "quick_gelu"],
+    ids=[
+        "default",
+        "non_square_no_qkv_bias",
+        "eps_1e-6_patch16",
+        "gelu_new",
+        "quick_gelu",
+        "gelu_python",
+        "gelu_python_tanh",
+    ],
 )
 def test_hf_folder_reproduces_vit_for_image_classification(overrides, tmp_path):
     config = hf_config(**overrides, id2label={i: f"class{i}" for i in range(5)})
@@ -296,6 +306,21 @@ def test_hf_processor_rescaling_is_folded_into_mean_and_std(processor, tmp_path)
     pixels = torch.as_tensor(image).permute(2, 0, 1).float() / 255
     ours = (pixels - torch.tensor(cfg["mean"])[:, None, None]) / torch.tensor(cfg["std"])[:, None, None]
     assert torch.allclose(ours, expected, atol=1e-5)
+
+
+def test_a_sharded_checkpoint_loads_from_its_folder_and_a_single_shard_is_refused_by_name(tmp_path):
+    reference = randomise(transformers.ViTForImageClassification(hf_config()))
+    reference.save_pretrained(tmp_path, max_shard_size="20KB")
+    shards = sorted(tmp_path.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (
+            relative_error(model_from_checkpoint(tmp_path).eval()(x), reference(pixel_values=x).logits) < 1e-5
+        )
+    for part, what in ((shards[0], "one shard"), (tmp_path / "model.safetensors.index.json", "the index")):
+        with pytest.raises(ValueError, match=f"is {what} of a sharded checkpoint: pass the folder"):
+            read_checkpoint(part)
 
 
 def test_hf_config_values_left_out_mean_transformers_defaults(tmp_path):

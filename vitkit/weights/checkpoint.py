@@ -353,6 +353,12 @@ def guess_num_heads(embed_dim: int, depth: int | None = None) -> int:
 # ---------------------------------------------------------------------------- files
 def _from_file(path: Path, source: str) -> Checkpoint:
     name = path.name.lower()
+    shard = re.fullmatch(r".+-\d+-of-\d+\.(safetensors|bin)", name)
+    if shard or name.endswith(".index.json"):
+        raise ValueError(
+            f"{path} is {'one shard' if shard else 'the index'} of a sharded checkpoint: pass the folder "
+            f"that holds the index and all its shards ({path.parent}); vitkit reads them together."
+        )
     if name.endswith(".npz"):
         return _from_npz(path, source)
     if name.endswith(".safetensors"):
@@ -761,10 +767,13 @@ _HF_TYPE_HINTS = {
 }
 
 
-# transformers' ``hidden_act`` names -> vitkit's ``act_layer`` ("gelu_new" and "gelu_fast" are the
-# tanh approximation written out; "gelu_pytorch_tanh" is torch's own).
+# transformers' ``hidden_act`` names -> vitkit's ``act_layer`` ("gelu_new", "gelu_fast" and
+# "gelu_python_tanh" are the tanh approximation written out, "gelu_python" the exact GELU;
+# "gelu_pytorch_tanh" is torch's own).
 _HF_ACTIVATIONS = {
     "gelu": "gelu",
+    "gelu_python": "gelu",
+    "gelu_python_tanh": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh",
     "gelu_new": "gelu_tanh",
     "gelu_fast": "gelu_tanh",
