@@ -279,6 +279,7 @@ def test_hf_clip_image_tower_reproduces_its_pooled_features(tmp_path):
     save_file(reference.state_dict(), str(tmp_path / "clip.safetensors"))
     model, report = model_from_checkpoint(tmp_path / "clip.safetensors", num_heads=4, return_report=True)
     assert any("act_layer='quick_gelu', norm_eps=1e-05" in note for note in report.notes)
+    assert any("visual_projection" in note for note in report.notes)  # the file alone says so too
     with torch.no_grad():
         assert (
             relative_error(model.eval().forward_head(model.forward_features(x), pre_logits=True), pooled)
@@ -527,6 +528,20 @@ def test_wrapped_state_dicts(wrap, tmp_path):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert relative_error(model(x), reference(x)) < 1e-5
+
+
+def test_tensors_beside_the_vit_are_named_in_a_note(tmp_path):
+    # a detector-style file: the ViT under backbone., a neck beside it
+    reference = randomise(TimmViT(**TINY))
+    state = {f"backbone.{k}": v for k, v in reference.state_dict().items()}
+    torch.save(
+        {**state, "neck.proj.weight": torch.ones(2, 2), "decode_head.bias": torch.ones(2)}, tmp_path / "w.pth"
+    )
+    model, report = model_from_checkpoint(tmp_path / "w.pth", num_heads=2, return_report=True)
+    assert "not loaded: what the checkpoint holds beside the ViT (decode_head, neck)." in report.notes
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(model.eval()(x), reference(x)) < 1e-5
 
 
 def _timm_train_checkpoint(arch: str, path, **model_kwargs):

@@ -651,14 +651,6 @@ def _from_hf_folder(path: Path, config: Mapping[str, Any], source: str) -> Check
     if labels and None not in labels and not all(re.fullmatch(r"LABEL_\d+", str(x)) for x in labels):
         ckpt.label_names = labels if len(labels) == ckpt.options.get("num_classes") else None
     ckpt.model_name = config.get("_name_or_path") or None
-    if config.get("model_type") == "clip" or "CLIPVisionModelWithProjection" in (
-        config.get("architectures") or []
-    ):
-        ckpt.notes.append(
-            "CLIP's projection into the joint image-text space (visual_projection) and its text tower "
-            "are not part of an image classifier: not loaded. The pooled features are the image "
-            "tower's own, before that projection."
-        )
     if "Dinov2ForImageClassification" in (config.get("architectures") or []):
         ckpt.notes.append(
             "Dinov2ForImageClassification's classifier reads the class token and the mean patch token "

@@ -109,6 +109,11 @@ def to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, str, list[s
     notes = []
     if prefix:
         notes.append(f"weights found under the prefix {prefix!r}.")
+    beside = sorted({k.split(".")[0] for k in state if not k.startswith(prefix)})
+    if fmt == "clip" and beside:
+        notes.append(_CLIP_BESIDE_NOTE)
+    elif beside:
+        notes.append(f"not loaded: what the checkpoint holds beside the ViT ({', '.join(beside)}).")
     if fmt == "hf":
         converted, more = hf_to_vitkit(inner)
     elif fmt == "clip":
@@ -261,6 +266,13 @@ _CLIP_RENAMES = [
     (r"post_layernorm\.", "norm."),
 ]
 _CLIP_QKV = re.compile(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
+
+
+_CLIP_BESIDE_NOTE = (
+    "CLIP's projection into the joint image-text space (visual_projection) and its text tower "
+    "are not part of an image classifier: not loaded. The pooled features are the image "
+    "tower's own, before that projection."
+)
 
 
 def clip_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
