@@ -210,7 +210,7 @@ def test_hf_dinov2_backbone_reproduces_its_tokens_and_preprocessing(tmp_path):
     reference = randomise(transformers.Dinov2Model(dinov2_config()))
     reference.save_pretrained(tmp_path)
     transformers.BitImageProcessor(
-        size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, resample=3
+        size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}, resample=3
     ).save_pretrained(tmp_path)
     model, report = model_from_checkpoint(tmp_path, return_report=True)
     assert model.config["init_values"] == 0.5 and model.config["norm_eps"] == 1e-6
@@ -220,6 +220,29 @@ def test_hf_dinov2_backbone_reproduces_its_tokens_and_preprocessing(tmp_path):
     with torch.no_grad():
         tokens = reference(pixel_values=x).last_hidden_state  # after the final LayerNorm
         assert relative_error(model.eval().forward_features(x), tokens) < 1e-5
+
+
+def test_hf_dinov2_is_built_at_its_processors_size_as_transformers_runs_it(tmp_path):
+    # the real checkpoints: config image_size 518 (a 37x37 position table), processor crop 224 from
+    # 256; transformers resamples the table to every input, so the model runs at 224 (here 56 / 28)
+    reference = randomise(transformers.Dinov2Model(dinov2_config(image_size=56)))
+    reference.save_pretrained(tmp_path)
+    transformers.BitImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}
+    ).save_pretrained(tmp_path)
+    model, report = model_from_checkpoint(tmp_path, return_report=True)
+    assert model.img_size == (28, 28) and model.pretrained_cfg["input_size"] == (3, 28, 28)
+    assert any("built at the image processor's 28x28" in note for note in report.notes)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        assert (
+            relative_error(model.eval().forward_features(x), reference(pixel_values=x).last_hidden_state)
+            < 1e-5
+        )
+    assert model_from_checkpoint(tmp_path, img_size=56).img_size == (
+        56,
+        56,
+    )  # the table's own size, on request
 
 
 def test_hf_dinov2_with_registers_reproduces_its_tokens_from_a_folder_and_a_bare_file(tmp_path):

@@ -78,6 +78,9 @@ class Checkpoint:
             and CLIP: no antialiasing; torchvision: ``align_corners``). Loading at another
             ``img_size`` resamples the same way, so that the model reproduces the source's
             outputs at that size. Empty: timm's way (bicubic, antialiased).
+        any_input_size: the source model resamples its positions to every input (transformers'
+            DINOv2), so the size it is run at is its preprocessing's, not its table's;
+            :func:`~vitkit.weights.model_from_checkpoint` builds it at the former.
     """
 
     state_dict: StateDict
@@ -89,6 +92,7 @@ class Checkpoint:
     label_names: list[str] | None = None
     notes: list[str] = field(default_factory=list)
     pos_embed_resize: dict[str, bool] = field(default_factory=dict)
+    any_input_size: bool = False
 
     def model_options(self, given: Iterable[str] = ()) -> dict[str, Any]:
         """Constructor options for a model that fits these weights; ``given``: options the caller
@@ -651,6 +655,7 @@ def _from_hf_folder(path: Path, config: Mapping[str, Any], source: str) -> Check
     if labels and None not in labels and not all(re.fullmatch(r"LABEL_\d+", str(x)) for x in labels):
         ckpt.label_names = labels if len(labels) == ckpt.options.get("num_classes") else None
     ckpt.model_name = config.get("_name_or_path") or None
+    ckpt.any_input_size = str(config.get("model_type", "")).startswith("dinov2")
     if "Dinov2ForImageClassification" in (config.get("architectures") or []):
         ckpt.notes.append(
             "Dinov2ForImageClassification's classifier reads the class token and the mean patch token "

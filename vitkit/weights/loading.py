@@ -24,6 +24,7 @@ from typing import Any
 from torch import nn
 
 from vitkit.models import VisionTransformer, list_models
+from vitkit.models._utils import to_2tuple
 from vitkit.models.position import resample_position_embedding
 
 from .checkpoint import Checkpoint, read_checkpoint
@@ -165,6 +166,8 @@ def model_from_checkpoint(
                 f"The grid of {ckpt.source} is not recorded and its {n}-entry position table is not "
                 "square: pass img_size=(H, W) (and old_grid=(rows, columns) if it differs)."
             )
+    if "img_size" not in overrides and ckpt.any_input_size:
+        _follow_the_processor(ckpt, options)
     options.update(overrides)
     try:
         model = VisionTransformer(**options)
@@ -175,6 +178,24 @@ def model_from_checkpoint(
     model.pretrained_cfg = {"input_size": (model.patch_embed.in_chans, *model.img_size)}
     report = load_pretrained(model, ckpt, old_grid=old_grid)
     return (model, report) if return_report else model
+
+
+def _follow_the_processor(ckpt: Checkpoint, options: dict[str, Any]) -> None:
+    """Build a transformers checkpoint at its image processor's size when that differs from its
+    config's: transformers' DINOv2 (config 518, processor crops 224) resamples its positions to
+    every input, so the processor's size is the one the model is run at."""
+    size = tuple(ckpt.pretrained_cfg.get("input_size", ())[1:])
+    config_size, patch = options.get("img_size"), options.get("patch_size")
+    if len(size) != 2 or config_size is None or patch is None:
+        return
+    config_size, patch = to_2tuple(config_size), to_2tuple(patch)
+    if size != config_size and size[0] % patch[0] == 0 and size[1] % patch[1] == 0:
+        options["img_size"] = size
+        ckpt.notes.append(
+            f"built at the image processor's {size[0]}x{size[1]}, the size transformers runs it at "
+            f"(its config says image_size {config_size[0]}x{config_size[1]}, which is the size of its "
+            f"position table); pass img_size={config_size[0]} for that."
+        )
 
 
 # ---------------------------------------------------------------------------- adapting
