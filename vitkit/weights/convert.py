@@ -239,13 +239,16 @@ def hf_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str
         notes.append("registers: the class token's position embedding is folded into the class token.")
     if any(d.startswith("pooler.") for d in dropped):
         notes.append(
-            "dropped the ViTModel pooler (dense + tanh on the class token): the ViT classifier does "
+            "dropped the pooler of transformers' ViTModel / DeiTModel (dense + tanh on the class "
+            "token, its pooler_output): the classifier does "
             "not use it; vitkit's features are the normalised tokens (forward_features)."
         )
     if "embeddings.mask_token" in dropped:
         notes.append("dropped the masked-image-modelling mask_token.")
     if any(d.startswith("decoder.") for d in dropped):
-        notes.append("dropped the MAE decoder (pre-training only): the encoder is the ViT.")
+        notes.append(
+            "dropped the pre-training decoder (MAE's or ViTForMaskedImageModeling's): the encoder is the ViT."
+        )
     if cls_only_head:
         notes.append(
             "dropped DeiTForImageClassification's head: it reads the class token alone, while a "
