@@ -191,10 +191,11 @@ def _follow_the_processor(ckpt: Checkpoint, options: dict[str, Any]) -> None:
     config_size, patch = to_2tuple(config_size), to_2tuple(patch)
     if size != config_size and size[0] % patch[0] == 0 and size[1] % patch[1] == 0:
         options["img_size"] = size
+        table = config_size[0] if config_size[0] == config_size[1] else config_size
         ckpt.notes.append(
             f"built at the image processor's {size[0]}x{size[1]}, the size transformers runs it at "
             f"(its config says image_size {config_size[0]}x{config_size[1]}, which is the size of its "
-            f"position table); pass img_size={config_size[0]} for that."
+            f"position table); pass img_size={table} for that."
         )
 
 
