@@ -10,7 +10,8 @@ attention, fused AdamW, all threads, eager), so background load hits all alike.
     python benchmarks/cpu_settings.py                      # the hybrid recipe's model, batch 128
     python benchmarks/cpu_settings.py --no-compile --rounds 7
     python benchmarks/cpu_settings.py --profile            # where a bf16 step's time goes, per attention path
-    python benchmarks/cpu_settings.py --variants '{"late halving": {"stem_strides": [1, 2, 2]}}'
+    python benchmarks/cpu_settings.py --variants '{"old stem": {"stem_channels": [32, 64, 128],
+        "stem_strides": null}}'
 
 With ``--variants`` it times model variants instead of settings: the recipe's setting for the
 recipe's model and for each variant (the recipe's options with the given ones changed).
