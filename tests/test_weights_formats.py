@@ -239,10 +239,8 @@ def test_hf_dinov2_is_built_at_its_processors_size_as_transformers_runs_it(tmp_p
             relative_error(model.eval().forward_features(x), reference(pixel_values=x).last_hidden_state)
             < 1e-5
         )
-    assert model_from_checkpoint(tmp_path, img_size=56).img_size == (
-        56,
-        56,
-    )  # the table's own size, on request
+    on_request = model_from_checkpoint(tmp_path, img_size=56)  # the position table's own size
+    assert on_request.img_size == (56, 56)
 
 
 def test_hf_dinov2_with_registers_reproduces_its_tokens_from_a_folder_and_a_bare_file(tmp_path):
@@ -416,7 +414,7 @@ def _hf_reference_at(kind: str):
 @pytest.mark.parametrize("kind", ["vit", "clip", "dinov2", "dinov2_with_registers"])
 def test_hf_weights_at_a_smaller_size_reproduce_transformers_resampled_positions(kind, tmp_path):
     # transformers shrinks ViT/DeiT/CLIP/DINOv2 position tables without antialiasing (DINOv2 with
-    # registers and timm with it): loaded at the smaller size, vitkit must give the same numbers
+    # registers antialiases, as timm does): loaded at the smaller size, vitkit gives the same numbers
     reference, size, run = _hf_reference_at(kind)
     reference.save_pretrained(tmp_path)
     model, report = model_from_checkpoint(tmp_path, img_size=size, return_report=True)
