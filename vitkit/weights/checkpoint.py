@@ -442,12 +442,18 @@ def _from_mapping(
         label_names = meta.get("label_names") or label_names
 
     state, fmt, notes = to_vitkit(unwrap_state_dict(obj, source))
+    # how the source library resizes its position table for another input size (its
+    # interpolate_pos_encoding / interpolate_embeddings), where it differs from timm's antialiased bicubic
+    pos_embed_resize: dict[str, bool] = {}
     if fmt in ("hf", "clip"):
         known = {**_HF_DEFAULTS, **known}
+        pos_embed_resize = {"antialias": False}
         if "reg_token" in state:  # DINOv2 with registers, converted to positions for the patches only
             known["no_embed_class"] = True
+            pos_embed_resize = {}  # transformers' DINOv2 with registers antialiases, as timm does
     elif fmt == "torchvision":
         known = {**_TV_DEFAULTS, **known}
+        pos_embed_resize = {"antialias": False, "align_corners": True}
         tv = _torchvision_weights_for_file(filename) if filename else None
         if tv is not None:  # a file downloaded from torchvision: its weights enum knows the rest
             pretrained_cfg = prep.from_torchvision_weights(tv)
@@ -465,9 +471,7 @@ def _from_mapping(
                 "For the EMA ones: read_checkpoint(torch.load(path)['state_dict_ema'])."
             )
     ckpt = _finish(state, source, fmt, known, pretrained_cfg, notes, model_name, label_names)
-    ckpt.pos_embed_resize = _POS_EMBED_RESIZE.get(fmt, {})
-    if "reg_token" in state and fmt == "hf":  # transformers' DINOv2 with registers antialiases, as timm
-        ckpt.pos_embed_resize = {}
+    ckpt.pos_embed_resize = pos_embed_resize
     if not ckpt.pretrained_cfg:
         img = ckpt.options.get("img_size")
         if fmt == "hf":
@@ -490,15 +494,6 @@ def _from_mapping(
                 "pretrained_cfg."
             )
     return ckpt
-
-
-# How each library resizes its position table for another input size (its interpolate_pos_encoding /
-# interpolate_embeddings), where it differs from timm's bicubic, antialiased resize.
-_POS_EMBED_RESIZE: dict[str, dict[str, bool]] = {
-    "hf": {"antialias": False},
-    "clip": {"antialias": False},
-    "torchvision": {"antialias": False, "align_corners": True},
-}
 
 
 def _finish(
