@@ -171,9 +171,35 @@ def test_reset_classifier_and_no_weight_decay():
     model.reset_classifier(0, global_pool="avg")
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 32)
     assert model.config["num_classes"] == 0 and model.config["global_pool"] == "avg"
-    assert model.no_weight_decay() == {"pos_embed", "cls_token", "dist_token", "reg_token"}
+    assert model.no_weight_decay() == {
+        "pos_embed",
+        "cls_token",
+        "dist_token",
+        "reg_token",
+        "attn_pool.latent",
+    }
     names = dict(model.named_parameters())
-    assert model.no_weight_decay() - {"reg_token", "dist_token"} <= set(names)
+    assert model.no_weight_decay() - {"reg_token", "dist_token", "attn_pool.latent"} <= set(names)
+
+
+def test_attention_pool_reads_the_patches_and_leaves_with_other_pooling():
+    model = VisionTransformer(**{**TINY, "class_token": False, "reg_tokens": 1, "global_pool": "map"}).eval()
+    assert "attn_pool.latent" in dict(model.named_parameters())
+    assert isinstance(model.norm, torch.nn.LayerNorm) and isinstance(model.fc_norm, torch.nn.Identity)
+    x = torch.randn(2, 3, 32, 32)
+    tokens = model.forward_features(x)
+    # the register token is not pooled (pool_include_prefix=False): changing it changes nothing
+    moved = tokens.clone()
+    moved[:, 0] += 1.0
+    assert torch.equal(model.forward_head(tokens), model.forward_head(moved))
+    # the explicit path computes the same pooling as the fused kernel
+    fused = model.forward_head(tokens)
+    model.attn_pool.fused_attn = False
+    torch.testing.assert_close(model.forward_head(tokens), fused)
+    with pytest.raises(ValueError, match="built without"):
+        VisionTransformer(**TINY).reset_classifier(3, global_pool="map")
+    model.reset_classifier(3, global_pool="avg")  # as timm: other pooling drops the pool
+    assert model.attn_pool is None and model(x).shape == (2, 3)
 
 
 def test_registry_lists_creates_and_overrides():

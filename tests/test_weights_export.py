@@ -66,8 +66,21 @@ def test_vitkit_safetensors_round_trip(options, tmp_path):
     assert wider.pos_embed.shape[1] == 4 * 8 + (0 if options else 1)
 
 
-def test_timm_folder_round_trip(tmp_path):
-    model = trained_model(reg_tokens=1, mlp_ratio=2.0, act_layer="quick_gelu")
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"reg_tokens": 1, "mlp_ratio": 2.0, "act_layer": "quick_gelu"},
+        {
+            "reg_tokens": 1,
+            "class_token": False,
+            "global_pool": "map",
+            "act_layer": "gelu_tanh",
+        },  # SigLIP's head
+    ],
+    ids=["registers_quick_gelu", "attention_pool"],
+)
+def test_timm_folder_round_trip(options, tmp_path):
+    model = trained_model(**options)
     folder = save(model, tmp_path / "timm_export", format="timm")
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == "vit_nano_patch4_32" or timm.is_model(config["architecture"])
@@ -80,7 +93,8 @@ def test_timm_folder_round_trip(tmp_path):
     # and vitkit reads it back, options and preprocessing included
     loaded = model_from_checkpoint(folder).eval()
     assert loaded.config["reg_tokens"] == 1 and loaded.pretrained_cfg["mean"] == PREP["mean"]
-    assert loaded.config["act_layer"] == "quick_gelu"
+    assert loaded.config["act_layer"] == options["act_layer"]
+    assert loaded.config["global_pool"] == model.config["global_pool"]
     with torch.no_grad():
         assert relative_error(loaded(x), model(x)) < 1e-5
 
@@ -167,6 +181,8 @@ def test_hf_export_names_what_transformers_cannot_express(tmp_path):
         save(model, tmp_path / "hf", format="hf")
     with pytest.raises(ValueError, match="class_token=False"):
         save(trained_model(class_token=False, global_pool="avg"), tmp_path / "hf", format="hf")
+    with pytest.raises(ValueError, match="global_pool='map'"):
+        save(trained_model(global_pool="map"), tmp_path / "hf", format="hf")
     with pytest.raises(ValueError, match="format='nope'"):
         save(trained_model(), tmp_path / "x", format="nope")
 

@@ -647,7 +647,11 @@ def test_research_repo_checkpoints_with_their_command_line_load(tmp_path):
         ("vit_base_patch16_rpn_224", {}, "ResPostBlock"),
         # options of timm's VisionTransformer that vitkit's lacks, set through --model-kwargs
         ("vit_tiny_patch16_224", {"proj_bias": False}, r"without biases \(proj_bias=False\)"),
-        ("vit_tiny_patch16_224", {"global_pool": "prr"}, r"attention-pooling head \(global_pool='prr'\)"),
+        (
+            "vit_tiny_patch16_224",
+            {"global_pool": "prr"},
+            r"attention-pooling head of type AttentionPoolPrr \(global_pool='prr'\)",
+        ),
         ("vit_tiny_patch16_224", {"scale_mlp_norm": True}, r"norm inside the MLP.*\(scale_mlp_norm\)"),
     ],
 )
@@ -697,7 +701,7 @@ def _to_npz(model: TimmViT, layout: str) -> dict[str, np.ndarray]:
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     heads, dim = model.blocks[0].attn.num_heads, model.embed_dim
     hd = dim // heads
-    big_vision = layout in ("big_vision", "big_vision_scanned")
+    big_vision = layout.startswith("big_vision")
     p = "params/" if big_vision else ""
     out = {f"{p}embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0)}
     out[f"{p}embedding/bias"] = sd["patch_embed.proj.bias"]
@@ -738,6 +742,25 @@ def _to_npz(model: TimmViT, layout: str) -> dict[str, np.ndarray]:
     out[f"{p}Transformer/encoder_norm/bias"] = sd["norm.bias"]
     out[f"{p}head/kernel"] = sd["head.weight"].T
     out[f"{p}head/bias"] = sd["head.bias"]
+    if model.attn_pool is not None:  # big_vision's MAPHead: probe, one attention, LayerNorm, MLP
+        m, a = "MAPHead_0/", "MAPHead_0/MultiHeadDotProductAttention_0/"
+        out[f"{p}{m}probe"] = sd["attn_pool.latent"]
+        k, v = np.split(sd["attn_pool.kv.weight"], 2)
+        kb, vb = np.split(sd["attn_pool.kv.bias"], 2)
+        for name, w, bias in (
+            ("query", sd["attn_pool.q.weight"], sd["attn_pool.q.bias"]),
+            ("key", k, kb),
+            ("value", v, vb),
+        ):
+            out[f"{p}{a}{name}/kernel"] = w.T.reshape(dim, heads, hd)
+            out[f"{p}{a}{name}/bias"] = bias.reshape(heads, hd)
+        out[f"{p}{a}out/kernel"] = sd["attn_pool.proj.weight"].T.reshape(heads, hd, dim)
+        out[f"{p}{a}out/bias"] = sd["attn_pool.proj.bias"]
+        out[f"{p}{m}LayerNorm_0/scale"] = sd["attn_pool.norm.weight"]
+        out[f"{p}{m}LayerNorm_0/bias"] = sd["attn_pool.norm.bias"]
+        for r in range(2):
+            out[f"{p}{m}MlpBlock_0/Dense_{r}/kernel"] = sd[f"attn_pool.mlp.fc{r + 1}.weight"].T
+            out[f"{p}{m}MlpBlock_0/Dense_{r}/bias"] = sd[f"attn_pool.mlp.fc{r + 1}.bias"]
     return out
 
 
@@ -748,6 +771,11 @@ NPZ_CASES = {
     "big_vision": ({"class_token": False, "global_pool": "avg", "fc_norm": False}, {"global_pool": "avg"}),
     # big_vision "tok", blocks scanned into one stacked array: positions for the patches only
     "big_vision_scanned": ({"no_embed_class": True}, {"no_embed_class": True}),
+    # big_vision with an attention-pooling head (SigLIP): no class token, MAP, flax's tanh GELU
+    "big_vision_map": (
+        {"class_token": False, "global_pool": "map", "act_layer": "gelu_tanh"},
+        {"global_pool": "map", "act_layer": "gelu_tanh"},
+    ),
 }
 
 
@@ -772,12 +800,12 @@ def test_google_npz_reproduces_timm_reading_the_same_file(layout, tmp_path):
         assert relative_error(model.eval()(x), reference(x)) < 1e-5
 
 
-def test_npz_attention_pool_head_is_unsupported(tmp_path):
-    arrays = _to_npz(randomise(TimmViT(**TINY)), "big_vision")
-    arrays["params/MAPHead_0/probe"] = np.zeros((1, 1, 32), np.float32)
+def test_npz_attention_pool_head_says_which_activation_it_assumed(tmp_path):
+    arrays = _to_npz(randomise(TimmViT(**{**TINY, "class_token": False, "global_pool": "map"})), "big_vision")
     np.savez(tmp_path / "map.npz", **arrays)
-    with pytest.raises(UnsupportedCheckpointError, match="MAP"):
-        read_checkpoint(tmp_path / "map.npz")
+    ckpt = read_checkpoint(tmp_path / "map.npz")
+    assert ckpt.options["global_pool"] == "map" and ckpt.options["act_layer"] == "gelu_tanh"
+    assert any("MAP" in note and "act_layer='gelu'" in note for note in ckpt.notes)
 
 
 def test_unknown_layout_is_explained():

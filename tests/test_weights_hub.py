@@ -76,9 +76,10 @@ def put_in_hf_cache(hub: Path, repo_id: str, files: dict[str, Path]) -> None:
 
 
 # ---------------------------------------------------------------------------- timm:
-@pytest.mark.parametrize("name", ["test_vit.r160_in1k", "test_vit2.r160_in1k"])
+@pytest.mark.parametrize("name", ["test_vit.r160_in1k", "test_vit2.r160_in1k", "test_vit3.r160_in1k"])
 def test_timm_name_loads_from_the_hf_cache_offline(name, offline, tmp_path):
-    # test_vit: class token; test_vit2: register token, LayerScale, average pooling, fc_norm
+    # test_vit: class token; test_vit2: register token, LayerScale, average pooling, fc_norm;
+    # test_vit3: attention pooling (global_pool='map') over the register token and the patches
     reference = randomise(timm.create_model(name.split(".")[0], pretrained=False))
     save_file(reference.state_dict(), str(tmp_path / "model.safetensors"))
     put_in_hf_cache(offline, f"timm/{name}", {"model.safetensors": tmp_path / "model.safetensors"})
@@ -108,8 +109,8 @@ def test_timm_name_loads_from_the_hf_cache_offline(name, offline, tmp_path):
 
 
 def test_timm_variants_vitkit_cannot_represent_are_refused_before_downloading(offline):
-    with pytest.raises(UnsupportedCheckpointError, match="attention-pooling"):
-        read_checkpoint("timm:test_vit3.r160_in1k")  # MAP head; nothing in the cache
+    with pytest.raises(UnsupportedCheckpointError, match="norms other than LayerNorm"):
+        read_checkpoint("timm:test_vit4.r160_in1k")  # RMSNorm; nothing in the cache
 
 
 def test_timm_weights_missing_from_the_cache_say_so(offline):

@@ -1,12 +1,13 @@
 """Vision Transformer models, built from readable blocks and weight-compatible with timm.
 
 Public surface: the blocks (:class:`PatchEmbedding`, :class:`SelfAttention`, :class:`Mlp`,
-:class:`LayerScale`, :class:`TransformerBlock`), the :class:`VisionTransformer` that assembles
-them, the registry (:func:`create_model`, :func:`list_models`, :func:`register_model`), and
+:class:`LayerScale`, :class:`TransformerBlock`, :class:`AttentionPool`), the
+:class:`VisionTransformer` that assembles them, the registry (:func:`create_model`, :func:`list_models`, :func:`register_model`), and
 :func:`compile_blocks` (regional compilation: one compiled block reused for all).
 """
 
 from .attention import SelfAttention
+from .attention_pool import AttentionPool
 from .block import DropPath, LayerScale, Mlp, TransformerBlock
 from .patch_embedding import ConvStem, PatchEmbedding
 from .position import resample_position_embedding, sincos_2d_position_embedding
@@ -15,6 +16,7 @@ from .registry import create_model, list_models, model_config, register_model
 from .vision_transformer import VisionTransformer
 
 __all__ = [
+    "AttentionPool",
     "ConvStem",
     "DropPath",
     "LayerScale",

@@ -6,7 +6,8 @@
       -> add position embeddings
       -> depth x TransformerBlock            (B, N, D)
       -> LayerNorm
-      -> pool: the class token, or the mean of the patch tokens
+      -> pool: the class token, the mean of the patch tokens, or attention pooling (a learned
+               query attends over the tokens: AttentionPool, global_pool='map')
       -> Linear head                         logits (B, num_classes)
          (DeiT distilled: a second head on the distillation token, the two logits averaged)
 
@@ -14,7 +15,8 @@ Options and parameter names follow timm's ``VisionTransformer``, so a timm check
 is and ``model.state_dict()`` loads into timm. Names that appear in ``state_dict``:
 ``cls_token``, ``dist_token``, ``reg_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.N.{norm1,
 attn.qkv, attn.q_norm, attn.k_norm, attn.proj, ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}``,
-``norm``, ``fc_norm``, ``head``, ``head_dist``.
+``norm``, ``attn_pool.{latent, q, kv, proj, norm, mlp.fc1, mlp.fc2}``, ``fc_norm``, ``head``,
+``head_dist``.
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ._utils import to_2tuple
+from .attention_pool import AttentionPool
 from .block import TransformerBlock
 from .patch_embedding import ConvStem, PatchEmbedding
 from .position import resample_position_embedding, sincos_2d_position_embedding
 
-GlobalPool = Literal["token", "avg", "max", "avgmax", ""]
-_POOLS = ("token", "avg", "max", "avgmax", "")
+GlobalPool = Literal["token", "avg", "max", "avgmax", "map", ""]
+_POOLS = ("token", "avg", "max", "avgmax", "map", "")
 _POS_EMBEDS = ("learn", "sincos", "none", "")
 
 
@@ -48,9 +51,11 @@ class VisionTransformer(nn.Module):
         in_chans: image channels.
         num_classes: classifier outputs; 0 gives a feature extractor (the head is the identity).
         global_pool: ``'token'`` (class token), ``'avg'`` (mean of patch tokens), ``'max'``,
-            ``'avgmax'``, or ``''`` (no pooling; ``forward_head`` sees all tokens).
-        pool_include_prefix: ``'avg'``, ``'max'`` and ``'avgmax'`` pool the prefix tokens (class,
-            registers) together with the patches (timm's option of the same name).
+            ``'avgmax'``, ``'map'`` (attention pooling: a learned query attends over the patch
+            tokens, :class:`AttentionPool`; SigLIP) or ``''`` (no pooling; ``forward_head`` sees
+            all tokens).
+        pool_include_prefix: ``'avg'``, ``'max'``, ``'avgmax'`` and ``'map'`` pool the prefix
+            tokens (class, registers) together with the patches (timm's option of the same name).
         embed_dim: token width D.
         depth: number of Transformer blocks.
         num_heads: attention heads per block.
@@ -186,7 +191,7 @@ class VisionTransformer(nn.Module):
         self.config["patch_size"] = to_2tuple(patch_size)
         self.pretrained_cfg: dict[str, Any] = {}
 
-        use_fc_norm = global_pool not in ("token", "") if fc_norm is None else fc_norm
+        use_fc_norm = global_pool not in ("token", "map", "") if fc_norm is None else fc_norm
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
 
         self.num_classes = num_classes
@@ -257,6 +262,18 @@ class VisionTransformer(nn.Module):
             ]
         )
         self.norm = norm_layer(embed_dim) if final_norm and not use_fc_norm else nn.Identity()
+        self.attn_pool = (
+            AttentionPool(
+                embed_dim,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                norm_layer=norm_layer,
+                act_layer=act_layer,
+                fused_attn=fused_attn,
+            )
+            if global_pool == "map"
+            else None
+        )
         self.fc_norm = norm_layer(embed_dim) if final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -275,6 +292,8 @@ class VisionTransformer(nn.Module):
         for token in (self.cls_token, self.reg_token):
             if token is not None:
                 nn.init.normal_(token, std=1e-6)
+        if self.attn_pool is not None:  # the probe: unit-scale queries, as timm and big_vision
+            nn.init.trunc_normal_(self.attn_pool.latent, std=self.embed_dim**-0.5)
         if self.dist_token is not None:
             nn.init.trunc_normal_(self.dist_token, std=0.02)  # as DeiT and timm
         for name, module in self.named_modules():
@@ -338,8 +357,8 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameters that should not be weight-decayed: position, class, distillation and register
-        tokens."""
-        return {"pos_embed", "cls_token", "dist_token", "reg_token"}
+        tokens, and the attention pool's query (a token too)."""
+        return {"pos_embed", "cls_token", "dist_token", "reg_token", "attn_pool.latent"}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of storing them."""
@@ -371,6 +390,13 @@ class VisionTransformer(nn.Module):
                 raise ValueError(
                     "A distilled model's heads read its class and distillation tokens: keep 'token'."
                 )
+            if global_pool == "map" and self.attn_pool is None:
+                raise ValueError(
+                    "global_pool='map' needs an attention pool, which this model was built without: "
+                    "build it with global_pool='map' (its pool is then trained with the new head)."
+                )
+            if global_pool != "map":  # as timm: other pooling drops the attention pool
+                self.attn_pool = None
             self.global_pool = global_pool
             self.config["global_pool"] = global_pool
         self.num_classes = num_classes
@@ -429,6 +455,8 @@ class VisionTransformer(nn.Module):
         if self.global_pool == "token":
             return x[:, 0]
         patches = x if self.pool_include_prefix else x[:, self.num_prefix_tokens :]
+        if self.attn_pool is not None:
+            return self.attn_pool(patches)
         if self.global_pool == "avg":
             return patches.mean(dim=1)
         if self.global_pool == "max":

@@ -230,7 +230,8 @@ def infer_vit_options(
     stem, whose ``stem_channels`` are read instead; its ``stem_strides`` only from ``known``),
     ``depth``, ``mlp_ratio``, ``qkv_bias``, ``qk_norm``, ``init_values`` (presence only, unless
     ``known`` has the value), ``class_token``, ``distilled``, ``reg_tokens``, ``pre_norm``,
-    ``final_norm``, ``fc_norm``, ``num_classes``, ``pos_embed``; ``num_heads`` when qk_norm reveals
+    ``final_norm``, ``fc_norm``, ``num_classes``, ``pos_embed``, ``global_pool='map'`` (an attention
+    pool's weights); ``num_heads`` when qk_norm reveals
     the head width. ``img_size`` and ``no_embed_class`` only when ``known`` has an image size that
     fits the position table (shapes alone do not determine a grid; :meth:`Checkpoint.model_options`
     guesses one).
@@ -275,6 +276,8 @@ def infer_vit_options(
     options["pre_norm"] = "norm_pre.weight" in state
     options["final_norm"] = "norm.weight" in state or "fc_norm.weight" in state
     options["fc_norm"] = "fc_norm.weight" in state if options["final_norm"] else known.get("fc_norm", False)
+    if "attn_pool.latent" in state:  # an attention pool is the only pooling that has weights
+        options["global_pool"] = "map"
     head = state.get("head.weight")
     options["num_classes"] = int(head.shape[0]) if head is not None else 0
     has_pos = "pos_embed" in state
@@ -814,8 +817,8 @@ def timm_model_options(model: nn.Module) -> dict[str, Any]:
         )
     block = model.blocks[0] if len(model.blocks) else None
     problems = []
-    if getattr(model, "attn_pool", None) is not None:
-        problems.append(f"an attention-pooling head (global_pool={model.global_pool!r})")
+    if getattr(model, "attn_pool", None) is not None and (pool_problem := _timm_attn_pool_problem(model)):
+        problems.append(pool_problem)
     embed = model.patch_embed
     if not isinstance(getattr(embed, "proj", None), nn.Conv2d) or not isinstance(
         getattr(embed, "norm", nn.Identity()), nn.Identity
@@ -878,6 +881,35 @@ def timm_model_options(model: nn.Module) -> dict[str, Any]:
             act_layer=_timm_activation(block.mlp),
         )
     return options
+
+
+def _timm_attn_pool_problem(model: nn.Module) -> str | None:
+    """What of a timm ViT's attention pool vitkit's :class:`~vitkit.models.AttentionPool` lacks, or
+    None for timm's plain MAP head (``global_pool='map'``: one latent query, q and kv projections,
+    LayerNorm and MLP with the blocks' width ratio and activation, token pooling)."""
+    from timm.layers import AttentionPoolLatent
+
+    pool = model.attn_pool
+    if type(pool) is not AttentionPoolLatent:
+        return f"an attention-pooling head of type {type(pool).__name__} (global_pool={model.global_pool!r})"
+    lacks = []
+    if pool.latent_len != 1 or pool.pool != "token":
+        lacks.append(f"{pool.latent_len} latent queries pooled by {pool.pool!r}")
+    if pool.pos_embed is not None:
+        lacks.append("its own position embedding")
+    if not isinstance(pool.q, nn.Linear) or pool.latent_dim != model.embed_dim:
+        lacks.append("a latent without its query projection, or of another width")
+    if not isinstance(pool.q_norm, nn.Identity):
+        lacks.append("q/k norms")
+    if pool.mlp is None or not isinstance(pool.norm, nn.LayerNorm):
+        lacks.append("no output MLP or norm")
+    elif model.blocks and pool.mlp.fc1.out_features != model.blocks[0].mlp.fc1.out_features:
+        lacks.append("an MLP of another width than the blocks'")
+    if pool.q.bias is None or pool.num_heads != getattr(model.blocks[0].attn, "num_heads", pool.num_heads):
+        lacks.append("other heads than the blocks' or no q/kv bias")
+    if not lacks:
+        return None
+    return "an attention-pooling head with " + ", ".join(lacks)
 
 
 def _timm_activation(mlp: nn.Module) -> str | None:

@@ -32,7 +32,7 @@ All functions are pure: they take and return dicts of tensors.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -396,15 +396,16 @@ def npz_to_vitkit(arrays: Mapping[str, np.ndarray]) -> tuple[StateDict, dict[str
     Handles the original ``vision_transformer`` layout (``Transformer/posembed_input``,
     ``MultiHeadDotProductAttention_1``, ``MlpBlock_3``, position entries for the class token
     too) and big_vision's (``params/`` prefix, top-level ``pos_embedding`` for the patches only,
-    ``MultiHeadDotProductAttention_0``, ``MlpBlock_0``, per-block or scanned ``encoderblock``).
+    ``MultiHeadDotProductAttention_0``, ``MlpBlock_0``, per-block or scanned ``encoderblock``,
+    and its attention-pooling head ``MAPHead_0``, as in SigLIP).
 
     Returns:
         ``(state dict, options, notes)``; options are what the file reveals beyond shapes:
-        ``num_heads``, ``no_embed_class``, ``global_pool``, ``fc_norm`` and ``norm_eps``.
+        ``num_heads``, ``no_embed_class``, ``global_pool``, ``fc_norm`` and ``norm_eps`` (with a
+        MAP head also ``act_layer``).
 
     Raises:
-        UnsupportedCheckpointError: hybrid (ResNet) stems, attention-pooling (MAP) heads,
-            bfloat16 arrays, or no ViT found.
+        UnsupportedCheckpointError: hybrid (ResNet) stems, bfloat16 arrays, or no ViT found.
     """
     prefix = next((p for p in _NPZ_PREFIXES if f"{p}embedding/kernel" in arrays), None)
     if prefix is None:
@@ -415,10 +416,6 @@ def npz_to_vitkit(arrays: Mapping[str, np.ndarray]) -> tuple[StateDict, dict[str
     w = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
     if any(k.startswith(("conv_root", "block1/")) for k in w):
         raise UnsupportedCheckpointError("Hybrid ResNet-ViT .npz checkpoints are not supported by vitkit.")
-    if any(k.startswith("MAPHead_0/") for k in w):
-        raise UnsupportedCheckpointError(
-            "This .npz has an attention-pooling (MAP) head, which vitkit's VisionTransformer does not have."
-        )
     for k, v in w.items():
         if v.dtype.kind not in "fiu":
             raise UnsupportedCheckpointError(
@@ -489,6 +486,9 @@ def npz_to_vitkit(arrays: Mapping[str, np.ndarray]) -> tuple[StateDict, dict[str
     if "Transformer/encoder_norm/scale" in w:
         out["norm.weight"] = t("Transformer/encoder_norm/scale")
         out["norm.bias"] = t("Transformer/encoder_norm/bias")
+    has_map = "MAPHead_0/probe" in w
+    if has_map:  # attention pooling: the probe is the query; key and value become one kv layer
+        out.update(_npz_map_head(t))
     if "pre_logits/kernel" in w:
         notes.append(
             "dropped the representation layer (pre_logits) and the head it feeds: vitkit has no "
@@ -502,8 +502,37 @@ def npz_to_vitkit(arrays: Mapping[str, np.ndarray]) -> tuple[StateDict, dict[str
         "num_heads": num_heads,
         # big_vision adds positions to the patches before prepending the class token
         "no_embed_class": bool("pos_embedding" in w and has_cls),
-        "global_pool": "token" if has_cls else "avg",
+        "global_pool": "map" if has_map else "token" if has_cls else "avg",
         "fc_norm": False,  # the encoder norm comes before pooling in both code bases
         "norm_eps": 1e-6,
     }
+    if has_map:
+        # Only big_vision has MAP heads, and its flax nn.gelu is the tanh approximation by default
+        # (timm builds its SigLIP ViTs with act_layer='gelu_tanh' too).
+        options["act_layer"] = "gelu_tanh"
+        notes.append(
+            "an attention-pooling (MAP) head: read as global_pool='map' with big_vision's tanh GELU "
+            "(act_layer='gelu_tanh', flax's default); pass act_layer='gelu' if the model used the exact one."
+        )
     return out, options, notes
+
+
+def _npz_map_head(t: Callable[..., torch.Tensor]) -> StateDict:
+    """big_vision's ``MAPHead_0`` -> ``attn_pool.*`` (:class:`~vitkit.models.AttentionPool`)."""
+    mha = "MAPHead_0/MultiHeadDotProductAttention_0/"
+    out: StateDict = {"attn_pool.latent": t("MAPHead_0/probe", transpose=False)}
+    out["attn_pool.q.weight"] = t(f"{mha}query/kernel", transpose=False).flatten(1).T
+    out["attn_pool.q.bias"] = t(f"{mha}query/bias", transpose=False).reshape(-1)
+    key, value = (t(f"{mha}{n}/kernel", transpose=False).flatten(1).T for n in ("key", "value"))
+    out["attn_pool.kv.weight"] = torch.cat([key, value])
+    out["attn_pool.kv.bias"] = torch.cat(
+        [t(f"{mha}{n}/bias", transpose=False).reshape(-1) for n in ("key", "value")]
+    )
+    out["attn_pool.proj.weight"] = t(f"{mha}out/kernel").flatten(1)
+    out["attn_pool.proj.bias"] = t(f"{mha}out/bias")
+    out["attn_pool.norm.weight"] = t("MAPHead_0/LayerNorm_0/scale")
+    out["attn_pool.norm.bias"] = t("MAPHead_0/LayerNorm_0/bias")
+    for r in range(2):
+        out[f"attn_pool.mlp.fc{r + 1}.weight"] = t(f"MAPHead_0/MlpBlock_0/Dense_{r}/kernel")
+        out[f"attn_pool.mlp.fc{r + 1}.bias"] = t(f"MAPHead_0/MlpBlock_0/Dense_{r}/bias")
+    return out

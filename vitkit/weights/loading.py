@@ -378,7 +378,6 @@ def _check_fits(
 
 # tensor names of ViT relatives (timm, BEiT, EVA) and the part of the architecture each one gives away
 _FOREIGN_PARTS = (
-    (r"attn_pool\.", "an attention-pooling head (attn_pool.*: SigLIP's global_pool='map')"),
     (r"rel_pos\.|relative_position", "relative position biases (timm's vit_relpos_*, BEiT)"),
     (r"\.attn\.[qv]_bias$", "separate q and v biases (BEiT, EVA)"),
     (r"rope", "rotary position embeddings (EVA)"),
