@@ -192,3 +192,33 @@ def test_torchvision_vit_attention_weights():
     torch.testing.assert_close(maps[0], expected.detach(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="gradients cannot be read"):
         AttentionRecorder(model, gradients=True)
+
+
+@pytest.mark.parametrize("include_prefix", [False, True])
+def test_attention_pool_weights_are_recorded_exactly_on_vitkit_and_timm(include_prefix):
+    options = {**TINY, "reg_tokens": 2, "class_token": False, "global_pool": "map"}
+    options["pool_include_prefix"] = include_prefix
+    ours = VisionTransformer(**options).eval()
+    theirs = timm.models.vision_transformer.VisionTransformer(**options).eval()
+    theirs.load_state_dict(ours.state_dict())
+    layout = token_layout(ours, (32, 32))
+    assert layout.attention_pool and layout.pooling == ("all" if include_prefix else "patches")
+    assert token_layout(theirs, (32, 32)) == layout
+    images = torch.randn(2, 3, 32, 32)
+    # by hand: the probe's query against the keys of the (pooled) final tokens
+    tokens = ours.forward_features(images)
+    pooled = tokens if include_prefix else tokens[:, 2:]
+    pool = ours.attn_pool
+    q = pool.q(pool.latent).reshape(1, 2, 1, 16)
+    k = pool.kv(pooled)[..., :32].reshape(2, -1, 2, 16).transpose(1, 2)
+    expected = torch.softmax(q @ k.transpose(-2, -1) / 4.0, dim=-1)  # (B, heads, 1, pooled tokens)
+    for model in (ours, theirs):
+        forward_before = model.attn_pool.forward
+        with torch.no_grad(), AttentionRecorder(model, layers=[], pool=True) as recorder:
+            logits = model(images)
+        torch.testing.assert_close(recorder.pool_attention, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(logits, ours(images), rtol=1e-5, atol=1e-6)  # the same computation
+        assert model.attn_pool.fused_attn and "forward" not in vars(model.attn_pool)  # restored
+        assert model.attn_pool.forward == forward_before
+    with pytest.raises(ValueError, match="no attention pool"):
+        AttentionRecorder(VisionTransformer(**TINY), pool=True)

@@ -24,6 +24,14 @@ LAYOUTS = {
     "cls": {},
     "registers": {"reg_tokens": 4},
     "no_cls": {"class_token": False, "global_pool": "avg"},
+    # attention pooling (SigLIP): the prediction reads the patches through the pool's weights
+    "map": {"class_token": False, "global_pool": "map"},
+    "map_over_registers": {
+        "class_token": False,
+        "reg_tokens": 2,
+        "global_pool": "map",
+        "pool_include_prefix": True,
+    },
 }
 
 
@@ -34,11 +42,28 @@ def _model(name: str, **extra) -> VisionTransformer:
     with torch.no_grad():
         for block in model.blocks:
             block.attn.qkv.weight.mul_(20)
+        if model.attn_pool is not None:
+            model.attn_pool.q.weight.mul_(200)
     return model
 
 
+def _pool_rows(model, images, fusion="mean"):
+    """(B, N) float64: the attention pool's weights over all tokens, heads fused, by hand; None
+    for a model without a pool."""
+    if model.attn_pool is None:
+        return None
+    with torch.no_grad(), AttentionRecorder(model, layers=[], pool=True) as rec:
+        model(images)
+    a = rec.pool_attention[:, :, 0].double()  # (B, heads, pooled tokens)
+    fused = {"mean": a.mean(1), "max": a.amax(1), "min": a.amin(1)}[fusion]
+    n = model.num_prefix_tokens + 16
+    return torch.cat([torch.zeros(a.shape[0], n - a.shape[-1], dtype=torch.float64), fused], dim=1)
+
+
 # ------------------------------------------------------------------ straightforward references
-def _reference_rollout(attns, prefix, has_cls, grid, head_fusion="mean", discard_ratio=0.0, start=0):
+def _reference_rollout(
+    attns, prefix, has_cls, grid, head_fusion="mean", discard_ratio=0.0, start=0, pool_rows=None
+):
     """Per image, loop over layers, heads and entries: the textbook recipe written out."""
     batch, heads, n, _ = attns[0].shape
     maps = []
@@ -66,21 +91,29 @@ def _reference_rollout(attns, prefix, has_cls, grid, head_fusion="mean", discard
             for i in range(n):
                 mixed[i] = mixed[i] / mixed[i].sum()
             joint = mixed @ joint
-        row = joint[0] if has_cls else joint[prefix:].mean(0)
+        if pool_rows is not None:  # the pool reads each token's row with its attention weight
+            row = pool_rows[b] @ joint
+        else:
+            row = joint[0] if has_cls else joint[prefix:].mean(0)
         patches = row[prefix:]
         maps.append((patches / patches.sum()).reshape(grid))
     return torch.stack(maps).float()
 
 
 def _attention_and_gradients_by_backward(model, images, target):
-    """A and ∂logit/∂A per layer, via the recorder and an ordinary backward pass, image by image."""
+    """A and ∂logit/∂A per layer, via the recorder and an ordinary backward pass, image by image;
+    with an attention pool, its A and gradient are the last entries."""
     attns, grads = [], []
+    pool = model.attn_pool is not None
     for b in range(images.shape[0]):
-        with AttentionRecorder(model, gradients=True) as rec:
+        with AttentionRecorder(model, gradients=True, pool=pool) as rec:
             logits = model(images[b : b + 1])
             logits[0, int(target[b])].backward()
         attns.append([rec.attentions[i].detach()[0] for i in range(len(model.blocks))])
         grads.append([rec.gradients[i][0] for i in range(len(model.blocks))])
+        if pool:
+            attns[-1].append(rec.pool_attention.detach()[0])
+            grads[-1].append(rec.pool_gradient[0])
     return attns, grads
 
 
@@ -108,6 +141,7 @@ def test_rollout_equals_a_straightforward_implementation(layout, options):
         head_fusion=options.get("head_fusion", "mean"),
         discard_ratio=options.get("discard_ratio", 0.0),
         start=start,
+        pool_rows=_pool_rows(model, images, options.get("head_fusion", "mean")),
     )
     result = rollout(model, images, **options)
     assert result.shape == (3, 4, 4)
@@ -135,10 +169,17 @@ def test_relevance_equals_the_chefer_formula(layout):
     expected = []
     for b in range(3):
         rel = torch.eye(prefix + 16)
+        pool = None
+        if model.attn_pool is not None:
+            a, g = attns[b].pop(), grads[b].pop()  # (heads, 1, pooled tokens)
+            pool = sum((g[h, 0] * a[h, 0]).clamp(min=0) for h in range(a.shape[0])) / a.shape[0]
+            pool = torch.cat([torch.zeros(prefix + 16 - pool.shape[0]), pool])
         for a, g in zip(attns[b], grads[b], strict=True):
             a_bar = sum((g[h] * a[h]).clamp(min=0) for h in range(a.shape[0])) / a.shape[0]
             rel = rel + a_bar @ rel
-        if model.has_class_token:
+        if pool is not None:  # the pool's query is one more row of R, and not a token: no I to remove
+            row = (pool @ rel)[prefix:]
+        elif model.has_class_token:
             row = rel[0, prefix:]
         else:  # mean over patch queries of R - I (the identity only adds a uniform floor)
             row = (rel - torch.eye(prefix + 16))[prefix:, prefix:].mean(0)
@@ -289,3 +330,34 @@ def test_methods_work_inside_inference_mode():
     with torch.inference_mode():
         images = torch.randn(1, 3, 32, 32)
         assert relevance(model, images).shape == (1, 4, 4)
+
+
+def test_attention_pool_weights_the_rows_a_mean_pool_reads_equally():
+    model = _model("map")
+    images = torch.randn(3, 3, 32, 32)
+    # raw attention of a layer: its patch rows weighted by the pool's attention, by hand
+    attn = attention_maps(model, images, layers=-1)[2].mean(1).double()  # (B, N, N)
+    expected = (_pool_rows(model, images)[:, None] @ attn)[:, 0]
+    expected = expected / expected.sum(-1, keepdim=True)
+    torch.testing.assert_close(
+        raw_attention(model, images).flatten(1), expected.float(), rtol=1e-4, atol=1e-6
+    )
+    # a pool whose query matches every key equally is a mean pool: the same maps as query='patches'
+    with torch.no_grad():
+        model.attn_pool.q.weight.zero_()
+        model.attn_pool.q.bias.zero_()
+    for method in (raw_attention, rollout):
+        torch.testing.assert_close(method(model, images), method(model, images, query="patches"))
+
+
+def test_attention_pool_maps_agree_between_vitkit_and_timm():
+    ours = _model("map_over_registers")
+    options = {**TINY, "depth": 3, **LAYOUTS["map_over_registers"]}
+    theirs = timm.models.vision_transformer.VisionTransformer(**options).eval()
+    theirs.load_state_dict(ours.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    for name in ("raw_attention", "rollout", "gradient_rollout", "relevance"):
+        mine = explain(ours, images, name)
+        torch.testing.assert_close(explain(theirs, images, name), mine, rtol=1e-4, atol=1e-6, msg=name)
+        # and the pool matters: reading the rows equally gives another map
+        assert not torch.allclose(explain(ours, images, name, query="patches"), mine, atol=1e-3), name

@@ -10,6 +10,11 @@ exit. Layers that were not requested keep their fused path and keep nothing.
 *Implicit* attention is what the output is sensitive to: the gradient of a class score with
 respect to the attention weights or the input pixels (see :mod:`vitkit.explain.methods`).
 
+A model that pools with attention (``global_pool='map'``: a learned query attends over the tokens,
+:class:`~vitkit.models.AttentionPool`, timm's ``AttentionPoolLatent``) has one more attention
+after the blocks; ``AttentionRecorder(..., pool=True)`` records it too: its single row per head
+says how the classifier weighs the tokens.
+
 Supported models: vitkit and timm ``VisionTransformer`` (any timm model whose blocks have
 ``attn.fused_attn`` and ``attn.attn_drop``), Hugging Face ViT-family models (each requested layer
 is switched to the eager attention implementation and its returned weights are read), and
@@ -51,6 +56,8 @@ class TokenLayout:
         pooling: what the classifier reads: ``'token'`` (the class token, and the distillation
             token for DeiT), ``'patches'`` (global average/max pooling of the patch tokens) or
             ``'all'`` (pooling of every token, prefix tokens included: timm's ``pool_include_prefix``).
+        attention_pool: the pooled tokens are weighted by an attention pool (``global_pool='map'``)
+            rather than equally; the methods read those weights with ``query='auto'``.
     """
 
     grid: tuple[int, int]
@@ -59,6 +66,7 @@ class TokenLayout:
     dist_index: int | None = None
     reg_indices: tuple[int, ...] = ()
     pooling: Literal["token", "patches", "all"] = "token"
+    attention_pool: bool = False
 
     def __post_init__(self) -> None:
         special = [i for i in (self.cls_index, self.dist_index) if i is not None] + list(self.reg_indices)
@@ -88,7 +96,8 @@ class TokenLayout:
 
         ``'auto'``: the tokens the classifier reads (class token, plus the distillation token
         whose head is averaged in for DeiT; all patches for a pooled model, all tokens for one that
-        pools its prefix tokens too); ``'cls'``: the class
+        pools its prefix tokens too; with an attention pool, the methods weight these rows by its
+        attention rather than equally); ``'cls'``: the class
         token; ``'patches'``: all patch tokens (models without class token).
         """
         if query == "auto":
@@ -158,6 +167,7 @@ def token_layout(model: nn.Module, images: torch.Tensor | Sequence[int]) -> Toke
             dist_index=dist_index,
             reg_indices=tuple(range(first_reg, first_reg + num_reg)),
             pooling=pooling,
+            attention_pool=attention_pool(model) is not None,
         )
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "patch_size") and hasattr(config, "model_type"):  # HF
@@ -190,6 +200,12 @@ def unwrap(model: nn.Module) -> nn.Module:
         return model
     inner = getattr(model, "model", None)
     return unwrap(inner) if isinstance(inner, nn.Module) else model
+
+
+def attention_pool(model: nn.Module) -> nn.Module | None:
+    """The attention-pooling head of a vitkit or timm ViT (``global_pool='map'``), or ``None``."""
+    pool = getattr(unwrap(model), "attn_pool", None)
+    return pool if isinstance(pool, nn.Module) else None
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -267,6 +283,10 @@ class AttentionRecorder:
     ``transform`` (optional) maps each captured A before it is stored, e.g. a head fusion, so
     that only the reduced tensor is kept (it is not applied to the gradients).
 
+    ``pool=True`` also records the attention pool's weights (a model with ``global_pool='map'``)
+    in ``recorder.pool_attention`` (B, heads, 1, pooled tokens) and, with ``gradients``, their
+    gradient in ``recorder.pool_gradient`` (``transform`` does not apply to them).
+
     Example::
 
         with AttentionRecorder(model, layers=[-1], gradients=True) as rec:
@@ -281,6 +301,7 @@ class AttentionRecorder:
         *,
         gradients: bool = False,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        pool: bool = False,
     ) -> None:
         self.model = unwrap(model)
         self.backend, self._modules = attention_modules(self.model)
@@ -289,6 +310,11 @@ class AttentionRecorder:
         self.transform = transform
         self.attentions: dict[int, torch.Tensor] = {}
         self.gradients: dict[int, torch.Tensor] = {}
+        self.pool_attention: torch.Tensor | None = None
+        self.pool_gradient: torch.Tensor | None = None
+        self._pool = attention_pool(self.model) if pool else None
+        if pool and self._pool is None:
+            raise ValueError(f"pool=True, but this {type(self.model).__name__} has no attention pool.")
         self._undo: list[Callable[[], None]] = []
         if gradients and self.backend == "torchvision":
             raise ValueError(
@@ -304,6 +330,7 @@ class AttentionRecorder:
     def clear(self) -> None:
         self.attentions.clear()
         self.gradients.clear()
+        self.pool_attention = self.pool_gradient = None
 
     # ---------------------------------------------------------------- hooks
     def _store(self, index: int, attn: torch.Tensor) -> None:
@@ -316,6 +343,25 @@ class AttentionRecorder:
 
     def _timm_hook(self, index: int, module: nn.Module, args: tuple[Any, ...]) -> None:
         self._store(index, args[0])
+
+    def _store_pool(self, attn: torch.Tensor) -> None:
+        if self.gradients_enabled and attn.requires_grad:
+            attn.register_hook(partial(setattr, self, "pool_gradient"))
+        self.pool_attention = attn
+
+    def _record_pool(self) -> None:
+        pool = self._pool
+        if _is_timm_like(pool):  # vitkit's AttentionPool: its explicit A is the input of attn_drop
+            self._set(pool, "fused_attn", False)
+            handle = pool.attn_drop.register_forward_pre_hook(lambda module, args: self._store_pool(args[0]))
+            self._undo.append(handle.remove)
+            return
+        # timm's AttentionPoolLatent has no module to hook: run its explicit path here for a while
+        if "forward" in vars(pool):
+            self._set(pool, "forward", partial(_explicit_latent_pool, pool, self._store_pool))
+        else:
+            pool.forward = partial(_explicit_latent_pool, pool, self._store_pool)
+            self._undo.append(lambda: delattr(pool, "forward"))
 
     def _output_hook(self, index: int, module: nn.Module, args: Any, output: Any) -> None:
         weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
@@ -340,6 +386,8 @@ class AttentionRecorder:
         try:
             if hasattr(self.model, "grad_checkpointing"):  # recomputation would record twice
                 self._set(self.model, "grad_checkpointing", False)
+            if self._pool is not None:
+                self._record_pool()
             for i in self.layers:
                 module = self._modules[i]
                 if self.backend == "timm":
@@ -366,6 +414,32 @@ class AttentionRecorder:
 
     def __exit__(self, *exc: object) -> None:
         self._restore()
+
+
+def _explicit_latent_pool(
+    pool: nn.Module,
+    store: Callable[[torch.Tensor], None],
+    x: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """timm's ``AttentionPoolLatent.forward`` on its explicit path, handing A to ``store``."""
+    from einops import rearrange
+
+    if attn_mask is not None:
+        raise ValueError("Recording an attention pool with an attention mask is not supported.")
+    if pool.pos_embed is not None:
+        x = x + pool.pos_embed.unsqueeze(0).to(x.dtype)
+    q = rearrange(pool.q(pool.latent.expand(x.shape[0], -1, -1)), "b l (h d) -> b h l d", h=pool.num_heads)
+    k, v = rearrange(pool.kv(x), "b n (two h d) -> two b h n d", two=2, h=pool.num_heads).unbind(0)
+    q, k = pool.q_norm(q), pool.k_norm(k)
+    attn = ((q * pool.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, latents, N)
+    store(attn)
+    out = pool.proj_drop(pool.proj(rearrange(attn @ v, "b h l d -> b l (h d)")))
+    if pool.mlp is not None:
+        out = out + pool.mlp(pool.norm(out))
+    if pool.pool == "token":
+        return out[:, 0]
+    return out.mean(1) if pool.pool == "avg" else out
 
 
 # ------------------------------------------------------------------------------------ utilities

@@ -26,6 +26,14 @@ Implicit attention (gradients of a class score)
     * :func:`input_gradient` — ∂y_c/∂pixels: vanilla (|∇| max over channels), gradient × input,
       SmoothGrad (mean of vanilla maps over noisy copies); summed into patches or per pixel.
 
+Attention pooling (``global_pool='map'``, SigLIP): the classifier reads one learned query's
+attention ``a`` over the tokens instead of a class token or a plain mean. With ``query='auto'``
+every method reads the rows a class token or a mean would read, weighted by ``a``: the map is
+``a · M`` over the patches (M: the layer's attention, the rollout product or R), where a plain
+average pool is the special case of uniform ``a``. ``a`` is fused over heads as the method fuses
+the layers' heads; the gradient methods weight it like a layer (``(a ⊙ ∂y/∂a)⁺``), and
+:func:`relevance` reads ``a·R`` (the pool's own relevance included, since the query is not a token).
+
 Gradients are taken with ``torch.autograd.grad`` with respect to the captured attention tensors
 of each layer, so each gradient belongs to its own layer by construction, and no ``.grad`` of
 the model's parameters is touched. Class scores are logits; the default target is the
@@ -105,20 +113,41 @@ def _normalise(values: torch.Tensor) -> torch.Tensor:
     return values / torch.where(total > 0, total, torch.ones_like(total))
 
 
-def readout(matrix: torch.Tensor, layout: TokenLayout, query: Query = "auto") -> torch.Tensor:
+def readout(
+    matrix: torch.Tensor, layout: TokenLayout, query: Query = "auto", weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """(B, [heads,] N, N) -> (B, [heads,] grid_h, grid_w): the query rows' mean over the patches.
 
-    The prefix columns (class, distillation, register tokens) are dropped and the result is
-    renormalised to sum to one over the patches.
+    With ``weights`` (B, N) the rows are weighted by them instead (an attention pool's weights,
+    :func:`pool_weights`) and ``query`` is not used. The prefix columns (class, distillation,
+    register tokens) are dropped and the result is renormalised to sum to one over the patches.
     """
     if matrix.shape[-1] != layout.num_tokens:
         raise ValueError(
             f"Attention over {matrix.shape[-1]} tokens does not match the layout: {layout.num_prefix_tokens} "
             f"prefix tokens + a {layout.grid} grid."
         )
-    rows = layout.query_indices(query)
-    values = matrix[..., rows, layout.patch_indices].mean(dim=-2)
+    if weights is not None:
+        values = torch.einsum("bi,b...ij->b...j", weights.to(matrix), matrix)[..., layout.patch_indices]
+    else:
+        values = matrix[..., layout.query_indices(query), layout.patch_indices].mean(dim=-2)
     return _normalise(values).unflatten(-1, layout.grid)
+
+
+def pool_weights(
+    pool_attention: torch.Tensor, layout: TokenLayout, fusion: HeadFusion = "mean"
+) -> torch.Tensor:
+    """An attention pool's weights (B, heads, queries, pooled tokens) -> (B, N) over all tokens.
+
+    Heads fused by ``fusion``, several latent queries averaged; a pool over the patches only
+    gives the prefix tokens weight zero.
+    """
+    row = fuse_heads(pool_attention, fusion).mean(dim=1)
+    return F.pad(row, (layout.num_tokens - row.shape[-1], 0))
+
+
+def _reads_pool(layout: TokenLayout, query: Query) -> bool:
+    return layout.attention_pool and query == "auto"
 
 
 def resolve_target(target: Target, logits: torch.Tensor) -> torch.Tensor:
@@ -145,20 +174,23 @@ def _depth(model: nn.Module) -> int:
 
 
 def _attention_with_gradients(
-    model: nn.Module, images: torch.Tensor, layers: list[int], target: Target
+    model: nn.Module, images: torch.Tensor, layers: list[int], target: Target, pool: bool = False
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Attention of ``layers`` and ∂(target logit)/∂A for each, in the order of ``layers``."""
+    """Attention of ``layers`` and ∂(target logit)/∂A for each, in the order of ``layers``; with
+    ``pool``, the attention pool's A and gradient come last."""
     with (
         torch.inference_mode(False),
         torch.enable_grad(),
         eval_mode(model),
-        AttentionRecorder(model, layers) as recorder,
+        AttentionRecorder(model, layers, pool=pool) as recorder,
     ):
         x = images.detach().clone().requires_grad_(True)
         logits = forward(model, x)
         t = resolve_target(target, logits)
         score = logits.gather(1, t[:, None]).sum()  # images are independent: per-image gradients
         attns = [recorder.attentions[i] for i in layers]
+        if pool:
+            attns.append(recorder.pool_attention)
         grads = torch.autograd.grad(score, attns, allow_unused=True)
     grads = [torch.zeros_like(a) if g is None else g for a, g in zip(attns, grads, strict=True)]
     return [a.detach() for a in attns], [g.detach() for g in grads]
@@ -179,17 +211,25 @@ def raw_attention(
         layer: the attention layer (negative counts from the end).
         head_fusion: ``'mean'``, ``'max'`` or ``'min'`` over heads, or ``None`` for one map per
             head: (B, heads, grid_h, grid_w).
-        query: ``'auto'`` (what the classifier reads: the class token, or the mean over patch
-            queries for a pooled model), ``'cls'`` or ``'patches'``.
+        query: ``'auto'`` (what the classifier reads: the class token, the mean over patch
+            queries for a pooled model, or the patch queries weighted by an attention pool's
+            weights, fused over its heads by the mean), ``'cls'`` or ``'patches'``.
 
     Returns:
         (B, grid_h, grid_w), or (B, heads, grid_h, grid_w) with ``head_fusion=None``.
     """
     layout = token_layout(model, images)
-    attn = next(iter(attention_maps(model, images, [layer]).values()))
+    if not _reads_pool(layout, query):
+        attn = next(iter(attention_maps(model, images, [layer]).values()))
+        weights = None
+    else:
+        with torch.no_grad(), eval_mode(model), AttentionRecorder(model, [layer], pool=True) as recorder:
+            forward(model, images)
+        attn = next(iter(recorder.attentions.values())).detach()
+        weights = pool_weights(recorder.pool_attention.detach(), layout)
     if head_fusion is None:
-        return readout(attn, layout, query)
-    return readout(fuse_heads(attn, head_fusion), layout, query)
+        return readout(attn, layout, query, weights)
+    return readout(fuse_heads(attn, head_fusion), layout, query, weights)
 
 
 def rollout(
@@ -205,24 +245,29 @@ def rollout(
 
     Per layer from ``start_layer`` on: fuse heads, zero the lowest ``discard_ratio`` entries
     (never those of the class token's row and column), ``Â = (A + I)`` row-normalised; the
-    product ``Â_L ··· Â_start`` read at the query row(s) over the patches. Only the fused
+    product ``Â_L ··· Â_start`` read at the query row(s) over the patches (with an attention
+    pool: weighted by the pool's attention, its heads fused the same way). Only the fused
     (B, N, N) matrix of each layer is kept during the forward pass.
     """
     layout = token_layout(model, images)
     depth = _depth(model)
     layers = _start_layers(start_layer, depth)
     keep = [layout.cls_index] if layout.cls_index is not None else []
+    fuse = partial(fuse_heads, fusion=head_fusion)
     with (
         torch.no_grad(),
         eval_mode(model),
-        AttentionRecorder(model, layers, transform=partial(fuse_heads, fusion=head_fusion)) as recorder,
+        AttentionRecorder(model, layers, transform=fuse, pool=_reads_pool(layout, query)) as recorder,
     ):
         forward(model, images)
     joint = None
     for i in layers:
         mixing = add_identity(discard_lowest(recorder.attentions[i].detach(), discard_ratio, keep))
         joint = mixing if joint is None else mixing @ joint
-    return readout(joint, layout, query)
+    weights = None
+    if recorder.pool_attention is not None:
+        weights = pool_weights(recorder.pool_attention.detach(), layout, head_fusion)
+    return readout(joint, layout, query, weights)
 
 
 def gradient_rollout(
@@ -250,13 +295,18 @@ def gradient_rollout(
     layout = token_layout(model, images)
     layers = _start_layers(start_layer, _depth(model))
     keep = [layout.cls_index] if layout.cls_index is not None else []
-    attns, grads = _attention_with_gradients(model, images, layers, target)
+    use_pool = _reads_pool(layout, query)
+    attns, grads = _attention_with_gradients(model, images, layers, target, pool=use_pool)
+    weights = None
+    if use_pool:  # the pool's attention, weighted by its gradient like a layer's
+        pool_a, pool_g = attns.pop(), grads.pop()
+        weights = pool_weights((pool_a * pool_g).clamp(min=0), layout, head_fusion)
     joint = None
     for a, g in zip(attns, grads, strict=True):
         weighted = fuse_heads(a * g, head_fusion).clamp(min=0)
         mixing = add_identity(discard_lowest(weighted, discard_ratio, keep))
         joint = mixing if joint is None else mixing @ joint
-    return readout(joint, layout, query)
+    return readout(joint, layout, query, weights)
 
 
 def relevance(
@@ -272,17 +322,25 @@ def relevance(
     The map is the query row(s) of ``R - I`` over the patches (the class token's row for a
     class-token model, where ``R - I`` and ``R`` agree; the mean over the patch rows for a pooled
     model, where subtracting I removes a content-independent uniform floor), renormalised.
+    With an attention pool, the pool's query is one more row: ``ā·R`` with
+    ``ā = E_heads[(∇a ⊙ a)⁺]``; the query is not a token, so it has no identity to subtract.
     ``target`` as in :func:`gradient_rollout`.
     """
     layout = token_layout(model, images)
     layers = _start_layers(start_layer, _depth(model))
-    attns, grads = _attention_with_gradients(model, images, layers, target)
+    use_pool = _reads_pool(layout, query)
+    attns, grads = _attention_with_gradients(model, images, layers, target, pool=use_pool)
     batch, n = attns[0].shape[0], attns[0].shape[-1]
     eye = torch.eye(n, dtype=attns[0].dtype, device=attns[0].device)
     rel = eye.expand(batch, n, n)
+    if use_pool:
+        pool_a, pool_g = attns.pop(), grads.pop()
+        pool_row = pool_weights((pool_g * pool_a).clamp(min=0), layout)
     for a, g in zip(attns, grads, strict=True):
         a_bar = (g * a).clamp(min=0).mean(dim=1)
         rel = rel + a_bar @ rel
+    if use_pool:
+        return readout(rel, layout, query, pool_row)
     # R - I: the relevance gained through attention. For a class-token row this is R itself (the
     # identity has no patch entries there); for the mean over patch rows it removes the uniform
     # 1/patches floor of each token's residual path to itself, which carries no information.

@@ -2,8 +2,9 @@
 
 Public surface: the blocks (:class:`PatchEmbedding`, :class:`SelfAttention`, :class:`Mlp`,
 :class:`LayerScale`, :class:`TransformerBlock`, :class:`AttentionPool`), the
-:class:`VisionTransformer` that assembles them, the registry (:func:`create_model`, :func:`list_models`, :func:`register_model`), and
-:func:`compile_blocks` (regional compilation: one compiled block reused for all).
+:class:`VisionTransformer` that assembles them, the registry (:func:`create_model`,
+:func:`list_models`, :func:`register_model`), and :func:`compile_blocks` (regional compilation:
+one compiled block reused for all).
 """
 
 from .attention import SelfAttention
