@@ -308,6 +308,50 @@ def test_hf_clip_image_tower_reproduces_its_pooled_features(tmp_path):
         )
 
 
+def test_hf_siglip_image_tower_reproduces_its_attention_pooled_features(tmp_path):
+    # SigLIP's tower: CLIP's names without a class token or pre-norm, a patch bias, tanh GELU, eps
+    # 1e-6, and an attention-pooling head (nn.MultiheadAttention's packed q, k, v -> q and kv)
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48)
+    siglip = transformers.SiglipConfig(vision_config=HF_TINY, text_config=text)
+    reference = randomise(transformers.SiglipModel(siglip))
+    reference.save_pretrained(tmp_path / "siglip")
+    transformers.SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "siglip")
+    model, report = model_from_checkpoint(tmp_path / "siglip", return_report=True)
+    assert report.format == "siglip" and model.config["global_pool"] == "map"
+    assert model.config["act_layer"] == "gelu_tanh" and model.config["norm_eps"] == 1e-6
+    assert not model.config["class_token"] and model.num_classes == 0
+    assert model.pretrained_cfg["mean"] == pytest.approx((0.5, 0.5, 0.5))
+    assert model.pretrained_cfg["interpolation"] == "bicubic"
+    assert any("text_model" in note for note in report.notes)  # the text tower is named, not loaded
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = reference.vision_model(pixel_values=x)
+        model.eval()
+        assert relative_error(model.forward_features(x), out.last_hidden_state) < 1e-5
+        assert relative_error(model(x), out.pooler_output) < 1e-5
+        # at another size, positions are resampled as transformers' interpolate_pos_encoding does
+        big = torch.randn(1, 3, 48, 48)
+        wide = model_from_checkpoint(tmp_path / "siglip", img_size=48).eval()
+        theirs = reference.vision_model(pixel_values=big, interpolate_pos_encoding=True).pooler_output
+        assert relative_error(wide(big), theirs) < 1e-5
+    # the weights file alone: SigLIP's activation and epsilon are the guess, and the note says so
+    save_file(reference.state_dict(), str(tmp_path / "siglip.safetensors"))
+    model, report = model_from_checkpoint(tmp_path / "siglip.safetensors", num_heads=4, return_report=True)
+    assert any("act_layer='gelu_tanh', norm_eps=1e-06" in note for note in report.notes)
+    with torch.no_grad():
+        assert relative_error(model.eval()(x), out.pooler_output) < 1e-5
+    # a tower built without the head (vision_use_head=False): the mean of its normalised tokens
+    headless = transformers.SiglipVisionConfig(**HF_TINY, vision_use_head=False)
+    transformers.SiglipVisionModel(headless).save_pretrained(tmp_path / "headless")
+    model = model_from_checkpoint(tmp_path / "headless").eval()
+    assert (model.config["global_pool"], model.config["fc_norm"]) == ("avg", False)
+    # a classifier that reads the mean token instead of the pool is refused by name
+    classifier = transformers.SiglipForImageClassification(siglip)
+    classifier.save_pretrained(tmp_path / "classifier")
+    with pytest.raises(UnsupportedCheckpointError, match="SiglipForImageClassification"):
+        read_checkpoint(tmp_path / "classifier")
+
+
 @pytest.mark.parametrize(
     "processor",
     [

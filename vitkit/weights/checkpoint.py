@@ -52,6 +52,7 @@ _SHAPELESS_DEFAULTS = {
     "timm": {"act_layer": "gelu", "norm_eps": 1e-6},
     "hf": {"act_layer": "gelu", "norm_eps": 1e-12},
     "clip": {"act_layer": "quick_gelu", "norm_eps": 1e-5},  # OpenAI's CLIP
+    "siglip": {"act_layer": "gelu_tanh", "norm_eps": 1e-6},  # SiglipVisionConfig's defaults
 }
 
 
@@ -63,7 +64,7 @@ class Checkpoint:
         state_dict: tensors under vitkit's (= timm's) parameter names.
         source: where they came from (path or hub name), for messages.
         format: the layout they were stored in: ``'vitkit'``, ``'timm'``, ``'lightning'``,
-            ``'hf'``, ``'torchvision'`` or ``'big_vision'``.
+            ``'hf'``, ``'clip'``, ``'siglip'``, ``'torchvision'`` or ``'big_vision'``.
         options: :class:`~vitkit.models.VisionTransformer` options the checkpoint determines:
             from shapes (embed_dim, depth, patch_size, tokens, ...) and, when the source has a
             config, the rest (num_heads, img_size, norm_eps, global_pool, ...).
@@ -448,7 +449,7 @@ def _from_mapping(
     # how the source library resizes its position table for another input size (its
     # interpolate_pos_encoding / interpolate_embeddings), where it differs from timm's antialiased bicubic
     pos_embed_resize: dict[str, bool] = {}
-    if fmt in ("hf", "clip"):
+    if fmt in ("hf", "clip", "siglip"):
         known = {**_HF_DEFAULTS, **known}
         pos_embed_resize = {"antialias": False}
         if "reg_token" in state:  # DINOv2 with registers, converted to positions for the patches only
@@ -480,6 +481,12 @@ def _from_mapping(
         if fmt == "hf":
             ckpt.pretrained_cfg = prep.hf_default(img, ckpt.options.get("in_chans", 3))
             ckpt.notes.append("no preprocessor config: assuming ViTImageProcessor's defaults (mean/std 0.5).")
+        elif fmt == "siglip":
+            ckpt.pretrained_cfg = prep.siglip_default(img, ckpt.options.get("in_chans", 3))
+            ckpt.notes.append(
+                "no preprocessor config: assuming SiglipImageProcessor's defaults (mean/std 0.5, bicubic "
+                "resize to the input size, no crop)."
+            )
         elif fmt == "clip":
             ckpt.pretrained_cfg = prep.clip_default(img, ckpt.options.get("in_chans", 3))
             ckpt.notes.append(
@@ -668,15 +675,22 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
     DINOv2, CLIP (its image tower); other model types raise, with the way to the same weights when
     there is one."""
     model_type = config.get("model_type")
-    if model_type == "clip":  # CLIPModel: the image tower's options are under vision_config
-        config = {**dict(config.get("vision_config") or {}), "model_type": "clip_vision_model"}
-        model_type = "clip_vision_model"
+    if "SiglipForImageClassification" in (config.get("architectures") or []):
+        raise UnsupportedCheckpointError(
+            "SiglipForImageClassification classifies the mean of the tokens and leaves the tower's "
+            "attention pool unused, which vitkit does not read; its SiglipModel / SiglipVisionModel "
+            "(with the pool) loads."
+        )
+    if model_type in ("clip", "siglip"):  # CLIPModel, SiglipModel: the image tower is under vision_config
+        model_type = f"{model_type}_vision_model"
+        config = {**dict(config.get("vision_config") or {}), "model_type": model_type}
     if model_type not in _HF_CONFIG_DEFAULTS:  # the model types vitkit reads
         hint = _HF_TYPE_HINTS.get(str(model_type), "")
         raise UnsupportedCheckpointError(
             f"Hugging Face model_type {model_type!r} is not supported: vitkit reads 'vit', 'vit_msn', "
-            "'vit_mae', 'deit', 'dinov2' (with registers too) and 'clip' models (ViTModel, "
-            "ViTForImageClassification, ViTMSN*, ViTMAE*, DeiT*, Dinov2Model, CLIP's image tower)."
+            "'vit_mae', 'deit', 'dinov2' (with registers too), 'clip' and 'siglip' models (ViTModel, "
+            "ViTForImageClassification, ViTMSN*, ViTMAE*, DeiT*, Dinov2Model, CLIP's and SigLIP's image "
+            "towers)."
             f"{' ' + hint if hint else ''}"
         )
     # a config.json may leave out what equals its class's default: start from transformers' defaults
@@ -707,6 +721,9 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
     }
     if model_type == "clip_vision_model":  # timm's pre-norm ViT: a LayerNorm before the blocks
         options["pre_norm"] = True
+    if model_type == "siglip_vision_model":  # no class token; the attention pool, or the token mean
+        use_head = config.get("vision_use_head", True)
+        options.update(class_token=False, global_pool="map" if use_head else "avg", fc_norm=False)
     if model_type == "deit":  # ViT with a distillation token after the class token
         options["distilled"] = True
     if model_type.startswith("dinov2"):  # LayerScale, an MLP ratio instead of a width
@@ -752,6 +769,7 @@ _HF_CONFIG_DEFAULTS = {
         "hidden_act": "quick_gelu",
         "layer_norm_eps": 1e-5,
     },
+    "siglip_vision_model": {**_HF_VIT_BASE, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6},
 }
 
 

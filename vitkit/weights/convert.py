@@ -41,7 +41,8 @@ import torch
 StateDict = dict[str, torch.Tensor]
 
 FORMATS = ("timm", "hf", "clip", "torchvision")
-"""Layouts :func:`detect_format` tells apart from the keys (``.npz`` files are read separately)."""
+"""Layouts :func:`detect_format` tells apart from the keys (``.npz`` files are read separately).
+:func:`to_vitkit` reports CLIP's layout without a class embedding as ``'siglip'``."""
 
 # The model inside a Hugging Face classifier (ViTFor..., DeiTFor...): its keys start with this, the
 # classifier's own head sits beside it.
@@ -51,7 +52,7 @@ _HF_MODEL_PREFIXES = ("vit.", "deit.")
 _ANCHORS = {
     "timm": "patch_embed.proj.weight",
     "hf": "embeddings.patch_embeddings.projection.weight",
-    "clip": "embeddings.patch_embedding.weight",  # Hugging Face CLIP's image tower
+    "clip": "embeddings.patch_embedding.weight",  # Hugging Face CLIP's (and SigLIP's) image tower
     "torchvision": "conv_proj.weight",
 }
 
@@ -109,19 +110,21 @@ def to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, str, list[s
     notes = []
     if prefix:
         notes.append(f"weights found under the prefix {prefix!r}.")
+    if fmt == "hf":
+        converted, more = hf_to_vitkit(inner)
+    elif fmt == "clip":
+        converted, more = clip_to_vitkit(inner)
+        if "cls_token" not in converted:  # SigLIP: CLIP's names, no class token, an attention pool
+            fmt = "siglip"
+    elif fmt == "torchvision":
+        converted, more = torchvision_to_vitkit(inner)
+    else:
+        converted, more = _drop_timm_extras(inner)
     beside = sorted({k.split(".")[0] for k in state if not k.startswith(prefix)})
     if fmt == "clip" and beside:
         notes.append(_CLIP_BESIDE_NOTE)
     elif beside:
         notes.append(f"not loaded: what the checkpoint holds beside the ViT ({', '.join(beside)}).")
-    if fmt == "hf":
-        converted, more = hf_to_vitkit(inner)
-    elif fmt == "clip":
-        converted, more = clip_to_vitkit(inner)
-    elif fmt == "torchvision":
-        converted, more = torchvision_to_vitkit(inner)
-    else:
-        converted, more = _drop_timm_extras(inner)
     return converted, fmt, notes + more
 
 
@@ -267,6 +270,10 @@ _CLIP_RENAMES = [
     (r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"blocks.\1.attn.proj."),
     (r"encoder\.layers\.(\d+)\.mlp\.fc([12])\.", r"blocks.\1.mlp.fc\2."),
     (r"post_layernorm\.", "norm."),
+    (r"head\.probe$", "attn_pool.latent"),  # SigLIP's attention-pooling head
+    (r"head\.attention\.out_proj\.", "attn_pool.proj."),
+    (r"head\.layernorm\.", "attn_pool.norm."),
+    (r"head\.mlp\.fc([12])\.", r"attn_pool.mlp.fc\1."),
 ]
 _CLIP_QKV = re.compile(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
 
@@ -279,12 +286,16 @@ _CLIP_BESIDE_NOTE = (
 
 
 def clip_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
-    """Hugging Face CLIP image-tower weights (``vision_model.`` stripped) -> vitkit names.
+    """Hugging Face CLIP or SigLIP image-tower weights (``vision_model.`` stripped) -> vitkit names.
 
     CLIP's tower is timm's ``pre_norm`` ViT: a class embedding (a vector), a patch convolution
     without bias, a position table as an ``nn.Embedding``, a LayerNorm before the blocks and one
     after. transformers applies that last norm to the pooled class token only, vitkit (as timm)
     to every token: the pooled features are the same. The ``position_ids`` buffer is not a weight.
+
+    SigLIP's tower has the same names, no class token and no norm before the blocks, a patch
+    bias, and an attention-pooling ``head`` (a probe and an ``nn.MultiheadAttention`` whose packed
+    q, k, v projection splits into the pool's ``q`` and ``kv``): ``global_pool='map'``.
     """
     special: StateDict = {}
     rest: StateDict = {}
@@ -293,6 +304,10 @@ def clip_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[s
             special["cls_token"] = value.reshape(1, 1, -1)
         elif key == "embeddings.position_embedding.weight":  # an nn.Embedding's table
             special["pos_embed"] = value.unsqueeze(0)
+        elif key.startswith("head.attention.in_proj_"):  # SigLIP's pool: [q; k; v] in one tensor
+            kind = key.rsplit("_", 1)[-1]
+            dim = value.shape[0] // 3
+            special[f"attn_pool.q.{kind}"], special[f"attn_pool.kv.{kind}"] = value[:dim], value[dim:]
         elif key != "embeddings.position_ids":  # a buffer, not a weight
             rest[key] = value
     out = {**special, **_rename(rest, _CLIP_RENAMES, [_CLIP_QKV], "CLIP")}

@@ -205,7 +205,7 @@ def _is_head(key: str) -> bool:
     return key.startswith(("head.", "head_dist."))
 
 
-_LIBRARIES = {"hf": "transformers", "clip": "transformers"}
+_LIBRARIES = {"hf": "transformers", "clip": "transformers", "siglip": "transformers"}
 
 
 def _adapt_to_model(

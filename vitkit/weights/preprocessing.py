@@ -95,6 +95,11 @@ def clip_default(img_size: tuple[int, int] | None, num_channels: int = 3) -> dic
     return _processor_default(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "bicubic", "center", img_size, num_channels)
 
 
+def siglip_default(img_size: tuple[int, int] | None, num_channels: int = 3) -> dict[str, Any]:
+    """What ``SiglipImageProcessor()`` does: resize to the input size (bicubic, no crop), mean/std 0.5."""
+    return _processor_default(INCEPTION_MEAN, INCEPTION_STD, "bicubic", "squash", img_size, num_channels)
+
+
 def _processor_default(
     mean: tuple[float, ...],
     std: tuple[float, ...],
