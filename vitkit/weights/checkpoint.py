@@ -232,10 +232,9 @@ def infer_vit_options(
     ``depth``, ``mlp_ratio``, ``qkv_bias``, ``qk_norm``, ``init_values`` (presence only, unless
     ``known`` has the value), ``class_token``, ``distilled``, ``reg_tokens``, ``pre_norm``,
     ``final_norm``, ``fc_norm``, ``num_classes``, ``pos_embed``, ``global_pool='map'`` (an attention
-    pool's weights); ``num_heads`` when qk_norm reveals
-    the head width. ``img_size`` and ``no_embed_class`` only when ``known`` has an image size that
-    fits the position table (shapes alone do not determine a grid; :meth:`Checkpoint.model_options`
-    guesses one).
+    pool's weights); ``num_heads`` when qk_norm reveals the head width. ``img_size`` and
+    ``no_embed_class`` only when ``known`` has an image size that fits the position table (shapes
+    alone do not determine a grid; :meth:`Checkpoint.model_options` guesses one).
 
     Args:
         state: weights in vitkit layout.
@@ -672,8 +671,8 @@ def _from_hf_folder(path: Path, config: Mapping[str, Any], source: str) -> Check
 
 def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
     """VisionTransformer options from a Hugging Face ``config.json``: ViT, ViTMSN, DeiT (distilled),
-    DINOv2, CLIP (its image tower); other model types raise, with the way to the same weights when
-    there is one."""
+    DINOv2, CLIP and SigLIP (their image towers); other model types raise, with the way to the same
+    weights when there is one."""
     model_type = config.get("model_type")
     if "SiglipForImageClassification" in (config.get("architectures") or []):
         raise UnsupportedCheckpointError(
