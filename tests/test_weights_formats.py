@@ -345,11 +345,21 @@ def test_hf_siglip_image_tower_reproduces_its_attention_pooled_features(tmp_path
     transformers.SiglipVisionModel(headless).save_pretrained(tmp_path / "headless")
     model = model_from_checkpoint(tmp_path / "headless").eval()
     assert (model.config["global_pool"], model.config["fc_norm"]) == ("avg", False)
-    # a classifier that reads the mean token instead of the pool is refused by name
-    classifier = transformers.SiglipForImageClassification(siglip)
+    # SiglipForImageClassification: its classifier reads the token mean, and the pool goes unused
+    classifier = randomise(transformers.SiglipForImageClassification(siglip))
     classifier.save_pretrained(tmp_path / "classifier")
-    with pytest.raises(UnsupportedCheckpointError, match="SiglipForImageClassification"):
-        read_checkpoint(tmp_path / "classifier")
+    save_file(classifier.state_dict(), str(tmp_path / "classifier.safetensors"))
+    for source, given in (
+        (tmp_path / "classifier", {}),
+        (tmp_path / "classifier.safetensors", {"num_heads": 4}),
+    ):
+        model, report = model_from_checkpoint(source, return_report=True, **given)
+        assert (model.config["global_pool"], model.config["fc_norm"]) == ("avg", False)
+        assert model.attn_pool is None and model.num_classes == 2
+        assert any("reads the mean of the tokens" in note for note in report.notes)
+        assert not any("classifier" in note and "not loaded: what" in note for note in report.notes)
+        with torch.no_grad():
+            assert relative_error(model.eval()(x), classifier(pixel_values=x).logits) < 1e-5
 
 
 @pytest.mark.parametrize(

@@ -449,6 +449,8 @@ def _from_mapping(
     # interpolate_pos_encoding / interpolate_embeddings), where it differs from timm's antialiased bicubic
     pos_embed_resize: dict[str, bool] = {}
     if fmt in ("hf", "clip", "siglip"):
+        if fmt == "siglip":  # no class token: its attention pool (read off the weights), else the token mean
+            known = {"global_pool": "avg", **known}
         known = {**_HF_DEFAULTS, **known}
         pos_embed_resize = {"antialias": False}
         if "reg_token" in state:  # DINOv2 with registers, converted to positions for the patches only
@@ -674,12 +676,7 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
     DINOv2, CLIP and SigLIP (their image towers); other model types raise, with the way to the same
     weights when there is one."""
     model_type = config.get("model_type")
-    if "SiglipForImageClassification" in (config.get("architectures") or []):
-        raise UnsupportedCheckpointError(
-            "SiglipForImageClassification classifies the mean of the tokens and leaves the tower's "
-            "attention pool unused, which vitkit does not read; its SiglipModel / SiglipVisionModel "
-            "(with the pool) loads."
-        )
+    mean_classifier = "SiglipForImageClassification" in (config.get("architectures") or [])
     if model_type in ("clip", "siglip"):  # CLIPModel, SiglipModel: the image tower is under vision_config
         model_type = f"{model_type}_vision_model"
         config = {**dict(config.get("vision_config") or {}), "model_type": model_type}
@@ -721,7 +718,7 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
     if model_type == "clip_vision_model":  # timm's pre-norm ViT: a LayerNorm before the blocks
         options["pre_norm"] = True
     if model_type == "siglip_vision_model":  # no class token; the attention pool, or the token mean
-        use_head = config.get("vision_use_head", True)
+        use_head = config.get("vision_use_head", True) and not mean_classifier
         options.update(class_token=False, global_pool="map" if use_head else "avg", fc_norm=False)
     if model_type == "deit":  # ViT with a distillation token after the class token
         options["distilled"] = True

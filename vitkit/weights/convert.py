@@ -110,17 +110,22 @@ def to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, str, list[s
     notes = []
     if prefix:
         notes.append(f"weights found under the prefix {prefix!r}.")
+    used_beside: set[str] = set()  # what beside the ViT the conversion reads too
     if fmt == "hf":
         converted, more = hf_to_vitkit(inner)
     elif fmt == "clip":
         converted, more = clip_to_vitkit(inner)
         if "cls_token" not in converted:  # SigLIP: CLIP's names, no class token, an attention pool
             fmt = "siglip"
+            outer = prefix.removesuffix("vision_model.")
+            if prefix.endswith("vision_model.") and f"{outer}classifier.weight" in state:
+                converted, more = _siglip_classifier(converted, state, outer, more)
+                used_beside = {f"{outer}classifier.weight", f"{outer}classifier.bias"}
     elif fmt == "torchvision":
         converted, more = torchvision_to_vitkit(inner)
     else:
         converted, more = _drop_timm_extras(inner)
-    beside = sorted({k.split(".")[0] for k in state if not k.startswith(prefix)})
+    beside = sorted({k.split(".")[0] for k in state if not k.startswith(prefix) and k not in used_beside})
     if fmt == "clip" and beside:
         notes.append(_CLIP_BESIDE_NOTE)
     elif beside:
@@ -312,6 +317,22 @@ def clip_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[s
             rest[key] = value
     out = {**special, **_rename(rest, _CLIP_RENAMES, [_CLIP_QKV], "CLIP")}
     return out, []
+
+
+def _siglip_classifier(
+    tower: StateDict, state: Mapping[str, torch.Tensor], outer: str, notes: list[str]
+) -> tuple[StateDict, list[str]]:
+    """``SiglipForImageClassification``: its ``classifier`` reads the mean of the tower's tokens, so
+    it becomes the head, and the tower's attention pool, which it leaves unused, is dropped."""
+    out = {k: v for k, v in tower.items() if not k.startswith("attn_pool.")}
+    out["head.weight"], out["head.bias"] = (
+        state[f"{outer}classifier.weight"],
+        state[f"{outer}classifier.bias"],
+    )
+    note = "SiglipForImageClassification: its classifier reads the mean of the tokens (global_pool='avg')"
+    if len(out) < len(tower) + 2:
+        note += "; the tower's attention-pooling head, which it leaves unused, is not loaded"
+    return out, [*notes, note + "."]
 
 
 def vitkit_to_hf(
