@@ -330,7 +330,7 @@ def _siglip_classifier(
         state[f"{outer}classifier.bias"],
     )
     note = "SiglipForImageClassification: its classifier reads the mean of the tokens (global_pool='avg')"
-    if len(out) < len(tower) + 2:
+    if any(k.startswith("attn_pool.") for k in tower):
         note += "; the tower's attention-pooling head, which it leaves unused, is not loaded"
     return out, [*notes, note + "."]
 
@@ -497,28 +497,25 @@ def npz_to_vitkit(arrays: Mapping[str, np.ndarray]) -> tuple[StateDict, dict[str
         mha, mlp, ln2 = ("MultiHeadDotProductAttention_1", "MlpBlock_3", "LayerNorm_2")
     else:  # big_vision
         mha, mlp, ln2 = ("MultiHeadDotProductAttention_0", "MlpBlock_0", "LayerNorm_1")
-    num_heads = None
+    # query kernels are (D, heads, head_dim), stacked over blocks in front when scanned
+    num_heads = int(w[f"{first}{mha}/query/kernel"].shape[-2]) if depth else None
     for i in range(depth):
         bp, idx = ("Transformer/encoderblock/", i) if scanned else (f"Transformer/encoderblock_{i}/", None)
         out[f"blocks.{i}.norm1.weight"] = t(f"{bp}LayerNorm_0/scale", idx)
         out[f"blocks.{i}.norm1.bias"] = t(f"{bp}LayerNorm_0/bias", idx)
-        q, k, v = (t(f"{bp}{mha}/{n}/kernel", idx, transpose=False) for n in ("query", "key", "value"))
-        num_heads = int(q.shape[1])
-        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([x.flatten(1).T for x in (q, k, v)])
-        if f"{bp}{mha}/query/bias" in w:
+        attn = _npz_attention(t, f"{bp}{mha}", idx, with_bias=f"{bp}{mha}/query/bias" in w)
+        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat(
+            [attn[f"{n}.weight"] for n in ("query", "key", "value")]
+        )
+        if "query.bias" in attn:
             out[f"blocks.{i}.attn.qkv.bias"] = torch.cat(
-                [
-                    t(f"{bp}{mha}/{n}/bias", idx, transpose=False).reshape(-1)
-                    for n in ("query", "key", "value")
-                ]
+                [attn[f"{n}.bias"] for n in ("query", "key", "value")]
             )
-        out[f"blocks.{i}.attn.proj.weight"] = t(f"{bp}{mha}/out/kernel", idx).flatten(1)
-        out[f"blocks.{i}.attn.proj.bias"] = t(f"{bp}{mha}/out/bias", idx)
+        out[f"blocks.{i}.attn.proj.weight"] = attn["out.weight"]
+        out[f"blocks.{i}.attn.proj.bias"] = attn["out.bias"]
         out[f"blocks.{i}.norm2.weight"] = t(f"{bp}{ln2}/scale", idx)
         out[f"blocks.{i}.norm2.bias"] = t(f"{bp}{ln2}/bias", idx)
-        for r in range(2):
-            out[f"blocks.{i}.mlp.fc{r + 1}.weight"] = t(f"{bp}{mlp}/Dense_{r}/kernel", idx)
-            out[f"blocks.{i}.mlp.fc{r + 1}.bias"] = t(f"{bp}{mlp}/Dense_{r}/bias", idx)
+        out.update(_npz_mlp(t, f"{bp}{mlp}", idx, f"blocks.{i}.mlp"))
     if "Transformer/encoder_norm/scale" in w:
         out["norm.weight"] = t("Transformer/encoder_norm/scale")
         out["norm.bias"] = t("Transformer/encoder_norm/bias")
@@ -553,22 +550,39 @@ def npz_to_vitkit(arrays: Mapping[str, np.ndarray]) -> tuple[StateDict, dict[str
     return out, options, notes
 
 
+def _npz_attention(t: Callable[..., torch.Tensor], mha: str, idx: int | None, with_bias: bool) -> StateDict:
+    """A flax ``MultiHeadDotProductAttention`` -> torch Linear weights, by projection:
+    ``{query,key,value}.weight`` (kernels (D, heads, d) -> (heads·d, D)), their biases ((heads,
+    d) flattened) with ``with_bias``, and ``out.weight`` / ``out.bias`` (kernel (heads, d, D) ->
+    (D, heads·d)). ``idx``: the block of a scanned (stacked) array."""
+    out: StateDict = {}
+    for n in ("query", "key", "value"):
+        out[f"{n}.weight"] = t(f"{mha}/{n}/kernel", idx, transpose=False).flatten(1).T
+        if with_bias:
+            out[f"{n}.bias"] = t(f"{mha}/{n}/bias", idx, transpose=False).reshape(-1)
+    out["out.weight"] = t(f"{mha}/out/kernel", idx).flatten(1)
+    out["out.bias"] = t(f"{mha}/out/bias", idx)
+    return out
+
+
+def _npz_mlp(t: Callable[..., torch.Tensor], mlp: str, idx: int | None, dest: str) -> StateDict:
+    """A flax ``MlpBlock`` (``Dense_0``, ``Dense_1``) -> ``{dest}.fc1`` and ``{dest}.fc2``."""
+    return {
+        f"{dest}.fc{r + 1}.{kind}": t(f"{mlp}/Dense_{r}/{name}", idx)
+        for r in range(2)
+        for kind, name in (("weight", "kernel"), ("bias", "bias"))
+    }
+
+
 def _npz_map_head(t: Callable[..., torch.Tensor]) -> StateDict:
     """big_vision's ``MAPHead_0`` -> ``attn_pool.*`` (:class:`~vitkit.models.AttentionPool`)."""
-    mha = "MAPHead_0/MultiHeadDotProductAttention_0/"
+    attn = _npz_attention(t, "MAPHead_0/MultiHeadDotProductAttention_0", None, with_bias=True)
     out: StateDict = {"attn_pool.latent": t("MAPHead_0/probe", transpose=False)}
-    out["attn_pool.q.weight"] = t(f"{mha}query/kernel", transpose=False).flatten(1).T
-    out["attn_pool.q.bias"] = t(f"{mha}query/bias", transpose=False).reshape(-1)
-    key, value = (t(f"{mha}{n}/kernel", transpose=False).flatten(1).T for n in ("key", "value"))
-    out["attn_pool.kv.weight"] = torch.cat([key, value])
-    out["attn_pool.kv.bias"] = torch.cat(
-        [t(f"{mha}{n}/bias", transpose=False).reshape(-1) for n in ("key", "value")]
-    )
-    out["attn_pool.proj.weight"] = t(f"{mha}out/kernel").flatten(1)
-    out["attn_pool.proj.bias"] = t(f"{mha}out/bias")
+    out["attn_pool.q.weight"], out["attn_pool.q.bias"] = attn["query.weight"], attn["query.bias"]
+    out["attn_pool.kv.weight"] = torch.cat([attn["key.weight"], attn["value.weight"]])
+    out["attn_pool.kv.bias"] = torch.cat([attn["key.bias"], attn["value.bias"]])
+    out["attn_pool.proj.weight"], out["attn_pool.proj.bias"] = attn["out.weight"], attn["out.bias"]
     out["attn_pool.norm.weight"] = t("MAPHead_0/LayerNorm_0/scale")
     out["attn_pool.norm.bias"] = t("MAPHead_0/LayerNorm_0/bias")
-    for r in range(2):
-        out[f"attn_pool.mlp.fc{r + 1}.weight"] = t(f"MAPHead_0/MlpBlock_0/Dense_{r}/kernel")
-        out[f"attn_pool.mlp.fc{r + 1}.bias"] = t(f"MAPHead_0/MlpBlock_0/Dense_{r}/bias")
+    out.update(_npz_mlp(t, "MAPHead_0/MlpBlock_0", None, "attn_pool.mlp"))
     return out
