@@ -108,6 +108,38 @@ def test_timm_name_loads_from_the_hf_cache_offline(name, offline, tmp_path):
     assert other.pretrained_cfg["input_size"] == (3, 96, 96)
 
 
+def test_pretrained_true_takes_timm_hub_weights_for_the_name_as_timm_does(offline, tmp_path):
+    # timm.create_model(name, pretrained=True): the default tag, or the tag in the name
+    reference = randomise(timm.create_model("test_vit", pretrained=False))
+    save_file(reference.state_dict(), str(tmp_path / "model.safetensors"))
+    put_in_hf_cache(offline, "timm/test_vit.r160_in1k", {"model.safetensors": tmp_path / "model.safetensors"})
+    x = torch.randn(1, 3, 160, 160)
+    for name in ("test_vit", "test_vit.r160_in1k"):
+        model = vitkit.create_model(name, pretrained=True).eval()
+        with torch.no_grad():
+            assert relative_error(model(x), reference(x)) < 1e-5, name
+        assert model.pretrained_cfg["crop_pct"] == 0.95
+
+    # pretrained=False (timm's spelling of "no weights") builds without reading anything
+    fresh = vitkit.create_model("test_vit", pretrained=False).eval()
+    with torch.no_grad():
+        assert relative_error(fresh(x), reference(x)) > 0.1
+
+    # the training module takes the same spelling
+    from vitkit.training import ImageClassifier
+
+    module = ImageClassifier("test_vit", pretrained=True, num_classes=3)
+    assert module.model.num_classes == 3  # head re-initialised for 3 classes, the rest loaded
+    assert torch.equal(module.model.blocks[0].attn.qkv.weight, reference.blocks[0].attn.qkv.weight)
+
+
+def test_pretrained_true_without_hosted_weights_says_what_to_pass(offline):
+    with pytest.raises(ValueError, match=r"timm has none for 'vit_nano_patch4_32'.*timm:NAME"):
+        vitkit.create_model("vit_nano_patch4_32", pretrained=True)
+    with pytest.raises(TypeError, match="needs a model name"):
+        vitkit.create_model(pretrained=True)
+
+
 def test_timm_variants_vitkit_cannot_represent_are_refused_before_downloading(offline):
     with pytest.raises(UnsupportedCheckpointError, match="norms other than LayerNorm"):
         read_checkpoint("timm:test_vit4.r160_in1k")  # RMSNorm; nothing in the cache

@@ -121,7 +121,7 @@ def _timm_pretrained_cfg(name: str) -> dict[str, Any] | None:
 
 def create_model(
     name: str | None = None,
-    pretrained: str | Path | None = None,
+    pretrained: bool | str | Path | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """Build a registered model, optionally loading pretrained weights.
@@ -130,12 +130,15 @@ def create_model(
         name: a name from :func:`list_models`. Without a name, ``pretrained`` is required and
             the architecture is read off the checkpoint (see
             :func:`vitkit.weights.model_from_checkpoint`).
-        pretrained: weights to load: a ``.safetensors`` / ``.pth`` / ``.bin`` / ``.ckpt`` / ``.npz``
-            file (timm, vitkit, Hugging Face, torchvision or big_vision layout), a Hugging Face
-            ``save_pretrained`` folder, or a hub name (``timm:NAME[.TAG]``, ``hf:REPO``,
-            ``torchvision:vit_b_16``). A new ``num_classes`` re-initialises the head, a new
-            ``img_size`` resamples the position embeddings, a new ``patch_size`` the patch
-            kernel; anything else that does not fit raises an error naming the option.
+        pretrained: the weights to load: a ``.safetensors`` / ``.pth`` / ``.bin`` / ``.ckpt`` /
+            ``.npz`` file (timm, vitkit, Hugging Face, torchvision or big_vision layout), a Hugging
+            Face ``save_pretrained`` folder, or a hub name (``timm:NAME[.TAG]``, ``hf:REPO``,
+            ``torchvision:vit_b_16``). ``True``, as in ``timm.create_model(name, pretrained=True)``:
+            the weights timm hosts for ``name`` (its default tag, or the tag in the name), downloaded
+            once into the Hugging Face cache. ``False`` or ``None``: none. A new ``num_classes``
+            re-initialises the head, a new ``img_size`` resamples the position embeddings, a new
+            ``patch_size`` the patch kernel; anything else that does not fit raises an error naming
+            the option.
         **overrides: any :class:`VisionTransformer` option, e.g. ``num_classes=10, img_size=32``.
 
     Returns:
@@ -143,8 +146,10 @@ def create_model(
         ``pretrained_cfg`` holds the preprocessing (mean, std, interpolation, crop_pct,
         input_size) of the checkpoint, else of the registered model.
     """
+    if pretrained is False:
+        pretrained = None
     if name is None:
-        if pretrained is None:
+        if pretrained is None or pretrained is True:
             raise TypeError(
                 "create_model needs a model name, or pretrained=... to read the architecture from."
             )
@@ -155,6 +160,8 @@ def create_model(
     options = model_config(name)
     pretrained_cfg = dict(options.pop("pretrained_cfg", {}))
     checkpoint = None
+    if pretrained is True:
+        pretrained = _timm_hub_name(name)
     if pretrained is not None:
         from vitkit.weights import read_checkpoint
 
@@ -174,6 +181,20 @@ def create_model(
 
         load_pretrained(model, checkpoint)
     return model
+
+
+def _timm_hub_name(name: str) -> str:
+    """``timm:<name>`` when timm hosts weights for ``name`` (``arch`` or ``arch.tag``); else a clear error."""
+    import timm
+
+    arch, _, tag = name.partition(".")
+    if timm.is_model(arch) and timm.list_pretrained(f"{arch}.{tag or '*'}"):
+        return f"timm:{name}"
+    raise ValueError(
+        f"pretrained=True loads the weights timm hosts for a model name, and timm has none for {name!r}. "
+        "Pass the weights instead: a file or folder, or a hub name such as pretrained='timm:NAME.TAG', "
+        "'hf:REPO' or 'torchvision:vit_b_16'."
+    )
 
 
 def _option_names() -> str:

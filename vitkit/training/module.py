@@ -49,7 +49,8 @@ class ImageClassifier(L.LightningModule):
     Args:
         model_name: a name from :func:`vitkit.list_models` (``timm=True`` lists the timm ViTs it also takes).
         model_options: options overriding the registered ones (e.g. ``{"depth": 6}``).
-        pretrained: weights to start from (a file, as accepted by ``create_model``).
+        pretrained: weights to start from, as ``create_model`` takes them: a file, folder or hub
+            name, or ``True`` for timm's hub weights of ``model_name``.
         reset_head: re-initialise the classifier head after loading ``pretrained``. ``None``
             (default): only when needed — another class count, or the checkpoint's class names
             differ from ``classes`` (same count, other classes: the old head would only mislead).
@@ -102,7 +103,7 @@ class ImageClassifier(L.LightningModule):
         self,
         model_name: str = "vit_tiny_patch4_32",
         model_options: dict[str, Any] | None = None,
-        pretrained: str | None = None,
+        pretrained: bool | str | None = None,
         reset_head: bool | None = None,
         num_classes: int | None = None,
         classes: list[str] | None = None,
@@ -139,7 +140,7 @@ class ImageClassifier(L.LightningModule):
         if classes is not None and len(classes) != self.num_classes:
             raise ValueError(f"{len(classes)} class names given for a model with {self.num_classes} classes.")
         self.classes = classes or [str(i) for i in range(self.num_classes)]
-        if pretrained is not None:
+        if pretrained not in (None, False):
             self._maybe_reset_head(reset_head, classes)
         freeze_parameters(self.model, freeze)
         # Kept out of the module registry (plain __dict__ entry): registering it would store every
