@@ -189,6 +189,17 @@ def test_hf_repo_in_timm_layout(offline, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert relative_error(loaded(x), model(x)) < 1e-5
+    # timm's way to name another repo for a model's weights
+    overlaid = vitkit.create_model(
+        "vit_nano_patch4_32",
+        pretrained=True,
+        pretrained_cfg_overlay={"hf_hub_id": "someone/tiny-timm"},
+        depth=2,
+        embed_dim=32,
+        num_heads=4,
+    ).eval()
+    with torch.no_grad():
+        assert relative_error(overlaid(x), model(x)) < 1e-5
 
 
 def test_hf_repo_missing_from_the_cache_says_so(offline):

@@ -4,12 +4,14 @@ Public surface: the blocks (:class:`PatchEmbedding`, :class:`SelfAttention`, :cl
 :class:`LayerScale`, :class:`TransformerBlock`, :class:`AttentionPool`), the
 :class:`VisionTransformer` that assembles them, the registry (:func:`create_model`,
 :func:`list_models`, :func:`register_model`), and :func:`compile_blocks` (regional compilation:
-one compiled block reused for all).
+one compiled block reused for all), and :class:`FeatureExtractor` (a ViT as a backbone:
+``create_model(..., features_only=True)``).
 """
 
 from .attention import SelfAttention
 from .attention_pool import AttentionPool
 from .block import DropPath, LayerScale, Mlp, TransformerBlock
+from .features import FeatureExtractor
 from .patch_embedding import ConvStem, PatchEmbedding
 from .position import resample_position_embedding, sincos_2d_position_embedding
 from .regional_compile import compile_blocks
@@ -20,6 +22,7 @@ __all__ = [
     "AttentionPool",
     "ConvStem",
     "DropPath",
+    "FeatureExtractor",
     "LayerScale",
     "Mlp",
     "PatchEmbedding",

@@ -54,15 +54,19 @@ class PatchEmbedding(nn.Module):
         in_chans: int,
         strict_img_size: bool,
     ) -> None:
-        self.img_size = to_2tuple(img_size)
-        self.patch_size = to_2tuple(patch_size)
-        self.in_chans = in_chans
-        self.strict_img_size = strict_img_size
-        if self.img_size[0] % self.patch_size[0] or self.img_size[1] % self.patch_size[1]:
+        img_size, patch_size = to_2tuple(img_size), to_2tuple(patch_size)
+        if img_size[0] % patch_size[0] or img_size[1] % patch_size[1]:
             raise ValueError(
-                f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}. "
+                f"img_size {img_size} is not divisible by patch_size {patch_size}. "
                 "Choose an img_size that is a multiple of the patch size."
             )
+        self.img_size, self.patch_size = img_size, patch_size
+        self.in_chans = in_chans
+        self.strict_img_size = strict_img_size
+
+    def set_img_size(self, img_size: int | tuple[int, int]) -> None:
+        """Take inputs of another size (a multiple of the patch size); the weights do not change."""
+        self._set_geometry(img_size, self.patch_size, self.in_chans, self.strict_img_size)
 
     @property
     def grid_size(self) -> tuple[int, int]:

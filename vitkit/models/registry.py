@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,12 @@ def _timm_pretrained_cfg(name: str) -> dict[str, Any] | None:
 def create_model(
     name: str | None = None,
     pretrained: bool | str | Path | None = None,
+    *,
+    checkpoint_path: str | Path | None = None,
+    pretrained_cfg_overlay: dict[str, Any] | None = None,
+    features_only: bool = False,
+    out_indices: int | Sequence[int] = 3,
+    feature_cfg: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """Build a registered model, optionally loading pretrained weights.
@@ -139,6 +146,15 @@ def create_model(
             re-initialises the head, a new ``img_size`` resamples the position embeddings, a new
             ``patch_size`` the patch kernel; anything else that does not fit raises an error naming
             the option.
+        checkpoint_path: as timm's: weights loaded after building (and after ``pretrained``).
+        pretrained_cfg_overlay: as timm's: entries that replace the model's ``pretrained_cfg``
+            (mean, std, crop_pct...). With ``pretrained=True``, a ``file`` entry (a local weights
+            file) or ``hf_hub_id`` entry (a Hub repository) says where the weights are.
+        features_only: return a :class:`~vitkit.models.features.FeatureExtractor` (as timm's
+            ``features_only``): the feature maps of blocks ``out_indices``, the head dropped.
+        out_indices: the blocks it returns: an int n for the last n, or block indices.
+        feature_cfg: more :class:`~vitkit.models.features.FeatureExtractor` options
+            (``output_fmt``, ``norm``).
         **overrides: any :class:`VisionTransformer` option, e.g. ``num_classes=10, img_size=32``.
 
     Returns:
@@ -146,6 +162,9 @@ def create_model(
         ``pretrained_cfg`` holds the preprocessing (mean, std, interpolation, crop_pct,
         input_size) of the checkpoint, else of the registered model.
     """
+    overlay = dict(pretrained_cfg_overlay or {})
+    if pretrained is True and (overlay.get("file") or overlay.get("hf_hub_id")):
+        pretrained = overlay["file"] if overlay.get("file") else f"hf:{overlay['hf_hub_id']}"
     if pretrained is False:
         pretrained = None
     if name is None:
@@ -155,13 +174,26 @@ def create_model(
             )
         from vitkit.weights import model_from_checkpoint
 
-        return model_from_checkpoint(pretrained, **overrides)
+        model = model_from_checkpoint(pretrained, **overrides)
+    else:
+        model = _build(name, _timm_hub_name(name) if pretrained is True else pretrained, overrides)
+    if checkpoint_path is not None:
+        from vitkit.weights import load_pretrained
 
+        load_pretrained(model, checkpoint_path)
+    model.pretrained_cfg.update({k: v for k, v in overlay.items() if k not in ("file", "hf_hub_id")})
+    if features_only:
+        from .features import FeatureExtractor
+
+        return FeatureExtractor(model, out_indices, **(feature_cfg or {}))
+    return model
+
+
+def _build(name: str, pretrained: str | Path | None, overrides: dict[str, Any]) -> VisionTransformer:
+    """The model ``name`` with ``overrides``, loaded from ``pretrained`` if given."""
     options = model_config(name)
     pretrained_cfg = dict(options.pop("pretrained_cfg", {}))
     checkpoint = None
-    if pretrained is True:
-        pretrained = _timm_hub_name(name)
     if pretrained is not None:
         from vitkit.weights import read_checkpoint
 

@@ -405,6 +405,78 @@ class VisionTransformer(nn.Module):
         if self.head_dist is not None:
             self.head_dist = self._new_head(num_classes)
 
+    # ------------------------------------------------------------------ timm's model interface
+    # What timm's tools call on a model: its optimizer factory (group_matcher), its feature
+    # extraction (feature_info, prune_intermediate_layers), DINO-style callers
+    # (get_intermediate_layers) and resolution changes (set_input_size).
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """timm's older name of ``pretrained_cfg``."""
+        return self.pretrained_cfg
+
+    @property
+    def head_hidden_size(self) -> int:
+        """Width of the features the head reads (``forward_head(..., pre_logits=True)``)."""
+        return self.embed_dim
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """One entry per block, as timm's: ``module`` name, ``num_chs`` channels, ``reduction``
+        (input pixels per patch side)."""
+        reduction = self.img_size[0] // self.grid_size[0]
+        return [
+            {"module": f"blocks.{i}", "num_chs": self.embed_dim, "reduction": reduction}
+            for i in range(len(self.blocks))
+        ]
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups by depth, as timm's (its layer-wise LR decay reads them): the embedding,
+        then block i, then everything after the blocks."""
+        return {
+            "stem": r"^cls_token|^dist_token|^reg_token|^pos_embed|^patch_embed|^norm_pre",
+            "blocks": r"^blocks\.(\d+)" if coarse else [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        }
+
+    @torch.no_grad()
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None, patch_size: Any = None) -> None:
+        """Rebuild for another input size in place: learned position embeddings are resampled
+        (bicubic), fixed sin-cos ones recomputed; ``pretrained_cfg['input_size']`` follows."""
+        if patch_size is not None and to_2tuple(patch_size) != self.patch_size:
+            raise ValueError(
+                "set_input_size cannot change the patch size of a built model: create it again with "
+                "create_model(NAME, pretrained=WEIGHTS, patch_size=...), which resamples the patch kernel."
+            )
+        if img_size is None:
+            return
+        old_grid = self.grid_size
+        self.patch_embed.set_img_size(img_size)
+        if self.pos_embed is not None and self.grid_size != old_grid:
+            if self.pos_embed_type == "sincos":
+                table = self._sincos(self.grid_size).to(self.pos_embed)
+            else:
+                prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+                table = resample_position_embedding(self.pos_embed, self.grid_size, old_grid, prefix)
+            self.pos_embed = nn.Parameter(table, requires_grad=self.pos_embed.requires_grad)
+        self.config["img_size"] = self.img_size
+        if self.pretrained_cfg.get("input_size"):
+            self.pretrained_cfg["input_size"] = (self.patch_embed.in_chans, *self.img_size)
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop what a feature extractor taking blocks ``indices`` (as ``forward_intermediates``)
+        does not need: the later blocks, the final norm (``prune_norm``), pool and head
+        (``prune_head``). Returns the block indices kept, non-negative."""
+        take = _block_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max(take) + 1]
+        self.config["depth"] = len(self.blocks)
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "" if self.dist_token is None else None)
+        return take
+
     # ------------------------------------------------------------------ forward
     def _position_embedding(self, grid: tuple[int, int]) -> torch.Tensor | None:
         """The position embeddings for a patch grid, resampled if it is not the model's grid."""
@@ -522,6 +594,25 @@ class VisionTransformer(nn.Module):
         if intermediates_only:
             return outputs
         return self.norm(x), outputs
+
+    def get_intermediate_layers(
+        self,
+        x: torch.Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+    ) -> list[Any]:
+        """DINO's interface to ``forward_intermediates``: the last ``n`` blocks (or blocks ``n``),
+        as (B, gh·gw, D) tokens, or (B, D, gh, gw) maps with ``reshape``."""
+        return self.forward_intermediates(
+            x,
+            n,
+            return_prefix_tokens=return_prefix_tokens,
+            norm=norm,
+            output_fmt="NCHW" if reshape else "NLC",
+            intermediates_only=True,
+        )
 
 
 def _block_indices(depth: int, indices: int | Sequence[int] | None) -> list[int]:
