@@ -308,6 +308,27 @@ def test_hf_clip_image_tower_reproduces_its_pooled_features(tmp_path):
         )
 
 
+def test_hf_clip_classifier_loads_as_the_patch_mean_before_the_final_norm(tmp_path):
+    # CLIPForImageClassification: its classifier reads the mean of the patch tokens as the encoder
+    # leaves them, without the tower's post_layernorm
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48)
+    clip = transformers.CLIPConfig(vision_config=HF_TINY, text_config=text, num_labels=3)
+    classifier = randomise(transformers.CLIPForImageClassification(clip))
+    classifier.save_pretrained(tmp_path / "classifier")
+    save_file(classifier.state_dict(), str(tmp_path / "classifier.safetensors"))
+    x = torch.randn(2, 3, 32, 32)
+    for source, given in (
+        (tmp_path / "classifier", {}),
+        (tmp_path / "classifier.safetensors", {"num_heads": 4}),
+    ):
+        model, report = model_from_checkpoint(source, return_report=True, **given)
+        assert (model.config["global_pool"], model.config["final_norm"]) == ("avg", False)
+        assert model.config["class_token"] and model.num_classes == 3
+        assert any("post_layernorm) is not loaded" in note for note in report.notes)
+        with torch.no_grad():
+            assert relative_error(model.eval()(x), classifier(pixel_values=x).logits) < 1e-5
+
+
 def test_hf_siglip_image_tower_reproduces_its_attention_pooled_features(tmp_path):
     # SigLIP's tower: CLIP's names without a class token or pre-norm, a patch bias, tanh GELU, eps
     # 1e-6, and an attention-pooling head (nn.MultiheadAttention's packed q, k, v -> q and kv)

@@ -449,7 +449,9 @@ def _from_mapping(
     # interpolate_pos_encoding / interpolate_embeddings), where it differs from timm's antialiased bicubic
     pos_embed_resize: dict[str, bool] = {}
     if fmt in ("hf", "clip", "siglip"):
-        if fmt == "siglip":  # no class token: its attention pool (read off the weights), else the token mean
+        if fmt == "siglip" or (fmt == "clip" and "head.weight" in state):
+            # SigLIP, no class token: its attention pool (read off the weights), else the token mean;
+            # CLIP with a head: CLIPForImageClassification's classifier on the patch mean
             known = {"global_pool": "avg", **known}
         known = {**_HF_DEFAULTS, **known}
         pos_embed_resize = {"antialias": False}
@@ -671,12 +673,17 @@ def _from_hf_folder(path: Path, config: Mapping[str, Any], source: str) -> Check
     return ckpt
 
 
+# transformers classifiers whose head reads the mean of the patch tokens, not the class token
+_HF_MEAN_CLASSIFIERS = ("SiglipForImageClassification", "CLIPForImageClassification")
+
+
 def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
     """VisionTransformer options from a Hugging Face ``config.json``: ViT, ViTMSN, DeiT (distilled),
     DINOv2, CLIP and SigLIP (their image towers); other model types raise, with the way to the same
     weights when there is one."""
     model_type = config.get("model_type")
-    mean_classifier = "SiglipForImageClassification" in (config.get("architectures") or [])
+    architectures = config.get("architectures") or []
+    mean_classifier = any(a in architectures for a in _HF_MEAN_CLASSIFIERS)
     if model_type in ("clip", "siglip"):  # CLIPModel, SiglipModel: the image tower is under vision_config
         model_type = f"{model_type}_vision_model"
         config = {**dict(config.get("vision_config") or {}), "model_type": model_type}
@@ -717,6 +724,8 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
     }
     if model_type == "clip_vision_model":  # timm's pre-norm ViT: a LayerNorm before the blocks
         options["pre_norm"] = True
+        if mean_classifier:  # the patch mean, before the final norm (dropped by the conversion)
+            options.update(global_pool="avg", fc_norm=False, final_norm=False)
     if model_type == "siglip_vision_model":  # no class token; the attention pool, or the token mean
         use_head = config.get("vision_use_head", True) and not mean_classifier
         options.update(class_token=False, global_pool="map" if use_head else "avg", fc_norm=False)

@@ -117,10 +117,10 @@ def to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, str, list[s
         converted, more = clip_to_vitkit(inner)
         if "cls_token" not in converted:  # SigLIP: CLIP's names, no class token, an attention pool
             fmt = "siglip"
-            outer = prefix.removesuffix("vision_model.")
-            if prefix.endswith("vision_model.") and f"{outer}classifier.weight" in state:
-                converted, more = _siglip_classifier(converted, state, outer, more)
-                used_beside = {f"{outer}classifier.weight", f"{outer}classifier.bias"}
+        outer = prefix.removesuffix("vision_model.")
+        if prefix.endswith("vision_model.") and f"{outer}classifier.weight" in state:
+            converted, more = _mean_classifier(converted, state, outer, more)
+            used_beside = {f"{outer}classifier.weight", f"{outer}classifier.bias"}
     elif fmt == "torchvision":
         converted, more = torchvision_to_vitkit(inner)
     else:
@@ -319,19 +319,30 @@ def clip_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[s
     return out, []
 
 
-def _siglip_classifier(
+def _mean_classifier(
     tower: StateDict, state: Mapping[str, torch.Tensor], outer: str, notes: list[str]
 ) -> tuple[StateDict, list[str]]:
-    """``SiglipForImageClassification``: its ``classifier`` reads the mean of the tower's tokens, so
-    it becomes the head, and the tower's attention pool, which it leaves unused, is dropped."""
-    out = {k: v for k, v in tower.items() if not k.startswith("attn_pool.")}
+    """``SiglipForImageClassification`` and ``CLIPForImageClassification``: the ``classifier`` reads
+    the mean of the tower's patch tokens, so it becomes the head (``global_pool='avg'``), and what
+    the classifier leaves unused is dropped: SigLIP's attention pool, and CLIP's final norm (CLIP's
+    classifier reads the tokens before it)."""
+    clip = "cls_token" in tower
+    unused = ("norm.",) if clip else ("attn_pool.",)
+    out = {k: v for k, v in tower.items() if not k.startswith(unused)}
     out["head.weight"], out["head.bias"] = (
         state[f"{outer}classifier.weight"],
         state[f"{outer}classifier.bias"],
     )
-    note = "SiglipForImageClassification: its classifier reads the mean of the tokens (global_pool='avg')"
-    if any(k.startswith("attn_pool.") for k in tower):
-        note += "; the tower's attention-pooling head, which it leaves unused, is not loaded"
+    if clip:
+        note = (
+            "CLIPForImageClassification: its classifier reads the mean of the patch tokens before the "
+            "tower's final norm (global_pool='avg', final_norm=False); that norm (post_layernorm) is "
+            "not loaded"
+        )
+    else:
+        note = "SiglipForImageClassification: its classifier reads the mean of the tokens (global_pool='avg')"
+        if any(k.startswith("attn_pool.") for k in tower):
+            note += "; the tower's attention-pooling head, which it leaves unused, is not loaded"
     return out, [*notes, note + "."]
 
 
