@@ -177,6 +177,47 @@ def test_hugging_face_vit_attention_is_read_layer_by_layer():
     torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_hugging_face_mean_pooled_classifiers_are_explained_as_their_vitkit_twins(kind, tmp_path):
+    # CLIPForImageClassification and SiglipForImageClassification classify the mean of the patch
+    # tokens (CLIP: after a class token; SigLIP: none): every method must read those rows, and
+    # give what the same weights loaded into vitkit give
+    transformers = pytest.importorskip("transformers")
+    from vitkit.explain import METHODS, explain
+    from vitkit.weights import model_from_checkpoint
+
+    vision = dict(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64,
+    )  # fmt: skip
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    config_class, model_class = {
+        "clip": (transformers.CLIPConfig, transformers.CLIPForImageClassification),
+        "siglip": (transformers.SiglipConfig, transformers.SiglipForImageClassification),
+    }[kind]
+    torch.manual_seed(0)
+    model = model_class(config_class(vision_config=vision, text_config=text, num_labels=3)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(tmp_path)
+    twin = model_from_checkpoint(tmp_path).eval()
+
+    images = torch.randn(2, 3, 32, 32)
+    layout = token_layout(model, images)
+    assert layout == token_layout(twin, images)
+    assert layout.pooling == "patches" and layout.cls_index == (0 if kind == "clip" else None)
+    assert layout.query_indices() == list(range(layout.num_prefix_tokens, layout.num_tokens))
+    for method in ("raw_attention", "rollout", "gradient_rollout", "relevance"):
+        assert method in METHODS
+        torch.testing.assert_close(explain(model, images, method), explain(twin, images, method))
+
+    # the tower alone pools with an nn.MultiheadAttention: refused, with the way to read it
+    tower = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**vision))
+    with pytest.raises(TypeError, match=r"attention-pooling head.*vitkit.create_model\(pretrained="):
+        token_layout(tower, images)
+
+
 def test_torchvision_vit_attention_weights():
     from torchvision.models import VisionTransformer as TVViT
 

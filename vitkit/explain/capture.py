@@ -137,7 +137,8 @@ def token_layout(model: nn.Module, images: torch.Tensor | Sequence[int]) -> Toke
     """The :class:`TokenLayout` of ``model`` for ``images`` (a tensor, or its (..., H, W) size).
 
     Reads vitkit and timm ``VisionTransformer`` (and subclasses such as timm's DeiT with a
-    distillation token), Hugging Face ViT-family models and torchvision ``VisionTransformer``.
+    distillation token), Hugging Face ViT-family models (ViT, DeiT, DINOv2, CLIP, SigLIP) and
+    torchvision ``VisionTransformer``.
     """
     size = _image_size(images)
     model = unwrap(model)
@@ -169,27 +170,55 @@ def token_layout(model: nn.Module, images: torch.Tensor | Sequence[int]) -> Toke
             pooling=pooling,
             attention_pool=attention_pool(model) is not None,
         )
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "patch_size") and hasattr(config, "model_type"):  # HF
-        patch = config.patch_size
-        ph, pw = (patch, patch) if isinstance(patch, int) else patch
-        has_dist = any(n.endswith("distillation_token") for n, _ in model.named_parameters())
-        num_reg = int(getattr(config, "num_register_tokens", 0) or 0)
-        first_reg = 1 + int(has_dist)
-        return TokenLayout(
-            grid=(size[0] // ph, size[1] // pw),
-            num_prefix_tokens=first_reg + num_reg,
-            cls_index=0,
-            dist_index=1 if has_dist else None,
-            reg_indices=tuple(range(first_reg, first_reg + num_reg)),
-            pooling="token",
-        )
+    if _is_hf(model):
+        return _hf_token_layout(model, size)
     if hasattr(model, "class_token") and hasattr(model, "encoder") and hasattr(model, "patch_size"):
         p = model.patch_size  # torchvision
         return TokenLayout(grid=(size[0] // p, size[1] // p), num_prefix_tokens=1, cls_index=0)
     raise TypeError(
         f"Cannot read the token layout of a {type(model).__name__}: expected a vitkit, timm, Hugging Face "
         "or torchvision Vision Transformer."
+    )
+
+
+# Hugging Face image classifiers that read the mean of the patch tokens, not the class token.
+_HF_MEAN_POOLED = ("CLIPForImageClassification", "SiglipForImageClassification")
+
+
+def _hf_token_layout(model: nn.Module, size: tuple[int, int]) -> TokenLayout:
+    """The layout of a transformers ViT-family model (ViT, DeiT, DINOv2, CLIP's and SigLIP's image
+    towers and classifiers), told by its parameters: a class token, a distillation token, registers.
+
+    CLIP's and SigLIP's classifiers read the patch mean (``pooling='patches'``). DINOv2's read the
+    class token and the patch mean side by side; ``'token'`` is taken for them, so ``query='auto'``
+    reads the class token's row (the gradients that the gradient methods weigh by still come from
+    the whole classifier).
+    """
+    config = model.config
+    vision = getattr(config, "vision_config", None) or config
+    if not hasattr(vision, "patch_size"):
+        raise TypeError(f"Cannot read the patch size of a {type(model).__name__} from its config.")
+    names = [name for name, _ in model.named_parameters()]
+    if any(name.endswith("head.probe") for name in names) and not hasattr(model, "classifier"):
+        raise TypeError(
+            f"{type(model).__name__} pools its tokens with an attention-pooling head (an "
+            "nn.MultiheadAttention, whose weights cannot be read exactly). Load the same weights as a "
+            "vitkit model, whose explanations read the pool: "
+            "vitkit.create_model(pretrained=FOLDER or 'hf:REPO')."
+        )
+    ph, pw = (vision.patch_size,) * 2 if isinstance(vision.patch_size, int) else vision.patch_size
+    has_cls = any(name.endswith(("cls_token", "class_embedding")) for name in names)
+    has_dist = any(name.endswith("distillation_token") for name in names)
+    num_reg = int(getattr(vision, "num_register_tokens", 0) or 0)
+    first_reg = int(has_cls) + int(has_dist)
+    mean_pooled = type(model).__name__ in _HF_MEAN_POOLED or not has_cls
+    return TokenLayout(
+        grid=(size[0] // ph, size[1] // pw),
+        num_prefix_tokens=first_reg + num_reg,
+        cls_index=0 if has_cls else None,
+        dist_index=int(has_cls) if has_dist else None,
+        reg_indices=tuple(range(first_reg, first_reg + num_reg)),
+        pooling="patches" if mean_pooled else "token",
     )
 
 
