@@ -218,6 +218,62 @@ def test_hugging_face_mean_pooled_classifiers_are_explained_as_their_vitkit_twin
         token_layout(tower, images)
 
 
+def test_timm_parallel_scaling_blocks_are_read_where_they_compute_attention():
+    # ParallelScalingBlock: no `attn` module, attention and MLP from one fused projection
+    model = timm.create_model("vit_base_patch16_xp_224", **{**TINY, "depth": 2}).eval()
+    images = torch.randn(2, 3, 32, 32)
+    inputs = {}
+    block = model.blocks[1]
+    block.in_norm.register_forward_hook(lambda m, a, out: inputs.__setitem__(1, out))
+    maps = attention_maps(model, images, layers=1)
+    _, q, k, _ = torch.split(block.in_proj(inputs[1]), block.in_split, dim=-1)
+    q, k = (block.q_norm(t.unflatten(-1, (2, 16))).transpose(1, 2) for t in (q, k))
+    expected = torch.softmax(q @ k.transpose(-2, -1) / 4.0, dim=-1)
+    torch.testing.assert_close(maps[1], expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_eva_register_tokens_are_counted_from_the_tokens():
+    # timm's Eva keeps register tokens without a count attribute
+    model = timm.create_model(
+        "vit_base_patch16_rope_reg1_gap_256", **{**TINY, "depth": 2, "num_heads": 2}
+    ).eval()
+    layout = token_layout(model, (32, 32))
+    assert (layout.num_prefix_tokens, layout.cls_index, layout.reg_indices) == (1, None, (0,))
+    assert attention_maps(model, torch.randn(1, 3, 32, 32), layers=0)[0].shape == (1, 2, 17, 17)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("vit_small_patch16_18x2_224", "ParallelThingsBlock"),  # two attentions side by side per block
+        ("cait_xxs24_224", "TalkingHeadAttn"),  # patch-only attention, then class attention
+        ("xcit_tiny_12_p16_224", "Cannot read the patch grid"),  # attention over channels
+    ],
+)
+def test_attention_vitkit_cannot_follow_is_refused_by_name(name, message):
+    model = timm.create_model(name, img_size=32, num_classes=3).eval()
+    from vitkit.explain import rollout
+
+    with pytest.raises(TypeError, match=message):
+        rollout(model, torch.randn(1, 3, 32, 32))
+
+
+def test_attention_that_is_not_token_to_token_is_refused():
+    class ClassAttention(torch.nn.Module):  # one query (the class token) over all tokens
+        fused_attn = True
+
+        def __init__(self):
+            super().__init__()
+            self.attn_drop = torch.nn.Identity()
+
+        def forward(self, x):
+            return self.attn_drop(torch.softmax(x[:, :1] @ x.transpose(1, 2), dim=-1).unsqueeze(1))
+
+    model = torch.nn.Sequential(ClassAttention())
+    with pytest.raises(ValueError, match="attends from 1 to 5 tokens"), AttentionRecorder(model):
+        model(torch.randn(2, 5, 8))
+
+
 def test_torchvision_vit_attention_weights():
     from torchvision.models import VisionTransformer as TVViT
 

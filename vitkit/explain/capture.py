@@ -148,11 +148,17 @@ def token_layout(model: nn.Module, images: torch.Tensor | Sequence[int]) -> Toke
             grid = model.dynamic_grid_size(size)
         elif getattr(model, "dynamic_img_size", False) and hasattr(pe, "dynamic_feat_size"):
             grid = pe.dynamic_feat_size(size)
-        else:
+        elif hasattr(pe, "grid_size"):
             grid = tuple(pe.grid_size)
+        else:
+            raise TypeError(
+                f"Cannot read the patch grid of a {type(model).__name__} (its patch embedding has no "
+                "grid_size): expected a ViT whose tokens are a class/register prefix and a grid of patches."
+            )
         has_cls = bool(getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None))
         has_dist = getattr(model, "dist_token", None) is not None
-        num_reg = int(getattr(model, "num_reg_tokens", 0) or 0)
+        reg_token = getattr(model, "reg_token", None)  # timm's Eva has the tokens but no count
+        num_reg = getattr(model, "num_reg_tokens", 0) or (reg_token.shape[1] if reg_token is not None else 0)
         prefix = int(model.num_prefix_tokens)
         cls_index = 0 if has_cls else None
         dist_index = int(has_cls) if has_dist else None
@@ -260,10 +266,19 @@ def attention_modules(model: nn.Module) -> tuple[str, list[nn.Module]]:
     """
     model = unwrap(model)
     blocks = getattr(model, "blocks", None)
-    if blocks is not None:
-        mods = [getattr(b, "attn", None) for b in blocks]
-        if mods and all(m is not None and _is_timm_like(m) for m in mods):
+    if isinstance(blocks, nn.Sequential | nn.ModuleList) and len(blocks):
+        # a block's `attn`, or the block itself where attention is computed inline (timm's
+        # ParallelScalingBlock: attention and MLP side by side from one fused projection)
+        mods = [getattr(b, "attn", b if _is_timm_like(b) else None) for b in blocks]
+        if all(m is not None and _is_timm_like(m) for m in mods):
             return "timm", mods
+        kinds = sorted({type(m if m is not None else b).__name__ for m, b in zip(mods, blocks, strict=True)})
+        raise TypeError(
+            f"The blocks of this {type(model).__name__} are not ones vitkit reads ({', '.join(kinds)}): it "
+            "reads blocks with one self-attention `attn` that has `fused_attn` and `attn_drop` (vitkit, "
+            "timm's ViT, DeiT, BEiT, EVA), not parallel branches (timm's ParallelThingsBlock) or "
+            "another kind of attention."
+        )
     hf_class = _hf_attention_class(model)
     if hf_class is not None:
         mods = [m for m in model.modules() if isinstance(m, hf_class)]
@@ -363,6 +378,12 @@ class AttentionRecorder:
 
     # ---------------------------------------------------------------- hooks
     def _store(self, index: int, attn: torch.Tensor) -> None:
+        if attn.shape[-2] != attn.shape[-1]:
+            raise ValueError(
+                f"Attention layer {index} attends from {attn.shape[-2]} to {attn.shape[-1]} tokens: not "
+                "self-attention of every token over every token (CaiT's class attention, for one). The "
+                "explanations follow attention through ViT blocks, where every token attends to all."
+            )
         if self.gradients_enabled and attn.requires_grad:
             attn.register_hook(partial(self._store_gradient, index))
         self.attentions[index] = self.transform(attn) if self.transform is not None else attn
