@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 import vitkit
-from vitkit.weights import CheckpointMismatchError, load_pretrained
+from vitkit.weights import CheckpointMismatchError, load_pretrained, save
 
 BASE = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3, "num_classes": 7}
 
@@ -173,6 +173,7 @@ TIMM_ONLY = [
     "vit_base_patch32_clip_224",
     "vit_medium_patch16_gap_256",
     "deit_tiny_distilled_patch16_224",  # a distillation token and a second head (timm's own class)
+    "vit_giant_patch14_reg4_dinov2",  # a SwiGLU MLP (timm's SwiGLUPacked), registers
 ]
 
 
@@ -224,7 +225,7 @@ def test_list_models_with_timm_adds_only_what_vitkit_builds(capsys):
     [
         ("test_vit4", "norms other than LayerNorm"),
         ("vit_medium_patch16_rope_reg1_gap_256", "Eva"),
-        ("vit_giant_patch14_dinov2", "GluMlp MLP, activation SiLU"),
+        ("aimv2_large_patch14_224", "SwiGLU MLP"),
         ("vit_relpos_base_patch16_224", "VisionTransformerRelPos"),
         (
             "beit3_base_patch16_224",
@@ -240,7 +241,7 @@ def test_timm_architectures_vitkit_lacks_are_named(name, part):
 @pytest.mark.parametrize(
     ("name", "part"),
     [
-        ("vit_giant_patch14_dinov2", "a gated MLP (SwiGLU"),
+        ("aimv2_large_patch14_224", "a gated MLP with separate gate and value layers"),
         ("eva02_tiny_patch14_224", "separate q and v biases"),
         ("vit_relpos_small_patch16_224", "relative position biases"),
     ],
@@ -255,6 +256,31 @@ def test_a_bare_state_dict_of_a_relative_vitkit_lacks_names_the_part(name, part,
         CheckpointMismatchError, match="parts vitkit's VisionTransformer does not: .*" + re.escape(part)
     ):
         vitkit.create_model(pretrained=path)
+
+
+def test_a_bare_swiglu_state_dict_loads_with_silu(tmp_path):
+    # DINOv2's giant model: fc1 gives the gate and the value, twice fc2's input; nothing but the
+    # shapes says so, and SwiGLU's SiLU is the activation taken
+    reference = timm.create_model("vit_giant_patch14_dinov2", depth=1, embed_dim=96, num_heads=2, img_size=28)
+    _randomise(reference.eval())
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    model = vitkit.create_model(pretrained=path, num_heads=2).eval()
+    assert (model.config["mlp_layer"], model.config["act_layer"]) == ("swiglu", "silu")
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        assert _relative_error(model(x), reference(x)) < 1e-5
+    # exports: timm's config.json names the MLP through the architecture, transformers' ViT has none
+    model.config["model_name"] = "vit_giant_patch14_dinov2"
+    folder = save(model, tmp_path / "timm", format="timm")
+    again = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    with torch.no_grad():
+        assert _relative_error(again(x), reference(x)) < 1e-5
+    model.config["model_name"] = "vit_base_patch16_224"
+    with pytest.raises(ValueError, match="cannot name an MLP class"):
+        save(model, tmp_path / "timm2", format="timm")
+    with pytest.raises(ValueError, match="mlp_layer='swiglu'"):
+        save(model, tmp_path / "hf", format="hf")
 
 
 def test_mismatched_checkpoint_names_keys_shapes_and_options(tmp_path):

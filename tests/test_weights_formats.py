@@ -442,10 +442,24 @@ def test_hf_config_values_left_out_mean_transformers_defaults(tmp_path):
         assert relative_error(ours, reference(pixel_values=x).pooler_output) < 1e-5
 
 
+def test_hf_dinov2_giant_swiglu_reproduces_its_tokens(tmp_path):
+    # use_swiglu_ffn: save_pretrained packs gate and value in weights_in; transformers 5's modules
+    # keep them apart (gate_proj, up_proj). Its SwiGLU takes SiLU whatever hidden_act says.
+    reference = randomise(transformers.Dinov2Model(dinov2_config(use_swiglu_ffn=True)))
+    reference.save_pretrained(tmp_path / "giant")
+    save_file(reference.state_dict(), str(tmp_path / "giant.safetensors"))
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        tokens = reference(pixel_values=x).last_hidden_state
+    bare = {"num_heads": 2, "norm_eps": 1e-6}  # what a weights file alone does not tell
+    for source, given in ((tmp_path / "giant", {}), (tmp_path / "giant.safetensors", bare)):
+        model = model_from_checkpoint(source, **given).eval()
+        assert (model.config["mlp_layer"], model.config["act_layer"]) == ("swiglu", "silu")
+        with torch.no_grad():
+            assert relative_error(model.forward_features(x), tokens) < 1e-5, source
+
+
 def test_hf_relatives_vitkit_cannot_read_are_named(tmp_path):
-    transformers.Dinov2Model(dinov2_config(use_swiglu_ffn=True)).save_pretrained(tmp_path / "giant")
-    with pytest.raises(UnsupportedCheckpointError, match="SwiGLU"):
-        read_checkpoint(tmp_path / "giant")
     transformers.BeitModel(hf_config(transformers.BeitConfig)).save_pretrained(tmp_path / "beit")
     with pytest.raises(UnsupportedCheckpointError, match="'beit' is not supported.*relative position biases"):
         read_checkpoint(tmp_path / "beit")

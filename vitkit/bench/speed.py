@@ -73,6 +73,8 @@ def _timm_architecture(model: nn.Module) -> nn.Module:
         raise ValueError(f"timm's ViT has no {' and no '.join(lacking)}: compare models without them.")
     options = {k: v for k, v in model.config.items() if k not in _TIMM_IGNORES}
     options["pos_embed"] = "learn" if model.pos_embed is not None else "none"  # sincos tables load as weights
+    if options.get("mlp_layer") == "swiglu":  # timm takes the MLP as a class
+        options["mlp_layer"] = timm.layers.SwiGLUPacked
     if options.pop("distilled", False):  # DeiT's distillation token and second head: timm's own class
         return timm.models.deit.VisionTransformerDistilled(**options)
     return timm.models.vision_transformer.VisionTransformer(**options)

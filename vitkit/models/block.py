@@ -33,7 +33,15 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "gelu": nn.GELU,  # exact: ViT, DeiT, DINOv2, most checkpoints
     "gelu_tanh": partial(nn.GELU, approximate="tanh"),  # Φ through tanh: SigLIP's big_vision models
     "quick_gelu": QuickGELU,  # OpenAI CLIP
+    "silu": nn.SiLU,  # x σ(x): the gate of SwiGLU MLPs (DINOv2's giant model)
 }
+
+
+def activation(name: str) -> nn.Module:
+    """A new activation module by its name in :data:`ACTIVATIONS`."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"act_layer={name!r} is not one of {tuple(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]()
 
 
 class Mlp(nn.Module):
@@ -47,16 +55,43 @@ class Mlp(nn.Module):
         self, in_features: int, hidden_features: int, drop: float = 0.0, act_layer: str = "gelu"
     ) -> None:
         super().__init__()
-        if act_layer not in ACTIVATIONS:
-            raise ValueError(f"act_layer={act_layer!r} is not one of {tuple(ACTIVATIONS)}.")
         self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = ACTIVATIONS[act_layer]()
+        self.act = activation(act_layer)
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward network (Shazeer 2020): (B, N, D) -> (B, N, D).
+
+    One projection gives a gate g and a value u side by side, ``[g, u] = fc1(x)``; then
+    ``out = fc2(act(g) ⊙ u)`` with ``act`` SiLU for SwiGLU. ``hidden_features`` is fc1's width, so
+    the gated width is half of it (timm's ``SwiGLUPacked``, DINOv2's giant model: same names, same
+    numbers).
+    """
+
+    def __init__(
+        self, in_features: int, hidden_features: int, drop: float = 0.0, act_layer: str = "silu"
+    ) -> None:
+        super().__init__()
+        if hidden_features % 2:
+            raise ValueError(f"SwiGLU splits fc1's {hidden_features} outputs in two: give an even width.")
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = activation(act_layer)
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_features // 2, in_features)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.fc1(x).chunk(2, dim=-1)
+        return self.drop2(self.fc2(self.drop1(self.act(gate) * value)))
+
+
+MLPS: dict[str, type[nn.Module]] = {"mlp": Mlp, "swiglu": SwiGLU}
 
 
 class LayerScale(nn.Module):
@@ -128,6 +163,7 @@ class TransformerBlock(nn.Module):
             hold the same modules (blocks compiled one by one then share one compiled graph).
         norm_layer: normalisation layer constructor.
         act_layer: the MLP's activation, a name of :data:`ACTIVATIONS`.
+        mlp_layer: ``'mlp'`` (:class:`Mlp`) or ``'swiglu'`` (:class:`SwiGLU`, with ``act_layer='silu'``).
         attn_mode, hard_k, hard_estimator: soft or hard (top-k) attention, see :class:`SelfAttention`.
         fused_attn: fused kernel or explicit formula for soft attention, see :class:`SelfAttention`.
     """
@@ -145,6 +181,7 @@ class TransformerBlock(nn.Module):
         drop_path: float | None = None,
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
         act_layer: str = "gelu",
+        mlp_layer: str = "mlp",
         attn_mode: str = "soft",
         hard_k: int | None = None,
         hard_estimator: str = "ste",
@@ -169,7 +206,9 @@ class TransformerBlock(nn.Module):
         self.drop_path1 = _drop_path(drop_path)
 
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop, act_layer=act_layer)
+        if mlp_layer not in MLPS:
+            raise ValueError(f"mlp_layer={mlp_layer!r} is not one of {tuple(MLPS)}.")
+        self.mlp = MLPS[mlp_layer](dim, int(dim * mlp_ratio), drop=proj_drop, act_layer=act_layer)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = _drop_path(drop_path)
 

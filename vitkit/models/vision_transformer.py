@@ -87,7 +87,10 @@ class VisionTransformer(nn.Module):
             ``'jax'`` (Xavier-uniform linears, LeCun-normal patch projection, zero head).
         norm_eps: epsilon of every LayerNorm (timm and torchvision use 1e-6, Hugging Face 1e-12).
         act_layer: the MLP's activation, by timm's names: ``'gelu'`` (exact, the default),
-            ``'gelu_tanh'`` (SigLIP) or ``'quick_gelu'`` (OpenAI CLIP).
+            ``'gelu_tanh'`` (SigLIP), ``'quick_gelu'`` (OpenAI CLIP) or ``'silu'``.
+        mlp_layer: ``'mlp'`` (two layers, the default) or ``'swiglu'`` (a gated MLP,
+            :class:`~vitkit.models.block.SwiGLU`, with ``act_layer='silu'``: DINOv2's giant model;
+            ``mlp_ratio`` then gives fc1's width, twice the gated width, as in timm).
         attn_mode: ``'soft'`` (softmax attention, the default) or ``'hard'`` (every query keeps
             only its top ``hard_k`` keys), in every block; see :mod:`vitkit.models.attention`.
             Hard mode adds no parameters, so the state dict is the same as in soft mode.
@@ -142,6 +145,7 @@ class VisionTransformer(nn.Module):
         weight_init: Literal["", "jax"] = "",
         norm_eps: float = 1e-6,
         act_layer: str = "gelu",
+        mlp_layer: Literal["mlp", "swiglu"] = "mlp",
         attn_mode: Literal["soft", "hard"] = "soft",
         hard_k: int | None = None,
         hard_estimator: Literal["ste", "gumbel"] = "ste",
@@ -166,6 +170,8 @@ class VisionTransformer(nn.Module):
             )
         # Every constructor argument, so the model can be rebuilt (checkpoints, export, CLI).
         self.config: dict[str, Any] = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        if mlp_layer == "mlp":  # the usual MLP is not recorded: configs of the others stay as they were
+            del self.config["mlp_layer"]
         if attn_mode == "soft":  # soft configs keep timm's option names only (timm twins, exports)
             for key in ("attn_mode", "hard_k", "hard_estimator"):
                 del self.config[key]
@@ -253,6 +259,7 @@ class VisionTransformer(nn.Module):
                     drop_path=rate,
                     norm_layer=norm_layer,
                     act_layer=act_layer,
+                    mlp_layer=mlp_layer,
                     attn_mode=attn_mode,
                     hard_k=hard_k,
                     hard_estimator=hard_estimator,

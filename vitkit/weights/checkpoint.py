@@ -117,9 +117,10 @@ class Checkpoint:
                 f"{opts['num_heads']} (head width {opts['embed_dim'] // opts['num_heads']})"
             )
         if self.format in _SHAPELESS_DEFAULTS:  # a bare state dict: no config says how the tensors are used
-            left_open = {
-                k: v for k, v in _SHAPELESS_DEFAULTS[self.format].items() if k not in opts and k not in given
-            }
+            defaults = dict(_SHAPELESS_DEFAULTS[self.format])
+            if opts.get("mlp_layer") == "swiglu":  # a gated MLP: SwiGLU's SiLU, as timm's and DINOv2's
+                defaults["act_layer"] = "silu"
+            left_open = {k: v for k, v in defaults.items() if k not in opts and k not in given}
             guessed.update({k: repr(v) for k, v in left_open.items()})
             opts.update(left_open)
         if guessed:
@@ -229,7 +230,7 @@ def infer_vit_options(
 
     From shapes: ``embed_dim``, ``in_chans``, ``patch_size`` (from ``known`` with a convolutional
     stem, whose ``stem_channels`` are read instead; its ``stem_strides`` only from ``known``),
-    ``depth``, ``mlp_ratio``, ``qkv_bias``, ``qk_norm``, ``init_values`` (presence only, unless
+    ``depth``, ``mlp_ratio``, ``mlp_layer``, ``qkv_bias``, ``qk_norm``, ``init_values`` (presence only, unless
     ``known`` has the value), ``class_token``, ``distilled``, ``reg_tokens``, ``pre_norm``,
     ``final_norm``, ``fc_norm``, ``num_classes``, ``pos_embed``, ``global_pool='map'`` (an attention
     pool's weights); ``num_heads`` when qk_norm reveals the head width. ``img_size`` and
@@ -260,9 +261,11 @@ def infer_vit_options(
             del options["patch_size"]
     block_ids = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
     options["depth"] = max(block_ids) + 1 if block_ids else 0
-    fc1 = state.get("blocks.0.mlp.fc1.weight")
+    fc1, fc2 = state.get("blocks.0.mlp.fc1.weight"), state.get("blocks.0.mlp.fc2.weight")
     if fc1 is not None:
         options["mlp_ratio"] = fc1.shape[0] / fc1.shape[1]
+        if fc2 is not None and 2 * fc2.shape[1] == fc1.shape[0]:  # fc1 gives a gate and a value
+            options["mlp_layer"] = "swiglu"
     if block_ids:
         options["qkv_bias"] = "blocks.0.attn.qkv.bias" in state
         options["qk_norm"] = "blocks.0.attn.q_norm.weight" in state
@@ -698,11 +701,8 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
         )
     # a config.json may leave out what equals its class's default: start from transformers' defaults
     config = {**_HF_CONFIG_DEFAULTS[model_type], **config}
-    if model_type.startswith("dinov2") and config.get("use_swiglu_ffn"):
-        raise UnsupportedCheckpointError(
-            "This DINOv2 (the giant model) has a SwiGLU MLP, which vitkit's ViT does not have."
-        )
-    act = config.get("hidden_act", "gelu")
+    swiglu = model_type.startswith("dinov2") and config.get("use_swiglu_ffn")  # the giant model
+    act = "silu" if swiglu else config.get("hidden_act", "gelu")  # its SwiGLU ignores hidden_act
     if act not in _HF_ACTIVATIONS:
         raise UnsupportedCheckpointError(
             f"hidden_act={act!r}: vitkit's MLP has {', '.join(sorted(_HF_ACTIVATIONS))} (transformers' "
@@ -733,6 +733,8 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
         options["distilled"] = True
     if model_type.startswith("dinov2"):  # LayerScale, an MLP ratio instead of a width
         options.update(mlp_ratio=float(config["mlp_ratio"]), init_values=float(config["layerscale_value"]))
+    if swiglu:  # fc1's width comes from the weights' shapes
+        options.update(mlp_layer="swiglu")
     if model_type == "dinov2_with_registers":  # positions for the patches only (see hf_to_vitkit)
         options.update(reg_tokens=int(config["num_register_tokens"]), no_embed_class=True)
     return options
@@ -796,6 +798,8 @@ _HF_ACTIVATIONS = {
     "gelu_new": "gelu_tanh",
     "gelu_fast": "gelu_tanh",
     "quick_gelu": "quick_gelu",
+    "silu": "silu",
+    "swish": "silu",
 }
 
 
@@ -831,7 +835,7 @@ def _from_timm_folder(path: Path, config: Mapping[str, Any], source: str) -> Che
 # ---------------------------------------------------------------------------- timm models
 def timm_model_options(model: nn.Module) -> dict[str, Any]:
     """vitkit options of a timm ``VisionTransformer`` instance (raises for variants vitkit lacks)."""
-    from timm.models.vision_transformer import Attention, Block, Mlp
+    from timm.models.vision_transformer import Attention, Block
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
     if not isinstance(model, TimmViT):
@@ -856,11 +860,12 @@ def timm_model_options(model: nn.Module) -> dict[str, Any]:
             problems.append(f"{type(block.attn).__name__} attention")
         elif not isinstance(getattr(block.attn, "norm", nn.Identity()), nn.Identity):
             problems.append("a norm inside the attention, before its output projection (scale_attn_norm)")
-        if type(block.mlp) is not Mlp:
+        mlp_layer = _timm_mlp_layer(block.mlp)
+        if mlp_layer is None:
             problems.append(f"{type(block.mlp).__name__} MLP")
         elif not isinstance(getattr(block.mlp, "norm", nn.Identity()), nn.Identity):
             problems.append("a norm inside the MLP, before its second layer (scale_mlp_norm)")
-        if type(block.attn) is Attention and type(block.mlp) is Mlp and block.attn.proj.bias is None:
+        if type(block.attn) is Attention and mlp_layer is not None and block.attn.proj.bias is None:
             problems.append("attention output and MLP layers without biases (proj_bias=False)")
         if _timm_activation(block.mlp) is None:
             problems.append(f"activation {block.mlp.act!r} (vitkit has {', '.join(ACTIVATIONS)})")
@@ -903,7 +908,22 @@ def timm_model_options(model: nn.Module) -> dict[str, Any]:
             init_values=getattr(block.ls1, "init_values", 1e-5) if hasattr(block.ls1, "gamma") else None,
             act_layer=_timm_activation(block.mlp),
         )
+        if _timm_mlp_layer(block.mlp) != "mlp":
+            options["mlp_layer"] = _timm_mlp_layer(block.mlp)
     return options
+
+
+def _timm_mlp_layer(mlp: nn.Module) -> str | None:
+    """vitkit's ``mlp_layer`` for a timm block's MLP: ``'mlp'``, ``'swiglu'`` (timm's
+    ``SwiGLUPacked``: a ``GluMlp`` with the gate first), or None (another kind)."""
+    from timm.layers import GluMlp
+    from timm.models.vision_transformer import Mlp
+
+    if type(mlp) is Mlp:
+        return "mlp"
+    if type(mlp) is GluMlp and not mlp.gate_last and mlp.chunk_dim == -1:
+        return "swiglu"
+    return None
 
 
 def _timm_attn_pool_problem(model: nn.Module) -> str | None:
@@ -940,7 +960,9 @@ def _timm_activation(mlp: nn.Module) -> str | None:
     act = getattr(mlp, "act", None)
     if isinstance(act, nn.GELU):
         return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
-    return {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu"}.get(type(act).__name__)
+    return {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu", "SiLU": "silu"}.get(
+        type(act).__name__
+    )
 
 
 def timm_architecture_options(

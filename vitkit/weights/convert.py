@@ -163,6 +163,9 @@ _HF_RENAMES = [
     # DINOv2 (Dinov2Model): timm-like block names, LayerScale as layer_scaleN.lambda1
     (r"encoder\.layer\.(\d+)\.norm([12])\.", r"blocks.\1.norm\2."),
     (r"encoder\.layer\.(\d+)\.mlp\.fc([12])\.", r"blocks.\1.mlp.fc\2."),
+    # DINOv2's giant model: a SwiGLU MLP, its gate and value packed in weights_in (gate first)
+    (r"encoder\.layer\.(\d+)\.mlp\.weights_in\.", r"blocks.\1.mlp.fc1."),
+    (r"(?:encoder\.layer\.|layers\.)(\d+)\.mlp\.(?:weights_out|down_proj)\.", r"blocks.\1.mlp.fc2."),
     (r"encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1$", r"blocks.\1.ls\2.gamma"),
     (r"layernorm\.", "norm."),
     (r"cls_classifier\.", "head."),  # DeiTForImageClassificationWithTeacher
@@ -209,6 +212,26 @@ def _rename(
     return out
 
 
+def _pack_swiglu(state: StateDict) -> StateDict:
+    """transformers 5's SwiGLU MLP keeps gate_proj and up_proj apart; pack them as its checkpoints
+    do (``weights_in``: the gate's rows, then the value's)."""
+    pattern = re.compile(r"(.*\.mlp\.)(gate|up)_proj\.(weight|bias)")
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    out: StateDict = {}
+    for key, value in state.items():
+        if match := pattern.fullmatch(key):
+            parts.setdefault((match.group(1), match.group(3)), {})[match.group(2)] = value
+        else:
+            out[key] = value
+    for (prefix, kind), pair in parts.items():
+        if set(pair) != {"gate", "up"}:
+            raise UnsupportedCheckpointError(
+                f"{prefix}: a SwiGLU MLP without both gate_proj and up_proj {kind}."
+            )
+        out[f"{prefix}weights_in.{kind}"] = torch.cat([pair["gate"], pair["up"]])
+    return out
+
+
 def hf_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
     """Hugging Face ``ViTModel`` / ``ViTForImageClassification`` (and ``ViTMSN*``, ``Dinov2Model``,
     ``DeiTModel`` / ``DeiTForImageClassificationWithTeacher``) weights -> vitkit names.
@@ -236,7 +259,7 @@ def hf_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str
             dropped.append(name)
         else:
             kept[name] = value
-    out = _rename(kept, _HF_RENAMES, _HF_QKV, "Hugging Face")
+    out = _rename(_pack_swiglu(kept), _HF_RENAMES, _HF_QKV, "Hugging Face")
     if "reg_token" in out and "cls_token" in out and "pos_embed" in out:
         # DINOv2 with registers: the class token has a position, the registers none. vitkit's
         # registers follow timm's no_embed_class layout (positions for the patches only), so the

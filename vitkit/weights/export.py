@@ -148,6 +148,13 @@ def _save_timm(state, config, cfg, labels, path: Path) -> Path:
     if config.get("distilled") and "distilled" not in architecture:  # timm picks the class by name
         architecture = "deit_base_distilled_patch16_224"
     model_args = {k: config[k] for k in _TIMM_ARGS if k in config}
+    mlp_layer = config.get("mlp_layer", "mlp")
+    if mlp_layer != _timm_mlp_layer_of(architecture):
+        raise ValueError(
+            f"mlp_layer={mlp_layer!r}: timm's config.json cannot name an MLP class, it comes with the "
+            f"architecture, and {architecture!r} has another. Name the model after a timm architecture "
+            "with this MLP (e.g. vit_giant_patch14_dinov2 for 'swiglu'), or use format='vitkit'."
+        )
     if config.get("weight_init"):
         model_args["weight_init"] = config["weight_init"]
     pretrained_cfg = {**cfg, "num_classes": config["num_classes"], "architecture": architecture}
@@ -167,8 +174,15 @@ def _save_timm(state, config, cfg, labels, path: Path) -> Path:
     return path
 
 
+def _timm_mlp_layer_of(architecture: str) -> str:
+    """The ``mlp_layer`` that timm's ``architecture`` builds."""
+    from .checkpoint import timm_architecture_options
+
+    return (timm_architecture_options(architecture) or {}).get("mlp_layer", "mlp")
+
+
 # vitkit's act_layer -> transformers' hidden_act
-_HF_ACT_NAMES = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
+_HF_ACT_NAMES = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu", "silu": "silu"}
 
 
 def hf_export_problems(config: dict[str, Any]) -> list[str]:
@@ -191,6 +205,11 @@ def hf_export_problems(config: dict[str, Any]) -> list[str]:
         (not config.get("final_norm", True), "final_norm=False"),
         (config.get("fc_norm"), "fc_norm=True (the final norm comes before pooling there)"),
         (config.get("pos_embed") == "none", "pos_embed='none'"),
+        (
+            config.get("mlp_layer", "mlp") != "mlp",
+            f"mlp_layer={config.get('mlp_layer')!r} (a two-layer MLP there)",
+        ),
+        (config.get("act_layer", "gelu") not in _HF_ACT_NAMES, f"act_layer={config.get('act_layer')!r}"),
     ]
     problems += [message for bad, message in checks if bad]
     return problems
