@@ -68,8 +68,9 @@ class VisionTransformer(nn.Module):
         distilled: a [distillation] token after the class token, read by a second head
             (``head_dist``); the logits are the mean of both heads (DeiT, Touvron et al. 2021; timm's
             ``VisionTransformerDistilled``, its ``deit_*_distilled_*`` models). Needs the class token
-            and ``global_pool='token'``. Training against a teacher's predictions is not built in:
-            both heads learn from the labels, as in timm's fine-tuning.
+            and ``global_pool='token'``. Trained with a teacher (``ImageClassifier(teacher=...)``),
+            the second head learns from the teacher's predictions; without one, both heads learn
+            from the labels, as in timm's fine-tuning.
         no_embed_class: position embeddings cover the patches only, not the prefix tokens.
         pre_norm: LayerNorm before the blocks (CLIP); removes the patch projection's bias.
         final_norm: LayerNorm after the blocks (or after pooling, see ``fc_norm``).
@@ -210,6 +211,7 @@ class VisionTransformer(nn.Module):
         self.no_embed_class = no_embed_class
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
+        self.distilled_training = False
 
         embed_options = {"bias": not pre_norm, "strict_img_size": not dynamic_img_size}
         if stem_channels is None:
@@ -370,6 +372,13 @@ class VisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of storing them."""
         self.grad_checkpointing = enable
+
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """A distilled model in train mode returns both heads' logits, (class, distillation), so that
+        each can have its own loss term (the labels', the teacher's), as timm's DeiT does."""
+        if enable and self.head_dist is None:
+            raise ValueError("set_distilled_training needs a distilled model (distilled=True).")
+        self.distilled_training = enable
 
     def get_classifier(self) -> nn.Module | tuple[nn.Module, nn.Module]:
         """The head; for a distilled model (head, head_dist), as timm returns them."""
@@ -548,11 +557,17 @@ class VisionTransformer(nn.Module):
         """Tokens (B, N, D) -> logits (B, num_classes), or the pooled features with ``pre_logits``."""
         if self.head_dist is not None:  # DeiT: a head per token, their logits averaged
             cls, dist = self.head_drop(x[:, 0]), self.head_drop(x[:, 1])
-            return (cls + dist) / 2 if pre_logits else (self.head(cls) + self.head_dist(dist)) / 2
+            if pre_logits:
+                return (cls + dist) / 2
+            if self.distilled_training and self.training:  # each head for its own loss term
+                return self.head(cls), self.head_dist(dist)
+            return (self.head(cls) + self.head_dist(dist)) / 2
         x = self.head_drop(self.fc_norm(self.pool(x)))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> logits; in training with :meth:`set_distilled_training`, (class head, distillation
+        head) logits."""
         return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(

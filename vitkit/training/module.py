@@ -34,6 +34,7 @@ from vitkit.weights import freeze as freeze_parameters
 from vitkit.weights import param_groups_lrd, unfreeze
 
 from ._cadence import Every
+from .distillation import distillation_loss, load_teacher, renormalise
 from .guard import NonFiniteLossError, NonFiniteLossGuard, any_process
 
 __all__ = ["ImageClassifier", "NonFiniteLossError", "load_classifier", "warmup_cosine"]
@@ -97,6 +98,16 @@ class ImageClassifier(L.LightningModule):
             trained with horizontal flips (``hflip`` in the data module). Twice the evaluation
             cost, typically a few tenths of a point of accuracy; CIFAR-10 speed records report
             with it. The loss logged in validation is that of the averaged logits.
+        teacher: train with knowledge distillation from this model (DeiT): anything
+            ``create_model(pretrained=...)`` reads (e.g. another run's ``.ckpt``), a timm
+            ``train.py`` checkpoint of any timm architecture (a convnet), or ``timm:NAME``; it must
+            predict the same classes. A distilled student (``distilled=True``) learns the labels
+            with its class head and the teacher with its distillation head; any other student
+            learns both with its one head. See :mod:`vitkit.training.distillation`.
+        distillation_type: ``'hard'`` (the teacher's argmax as a label, DeiT's best) or ``'soft'``
+            (KL divergence to the teacher's softened probabilities).
+        distillation_alpha: the teacher term's weight α: ``(1 - α) · labels + α · teacher``.
+        distillation_tau: the temperature τ of ``'soft'`` distillation.
     """
 
     def __init__(
@@ -124,10 +135,19 @@ class ImageClassifier(L.LightningModule):
         compile_mode: str | None = None,
         anneal_by_time: bool = False,
         tta: Literal["none", "hflip"] = "none",
+        teacher: str | None = None,
+        distillation_type: Literal["hard", "soft"] = "hard",
+        distillation_alpha: float = 0.5,
+        distillation_tau: float = 1.0,
     ) -> None:
         super().__init__()
         if tta not in ("none", "hflip"):
             raise ValueError(f"tta={tta!r} is not one of 'none', 'hflip'.")
+        if distillation_type not in ("hard", "soft") or not 0.0 <= distillation_alpha <= 1.0:
+            raise ValueError(
+                f"distillation_type={distillation_type!r}, distillation_alpha={distillation_alpha}: "
+                "use 'hard' or 'soft', and a weight in [0, 1]."
+            )
         self.save_hyperparameters()
         options = dict(model_options or {})
         if num_classes is None and classes:
@@ -142,6 +162,12 @@ class ImageClassifier(L.LightningModule):
         self.classes = classes or [str(i) for i in range(self.num_classes)]
         if pretrained not in (None, False):
             self._maybe_reset_head(reset_head, classes)
+        # The teacher is kept out of the module registry too: its weights stay out of checkpoints and
+        # out of the optimizer; on_fit_start moves it to the student's device.
+        self.__dict__["_teacher"] = load_teacher(teacher, self.num_classes) if teacher else None
+        self._teacher_normalisation: tuple[Any, Any, Any, Any] | None = None  # set in on_fit_start
+        if teacher and self.model.head_dist is not None:
+            self.model.set_distilled_training(True)  # the distillation head learns from the teacher
         freeze_parameters(self.model, freeze)
         # Kept out of the module registry (plain __dict__ entry): registering it would store every
         # weight twice in state_dict and checkpoints. The compiled wrapper shares self.model's parameters.
@@ -196,7 +222,10 @@ class ImageClassifier(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, targets = batch[0], batch[1]
-        loss = self.compute_loss(self(images), targets)
+        if self.__dict__["_teacher"] is None:
+            loss = self.compute_loss(self(images), targets)
+        else:
+            loss = self._distilled_loss(images, targets)
         shown = self._check_loss(loss, batch_idx)
         # Lightning turns every progress-bar value into a Python number after each batch: for a GPU
         # tensor, a wait for all the work queued so far. So the bar gets host copies only (the loss
@@ -210,6 +239,33 @@ class ImageClassifier(L.LightningModule):
             lr = max(group["lr"] for group in self.trainer.optimizers[0].param_groups)
             self.log("lr", torch.tensor(lr), **bar)  # loggers: LearningRateMonitor, every group
         return loss
+
+    def _distilled_loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(1 - α) · the labels' loss + α · the teacher's (see :mod:`vitkit.training.distillation`)."""
+        h = self.hparams
+        output = self(images)
+        logits, student = output if isinstance(output, tuple) else (output, output)
+        teacher = self.__dict__["_teacher"]
+        norm = self._teacher_normalisation  # None: the teacher sees the student's images as they are
+        with torch.no_grad():
+            taught = teacher(images if norm is None else renormalise(images, *norm))
+        teacher_term = distillation_loss(student, taught, h.distillation_type, h.distillation_tau)
+        self.log("train/loss_teacher", teacher_term, on_step=False, on_epoch=True, batch_size=images.shape[0])
+        alpha = h.distillation_alpha
+        return (1 - alpha) * self.compute_loss(logits, targets) + alpha * teacher_term
+
+    def on_fit_start(self) -> None:
+        teacher = self.__dict__["_teacher"]
+        if teacher is None:
+            return
+        teacher.to(self.device)
+        # the data's normalisation (its data module's, else the student's preprocessing) -> the teacher's
+        data = getattr(getattr(self.trainer, "datamodule", None), "data_config", None)
+        mean = getattr(data, "mean", None) or self.model.pretrained_cfg.get("mean")
+        std = getattr(data, "std", None) or self.model.pretrained_cfg.get("std")
+        own = getattr(teacher, "pretrained_cfg", None) or {}
+        known = None not in (mean, std, own.get("mean"), own.get("std"))
+        self._teacher_normalisation = (mean, std, own["mean"], own["std"]) if known else None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # The scheduler computes the next step's LR right after this step: tell it the time now.
@@ -479,6 +535,7 @@ def load_classifier(checkpoint: str | Path, map_location: str = "cpu") -> ImageC
     # LightningCLI adds its own entries (e.g. `_instantiator`) to the hyper-parameters
     hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in accepted}
     hparams["pretrained"] = None  # the weights come from the checkpoint, not from the original source
+    hparams["teacher"] = None  # only training needs it
     module = ImageClassifier(**hparams)
     module.load_state_dict(ckpt["state_dict"])
     return module.eval()
