@@ -6,7 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from vitkit.models import DropPath, LayerScale, PatchEmbedding, SelfAttention, SwiGLU, TransformerBlock
+from vitkit.models import (
+    DropPath,
+    LayerScale,
+    PatchEmbedding,
+    SelfAttention,
+    SwiGLU,
+    SwiGLUPacked,
+    TransformerBlock,
+)
 from vitkit.models.position import resample_position_embedding, sincos_2d_position_embedding
 
 
@@ -92,18 +100,24 @@ def test_block_is_pre_norm_residual_and_layerscale_scales_branches():
     torch.testing.assert_close(block(x), h + block.mlp(block.norm2(h)))
 
 
-def test_swiglu_gates_the_value_half_by_silu_of_the_gate_half():
-    mlp = SwiGLU(8, 12)
+def test_swiglu_gates_the_value_by_silu_of_the_gate():
+    mlp = SwiGLU(8, 6, bias=False)
+    x = torch.randn(2, 5, 8)
+    gate, value = x @ mlp.fc1_g.weight.T, x @ mlp.fc1_x.weight.T
+    torch.testing.assert_close(mlp(x), (gate * torch.sigmoid(gate) * value) @ mlp.fc2.weight.T)
+    assert mlp.fc2.bias is None
+    # packed: one projection, the gate's rows first
+    mlp = SwiGLUPacked(8, 12)
     x = torch.randn(2, 5, 8)
     hidden = x @ mlp.fc1.weight.T + mlp.fc1.bias
     gate, value = hidden[..., :6], hidden[..., 6:]  # the gate's rows come first
     expected = (gate * torch.sigmoid(gate) * value) @ mlp.fc2.weight.T + mlp.fc2.bias
     torch.testing.assert_close(mlp(x), expected)
     assert mlp.fc2.in_features == 6
-    block = TransformerBlock(8, 2, mlp_ratio=1.5, mlp_layer="swiglu", act_layer="silu")
-    assert isinstance(block.mlp, SwiGLU) and block.mlp.fc1.out_features == 12
+    block = TransformerBlock(8, 2, mlp_ratio=1.5, mlp_layer="swiglu_packed", act_layer="silu")
+    assert isinstance(block.mlp, SwiGLUPacked) and block.mlp.fc1.out_features == 12
     with pytest.raises(ValueError, match="give an even width"):
-        SwiGLU(8, 7)
+        SwiGLUPacked(8, 7)
     with pytest.raises(ValueError, match="mlp_layer='glu' is not one of"):
         TransformerBlock(8, 2, mlp_layer="glu")
 

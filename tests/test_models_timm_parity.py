@@ -174,6 +174,8 @@ TIMM_ONLY = [
     "vit_medium_patch16_gap_256",
     "deit_tiny_distilled_patch16_224",  # a distillation token and a second head (timm's own class)
     "vit_giant_patch14_reg4_dinov2",  # a SwiGLU MLP (timm's SwiGLUPacked), registers
+    "aimv2_large_patch14_224",  # RMSNorm, a norm after the patch projection, SwiGLU, no biases
+    "test_vit4",  # RMSNorm, a register, LayerScale
 ]
 
 
@@ -223,9 +225,9 @@ def test_list_models_with_timm_adds_only_what_vitkit_builds(capsys):
 @pytest.mark.parametrize(
     ("name", "part"),
     [
-        ("test_vit4", "norms other than LayerNorm"),
+        ("vit_dwee_patch16_reg1_gap_256", "DiffAttention attention"),
         ("vit_medium_patch16_rope_reg1_gap_256", "Eva"),
-        ("aimv2_large_patch14_224", "SwiGLU MLP"),
+        ("vit_base_patch16_rpn_224", "ResPostBlock blocks"),
         ("vit_relpos_base_patch16_224", "VisionTransformerRelPos"),
         (
             "beit3_base_patch16_224",
@@ -241,7 +243,6 @@ def test_timm_architectures_vitkit_lacks_are_named(name, part):
 @pytest.mark.parametrize(
     ("name", "part"),
     [
-        ("aimv2_large_patch14_224", "a gated MLP with separate gate and value layers"),
         ("eva02_tiny_patch14_224", "separate q and v biases"),
         ("vit_relpos_small_patch16_224", "relative position biases"),
     ],
@@ -266,7 +267,7 @@ def test_a_bare_swiglu_state_dict_loads_with_silu(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
     model = vitkit.create_model(pretrained=path, num_heads=2).eval()
-    assert (model.config["mlp_layer"], model.config["act_layer"]) == ("swiglu", "silu")
+    assert (model.config["mlp_layer"], model.config["act_layer"]) == ("swiglu_packed", "silu")
     x = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
         assert _relative_error(model(x), reference(x)) < 1e-5
@@ -279,7 +280,27 @@ def test_a_bare_swiglu_state_dict_loads_with_silu(tmp_path):
     model.config["model_name"] = "vit_base_patch16_224"
     with pytest.raises(ValueError, match="cannot name an MLP class"):
         save(model, tmp_path / "timm2", format="timm")
-    with pytest.raises(ValueError, match="mlp_layer='swiglu'"):
+    with pytest.raises(ValueError, match="mlp_layer='swiglu_packed'"):
+        save(model, tmp_path / "hf", format="hf")
+
+
+def test_a_bare_aimv2_state_dict_shows_its_gated_mlp_norms_and_missing_biases(tmp_path):
+    reference = timm.create_model("aimv2_large_patch14_224", depth=1, embed_dim=96, num_heads=2, img_size=28)
+    _randomise(reference.eval())
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    model = vitkit.create_model(pretrained=path, num_heads=2, norm_eps=1e-5).eval()
+    options = ("mlp_layer", "act_layer", "norm_layer", "embed_norm", "proj_bias", "qkv_bias")
+    assert [model.config[k] for k in options] == ["swiglu", "silu", "rmsnorm", True, False, False]
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        assert _relative_error(model(x), reference(x)) < 1e-5
+    # exported for timm under its architecture's name, which brings the MLP class and the epsilon
+    model.config["model_name"] = "aimv2_large_patch14_224"
+    again = timm.create_model(f"local-dir:{save(model, tmp_path / 'timm', format='timm')}", pretrained=True)
+    with torch.no_grad():
+        assert _relative_error(again.eval()(x), reference(x)) < 1e-5
+    with pytest.raises(ValueError, match="norm_layer='rmsnorm'.*embed_norm=True.*proj_bias=False"):
         save(model, tmp_path / "hf", format="hf")
 
 

@@ -454,7 +454,7 @@ def test_hf_dinov2_giant_swiglu_reproduces_its_tokens(tmp_path):
     bare = {"num_heads": 2, "norm_eps": 1e-6}  # what a weights file alone does not tell
     for source, given in ((tmp_path / "giant", {}), (tmp_path / "giant.safetensors", bare)):
         model = model_from_checkpoint(source, **given).eval()
-        assert (model.config["mlp_layer"], model.config["act_layer"]) == ("swiglu", "silu")
+        assert (model.config["mlp_layer"], model.config["act_layer"]) == ("swiglu_packed", "silu")
         with torch.no_grad():
             assert relative_error(model.forward_features(x), tokens) < 1e-5, source
 
@@ -715,6 +715,27 @@ def test_timm_training_checkpoint_keeps_options_its_model_kwargs_set(tmp_path):
         assert relative_error(model(x), reference(x)) > 1e-3
 
 
+def test_timm_training_checkpoint_with_rmsnorm_and_without_biases_loads(tmp_path):
+    # timm's --model-kwargs proj_bias=False norm_layer=rmsnorm embed_norm_layer=rmsnorm
+    model_kwargs = {"proj_bias": False, "norm_layer": "rmsnorm", "embed_norm_layer": "rmsnorm"}
+    path = tmp_path / "last.pth.tar"
+    reference = _timm_train_checkpoint("vit_tiny_patch16_224", path, **model_kwargs)
+    model = model_from_checkpoint(path).eval()
+    assert model.config["proj_bias"] is False and model.blocks[0].attn.proj.bias is None
+    assert (model.config["norm_layer"], model.config["embed_norm"]) == ("rmsnorm", True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(model(x), reference(x)) < 1e-5
+    # the weights file alone: the shapes and the missing biases tell the same
+    save_file(dict(reference.state_dict()), str(tmp_path / "w.safetensors"))
+    bare = model_from_checkpoint(tmp_path / "w.safetensors", num_heads=4, norm_eps=1e-6).eval()
+    assert {k: bare.config.get(k) for k in ("norm_layer", "embed_norm", "mlp_layer")} == {
+        k: model.config.get(k) for k in ("norm_layer", "embed_norm", "mlp_layer")
+    }
+    with torch.no_grad():
+        assert relative_error(bare(x), reference(x)) < 1e-5
+
+
 def test_research_repo_checkpoints_with_their_command_line_load(tmp_path):
     # DeiT's, MAE's and DINO's own training scripts save {"model" or "teacher": weights, "args":
     # argparse.Namespace, ...}: the Namespace no longer stops torch.load(weights_only=True)
@@ -735,7 +756,6 @@ def test_research_repo_checkpoints_with_their_command_line_load(tmp_path):
         # residual post-norm blocks have the same tensors as pre-norm ones: only the arch tells them apart
         ("vit_base_patch16_rpn_224", {}, "ResPostBlock"),
         # options of timm's VisionTransformer that vitkit's lacks, set through --model-kwargs
-        ("vit_tiny_patch16_224", {"proj_bias": False}, r"without biases \(proj_bias=False\)"),
         (
             "vit_tiny_patch16_224",
             {"global_pool": "prr"},

@@ -141,8 +141,8 @@ def test_pretrained_true_without_hosted_weights_says_what_to_pass(offline):
 
 
 def test_timm_variants_vitkit_cannot_represent_are_refused_before_downloading(offline):
-    with pytest.raises(UnsupportedCheckpointError, match="norms other than LayerNorm"):
-        read_checkpoint("timm:test_vit4.r160_in1k")  # RMSNorm; nothing in the cache
+    with pytest.raises(UnsupportedCheckpointError, match="ResPostBlock blocks"):
+        read_checkpoint("timm:vit_base_patch16_rpn_224.sw_in1k")  # post-norm blocks; nothing in the cache
 
 
 def test_timm_weights_missing_from_the_cache_say_so(offline):

@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import timm
@@ -73,8 +74,16 @@ def _timm_architecture(model: nn.Module) -> nn.Module:
         raise ValueError(f"timm's ViT has no {' and no '.join(lacking)}: compare models without them.")
     options = {k: v for k, v in model.config.items() if k not in _TIMM_IGNORES}
     options["pos_embed"] = "learn" if model.pos_embed is not None else "none"  # sincos tables load as weights
-    if options.get("mlp_layer") == "swiglu":  # timm takes the MLP as a class
-        options["mlp_layer"] = timm.layers.SwiGLUPacked
+    norm = {"layernorm": timm.layers.LayerNorm, "rmsnorm": timm.layers.RmsNorm}[
+        options.pop("norm_layer", "layernorm")
+    ]
+    options["norm_layer"] = partial(norm, eps=model.config.get("norm_eps", 1e-6))
+    if options.pop("embed_norm", False):
+        options["embed_norm_layer"] = options["norm_layer"]
+    if "mlp_layer" in options:  # timm takes the MLP as a class
+        options["mlp_layer"] = {"swiglu": timm.layers.SwiGLU, "swiglu_packed": timm.layers.SwiGLUPacked}[
+            options["mlp_layer"]
+        ]
     if options.pop("distilled", False):  # DeiT's distillation token and second head: timm's own class
         return timm.models.deit.VisionTransformerDistilled(**options)
     return timm.models.vision_transformer.VisionTransformer(**options)

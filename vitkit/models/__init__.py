@@ -1,7 +1,8 @@
 """Vision Transformer models, built from readable blocks and weight-compatible with timm.
 
 Public surface: the blocks (:class:`PatchEmbedding`, :class:`SelfAttention`, :class:`Mlp`,
-:class:`SwiGLU`, :class:`LayerScale`, :class:`TransformerBlock`, :class:`AttentionPool`), the
+:class:`SwiGLU`, :class:`SwiGLUPacked`, :class:`LayerScale`, :class:`TransformerBlock`,
+:class:`AttentionPool`), the
 :class:`VisionTransformer` that assembles them, the registry (:func:`create_model`,
 :func:`list_models`, :func:`register_model`), and :func:`compile_blocks` (regional compilation:
 one compiled block reused for all), and :class:`FeatureExtractor` (a ViT as a backbone:
@@ -10,7 +11,7 @@ one compiled block reused for all), and :class:`FeatureExtractor` (a ViT as a ba
 
 from .attention import SelfAttention
 from .attention_pool import AttentionPool
-from .block import DropPath, LayerScale, Mlp, SwiGLU, TransformerBlock
+from .block import DropPath, LayerScale, Mlp, SwiGLU, SwiGLUPacked, TransformerBlock
 from .features import FeatureExtractor
 from .patch_embedding import ConvStem, PatchEmbedding
 from .position import resample_position_embedding, sincos_2d_position_embedding
@@ -28,6 +29,7 @@ __all__ = [
     "PatchEmbedding",
     "SelfAttention",
     "SwiGLU",
+    "SwiGLUPacked",
     "TransformerBlock",
     "VisionTransformer",
     "compile_blocks",

@@ -97,6 +97,7 @@ class SelfAttention(nn.Module):
         qk_norm: LayerNorm on q and k per head before the dot product (stabilises large models).
         attn_drop: dropout on the attention weights A.
         proj_drop: dropout after the output projection.
+        proj_bias: bias in the output projection.
         norm_layer: the norm used by ``qk_norm``.
         attn_mode: ``"soft"`` (the default: softmax over all keys, fused kernel) or ``"hard"``
             (each query keeps its top ``hard_k`` keys; see the module docstring).
@@ -120,6 +121,7 @@ class SelfAttention(nn.Module):
         qk_norm: bool = False,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        proj_bias: bool = True,
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
         attn_mode: str = "soft",
         hard_k: int | None = None,
@@ -142,7 +144,7 @@ class SelfAttention(nn.Module):
         self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def extra_repr(self) -> str:

@@ -52,13 +52,18 @@ class Mlp(nn.Module):
     """
 
     def __init__(
-        self, in_features: int, hidden_features: int, drop: float = 0.0, act_layer: str = "gelu"
+        self,
+        in_features: int,
+        hidden_features: int,
+        drop: float = 0.0,
+        act_layer: str = "gelu",
+        bias: bool = True,
     ) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
         self.act = activation(act_layer)
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fc2 = nn.Linear(hidden_features, in_features, bias=bias)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,30 +73,54 @@ class Mlp(nn.Module):
 class SwiGLU(nn.Module):
     """Gated feed-forward network (Shazeer 2020): (B, N, D) -> (B, N, D).
 
-    One projection gives a gate g and a value u side by side, ``[g, u] = fc1(x)``; then
-    ``out = fc2(act(g) ⊙ u)`` with ``act`` SiLU for SwiGLU. ``hidden_features`` is fc1's width, so
-    the gated width is half of it (timm's ``SwiGLUPacked``, DINOv2's giant model: same names, same
-    numbers).
+    A gate g = fc1_g(x) and a value u = fc1_x(x), both ``hidden_features`` wide; then
+    ``out = fc2(act(g) ⊙ u)``, with ``act`` SiLU for SwiGLU (timm's ``SwiGLU``: AIMv2).
     """
 
     def __init__(
-        self, in_features: int, hidden_features: int, drop: float = 0.0, act_layer: str = "silu"
+        self,
+        in_features: int,
+        hidden_features: int,
+        drop: float = 0.0,
+        act_layer: str = "silu",
+        bias: bool = True,
     ) -> None:
         super().__init__()
-        if hidden_features % 2:
-            raise ValueError(f"SwiGLU splits fc1's {hidden_features} outputs in two: give an even width.")
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1_g = nn.Linear(in_features, hidden_features, bias=bias)
+        self.fc1_x = nn.Linear(in_features, hidden_features, bias=bias)
         self.act = activation(act_layer)
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_features // 2, in_features)
+        self.fc2 = nn.Linear(hidden_features, in_features, bias=bias)
         self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1_g(x)) * self.fc1_x(x))))
+
+
+class SwiGLUPacked(Mlp):
+    """:class:`SwiGLU` with gate and value from one projection, ``[g, u] = fc1(x)`` (gate first):
+    ``hidden_features`` is fc1's width, the gated width half of it (timm's ``SwiGLUPacked``,
+    DINOv2's giant model). An :class:`Mlp` whose fc2 reads the gated half."""
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        drop: float = 0.0,
+        act_layer: str = "silu",
+        bias: bool = True,
+    ) -> None:
+        if hidden_features % 2:
+            raise ValueError(f"SwiGLU splits fc1's {hidden_features} outputs in two: give an even width.")
+        super().__init__(in_features, hidden_features, drop, act_layer, bias)
+        self.fc2 = nn.Linear(hidden_features // 2, in_features, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, value = self.fc1(x).chunk(2, dim=-1)
         return self.drop2(self.fc2(self.drop1(self.act(gate) * value)))
 
 
-MLPS: dict[str, type[nn.Module]] = {"mlp": Mlp, "swiglu": SwiGLU}
+MLPS: dict[str, type[nn.Module]] = {"mlp": Mlp, "swiglu": SwiGLU, "swiglu_packed": SwiGLUPacked}
 
 
 class LayerScale(nn.Module):
@@ -157,13 +186,15 @@ class TransformerBlock(nn.Module):
         qkv_bias, qk_norm: see :class:`SelfAttention`.
         init_values: LayerScale initial value; ``None`` disables LayerScale.
         proj_drop: dropout after the attention projection and in the MLP.
+        proj_bias: biases in the attention's output projection and the MLP's layers.
         attn_drop: dropout on the attention weights.
         drop_path: stochastic-depth rate of this block; ``None`` (the default): no stochastic depth.
             A model with stochastic depth gives every block a rate, 0 included, so that all its blocks
             hold the same modules (blocks compiled one by one then share one compiled graph).
         norm_layer: normalisation layer constructor.
         act_layer: the MLP's activation, a name of :data:`ACTIVATIONS`.
-        mlp_layer: ``'mlp'`` (:class:`Mlp`) or ``'swiglu'`` (:class:`SwiGLU`, with ``act_layer='silu'``).
+        mlp_layer: a name of :data:`MLPS`: ``'mlp'`` (:class:`Mlp`), ``'swiglu'`` (:class:`SwiGLU`) or
+            ``'swiglu_packed'`` (:class:`SwiGLUPacked`); the gated ones with ``act_layer='silu'``.
         attn_mode, hard_k, hard_estimator: soft or hard (top-k) attention, see :class:`SelfAttention`.
         fused_attn: fused kernel or explicit formula for soft attention, see :class:`SelfAttention`.
     """
@@ -177,6 +208,7 @@ class TransformerBlock(nn.Module):
         qk_norm: bool = False,
         init_values: float | None = None,
         proj_drop: float = 0.0,
+        proj_bias: bool = True,
         attn_drop: float = 0.0,
         drop_path: float | None = None,
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
@@ -196,6 +228,7 @@ class TransformerBlock(nn.Module):
             qk_norm=qk_norm,
             attn_drop=attn_drop,
             proj_drop=proj_drop,
+            proj_bias=proj_bias,
             norm_layer=norm_layer,
             attn_mode=attn_mode,
             hard_k=hard_k,
@@ -208,7 +241,9 @@ class TransformerBlock(nn.Module):
         self.norm2 = norm_layer(dim)
         if mlp_layer not in MLPS:
             raise ValueError(f"mlp_layer={mlp_layer!r} is not one of {tuple(MLPS)}.")
-        self.mlp = MLPS[mlp_layer](dim, int(dim * mlp_ratio), drop=proj_drop, act_layer=act_layer)
+        self.mlp = MLPS[mlp_layer](
+            dim, int(dim * mlp_ratio), drop=proj_drop, act_layer=act_layer, bias=proj_bias
+        )
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = _drop_path(drop_path)
 

@@ -11,6 +11,8 @@ which is how it is implemented here (and in timm, whose parameter names we keep)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from einops import rearrange
 from torch import nn
@@ -29,6 +31,7 @@ class PatchEmbedding(nn.Module):
         bias: whether the projection has a bias (CLIP-style models with ``pre_norm`` have none).
         strict_img_size: require inputs of exactly ``img_size`` (off for dynamic-size models,
             which only need H and W divisible by the patch size).
+        norm_layer: a norm on each token after the projection (AIMv2's RMSNorm); ``None``: none.
     """
 
     def __init__(
@@ -39,6 +42,7 @@ class PatchEmbedding(nn.Module):
         embed_dim: int = 768,
         bias: bool = True,
         strict_img_size: bool = True,
+        norm_layer: Callable[[int], nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self._set_geometry(img_size, patch_size, in_chans, strict_img_size)
@@ -46,6 +50,7 @@ class PatchEmbedding(nn.Module):
         self.proj = nn.Conv2d(
             in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias
         )
+        self.norm = norm_layer(embed_dim) if norm_layer is not None else nn.Identity()
 
     def _set_geometry(
         self,
@@ -107,9 +112,8 @@ class PatchEmbedding(nn.Module):
     def forward(self, x: torch.Tensor, flatten: bool = True) -> torch.Tensor:
         self.check_input(x)
         x = self.proj(self.stem(x))  # (B, D, H/P, W/P): one D-vector per patch
-        if flatten:
-            return rearrange(x, "b d gh gw -> b (gh gw) d")
-        return rearrange(x, "b d gh gw -> b gh gw d")
+        x = self.norm(rearrange(x, "b d gh gw -> b gh gw d"))
+        return rearrange(x, "b gh gw d -> b (gh gw) d") if flatten else x
 
 
 class ConvStem(PatchEmbedding):
@@ -146,6 +150,7 @@ class ConvStem(PatchEmbedding):
         strides: tuple[int, ...] | None = None,
         bias: bool = True,
         strict_img_size: bool = True,
+        norm_layer: Callable[[int], nn.Module] | None = None,
     ) -> None:
         nn.Module.__init__(self)  # not PatchEmbedding.__init__: its P x P projection is not needed here
         self._set_geometry(img_size, patch_size, in_chans, strict_img_size)
@@ -177,3 +182,4 @@ class ConvStem(PatchEmbedding):
             previous = width
         self.stem = nn.Sequential(*layers)
         self.proj = nn.Conv2d(previous, embed_dim, kernel_size=1, bias=bias)
+        self.norm = norm_layer(embed_dim) if norm_layer is not None else nn.Identity()

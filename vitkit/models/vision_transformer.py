@@ -40,6 +40,7 @@ from .position import resample_position_embedding, sincos_2d_position_embedding
 GlobalPool = Literal["token", "avg", "max", "avgmax", "map", ""]
 _POOLS = ("token", "avg", "max", "avgmax", "map", "")
 _POS_EMBEDS = ("learn", "sincos", "none", "")
+_NORMS = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
 
 
 class VisionTransformer(nn.Module):
@@ -86,12 +87,17 @@ class VisionTransformer(nn.Module):
         drop_path_rate: stochastic depth, rising linearly from 0 to this rate over the blocks.
         weight_init: ``''`` (timm's default: truncated normal 0.02 for linear layers) or
             ``'jax'`` (Xavier-uniform linears, LeCun-normal patch projection, zero head).
-        norm_eps: epsilon of every LayerNorm (timm and torchvision use 1e-6, Hugging Face 1e-12).
+        norm_eps: epsilon of every norm (timm and torchvision use 1e-6, Hugging Face 1e-12).
+        norm_layer: ``'layernorm'`` (the default) or ``'rmsnorm'`` (x / RMS(x) · γ, no centring and
+            no bias: AIMv2), for every norm of the model.
+        embed_norm: a norm on each patch token right after the projection (AIMv2).
+        proj_bias: biases in the attention's output projections and the MLPs (``False``: AIMv2).
         act_layer: the MLP's activation, by timm's names: ``'gelu'`` (exact, the default),
             ``'gelu_tanh'`` (SigLIP), ``'quick_gelu'`` (OpenAI CLIP) or ``'silu'``.
-        mlp_layer: ``'mlp'`` (two layers, the default) or ``'swiglu'`` (a gated MLP,
-            :class:`~vitkit.models.block.SwiGLU`, with ``act_layer='silu'``: DINOv2's giant model;
-            ``mlp_ratio`` then gives fc1's width, twice the gated width, as in timm).
+        mlp_layer: ``'mlp'`` (two layers, the default), or a gated MLP with ``act_layer='silu'``:
+            ``'swiglu'`` (:class:`~vitkit.models.block.SwiGLU`: AIMv2) or ``'swiglu_packed'``
+            (:class:`~vitkit.models.block.SwiGLUPacked`: DINOv2's giant model; ``mlp_ratio`` then
+            gives fc1's width, twice the gated width, as in timm).
         attn_mode: ``'soft'`` (softmax attention, the default) or ``'hard'`` (every query keeps
             only its top ``hard_k`` keys), in every block; see :mod:`vitkit.models.attention`.
             Hard mode adds no parameters, so the state dict is the same as in soft mode.
@@ -145,8 +151,11 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         weight_init: Literal["", "jax"] = "",
         norm_eps: float = 1e-6,
+        norm_layer: Literal["layernorm", "rmsnorm"] = "layernorm",
+        embed_norm: bool = False,
+        proj_bias: bool = True,
         act_layer: str = "gelu",
-        mlp_layer: Literal["mlp", "swiglu"] = "mlp",
+        mlp_layer: Literal["mlp", "swiglu", "swiglu_packed"] = "mlp",
         attn_mode: Literal["soft", "hard"] = "soft",
         hard_k: int | None = None,
         hard_estimator: Literal["ste", "gumbel"] = "ste",
@@ -171,8 +180,13 @@ class VisionTransformer(nn.Module):
             )
         # Every constructor argument, so the model can be rebuilt (checkpoints, export, CLI).
         self.config: dict[str, Any] = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        if mlp_layer == "mlp":  # the usual MLP is not recorded: configs of the others stay as they were
-            del self.config["mlp_layer"]
+        # the usual MLP, norms and biases are not recorded: configs of the others stay as they were
+        defaults = {"mlp_layer": "mlp", "norm_layer": "layernorm", "embed_norm": False, "proj_bias": True}
+        for key, default in defaults.items():
+            if self.config[key] == default:
+                del self.config[key]
+        if norm_layer not in _NORMS:
+            raise ValueError(f"norm_layer={norm_layer!r} is not one of {tuple(_NORMS)}.")
         if attn_mode == "soft":  # soft configs keep timm's option names only (timm twins, exports)
             for key in ("attn_mode", "hard_k", "hard_estimator"):
                 del self.config[key]
@@ -199,7 +213,7 @@ class VisionTransformer(nn.Module):
         self.pretrained_cfg: dict[str, Any] = {}
 
         use_fc_norm = global_pool not in ("token", "map", "") if fc_norm is None else fc_norm
-        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
+        make_norm = partial(_NORMS[norm_layer], eps=norm_eps)
 
         self.num_classes = num_classes
         self.global_pool = global_pool
@@ -213,7 +227,11 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = False
         self.distilled_training = False
 
-        embed_options = {"bias": not pre_norm, "strict_img_size": not dynamic_img_size}
+        embed_options = {
+            "bias": not pre_norm,
+            "strict_img_size": not dynamic_img_size,
+            "norm_layer": make_norm if embed_norm else None,
+        }
         if stem_channels is None:
             self.patch_embed = PatchEmbedding(img_size, patch_size, in_chans, embed_dim, **embed_options)
         else:
@@ -239,7 +257,7 @@ class VisionTransformer(nn.Module):
                 torch.zeros(1, embed_len, embed_dim), requires_grad=self.pos_embed_type == "learn"
             )
         self.pos_drop = nn.Dropout(pos_drop_rate)
-        self.norm_pre = norm_layer(embed_dim) if pre_norm else nn.Identity()
+        self.norm_pre = make_norm(embed_dim) if pre_norm else nn.Identity()
 
         # (on the CPU, also when building on the meta device); None: no stochastic depth at all
         drop_path_rates = (
@@ -257,9 +275,10 @@ class VisionTransformer(nn.Module):
                     qk_norm=qk_norm,
                     init_values=init_values,
                     proj_drop=proj_drop_rate,
+                    proj_bias=proj_bias,
                     attn_drop=attn_drop_rate,
                     drop_path=rate,
-                    norm_layer=norm_layer,
+                    norm_layer=make_norm,
                     act_layer=act_layer,
                     mlp_layer=mlp_layer,
                     attn_mode=attn_mode,
@@ -270,20 +289,20 @@ class VisionTransformer(nn.Module):
                 for rate in drop_path_rates
             ]
         )
-        self.norm = norm_layer(embed_dim) if final_norm and not use_fc_norm else nn.Identity()
+        self.norm = make_norm(embed_dim) if final_norm and not use_fc_norm else nn.Identity()
         self.attn_pool = (
             AttentionPool(
                 embed_dim,
                 num_heads,
                 mlp_ratio=mlp_ratio,
-                norm_layer=norm_layer,
+                norm_layer=make_norm,
                 act_layer=act_layer,
                 fused_attn=fused_attn,
             )
             if global_pool == "map"
             else None
         )
-        self.fc_norm = norm_layer(embed_dim) if final_norm and use_fc_norm else nn.Identity()
+        self.fc_norm = make_norm(embed_dim) if final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.head_dist = self._new_head(num_classes) if distilled else None

@@ -118,7 +118,7 @@ class Checkpoint:
             )
         if self.format in _SHAPELESS_DEFAULTS:  # a bare state dict: no config says how the tensors are used
             defaults = dict(_SHAPELESS_DEFAULTS[self.format])
-            if opts.get("mlp_layer") == "swiglu":  # a gated MLP: SwiGLU's SiLU, as timm's and DINOv2's
+            if opts.get("mlp_layer", "mlp") != "mlp":  # a gated MLP: SwiGLU's SiLU, as timm's and DINOv2's
                 defaults["act_layer"] = "silu"
             left_open = {k: v for k, v in defaults.items() if k not in opts and k not in given}
             guessed.update({k: repr(v) for k, v in left_open.items()})
@@ -230,7 +230,8 @@ def infer_vit_options(
 
     From shapes: ``embed_dim``, ``in_chans``, ``patch_size`` (from ``known`` with a convolutional
     stem, whose ``stem_channels`` are read instead; its ``stem_strides`` only from ``known``),
-    ``depth``, ``mlp_ratio``, ``mlp_layer``, ``qkv_bias``, ``qk_norm``, ``init_values`` (presence only, unless
+    ``depth``, ``mlp_ratio``, ``mlp_layer``, ``norm_layer``, ``embed_norm``, ``proj_bias``,
+    ``qkv_bias``, ``qk_norm``, ``init_values`` (presence only, unless
     ``known`` has the value), ``class_token``, ``distilled``, ``reg_tokens``, ``pre_norm``,
     ``final_norm``, ``fc_norm``, ``num_classes``, ``pos_embed``, ``global_pool='map'`` (an attention
     pool's weights); ``num_heads`` when qk_norm reveals the head width. ``img_size`` and
@@ -262,10 +263,20 @@ def infer_vit_options(
     block_ids = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
     options["depth"] = max(block_ids) + 1 if block_ids else 0
     fc1, fc2 = state.get("blocks.0.mlp.fc1.weight"), state.get("blocks.0.mlp.fc2.weight")
+    gate = state.get("blocks.0.mlp.fc1_g.weight")
     if fc1 is not None:
         options["mlp_ratio"] = fc1.shape[0] / fc1.shape[1]
         if fc2 is not None and 2 * fc2.shape[1] == fc1.shape[0]:  # fc1 gives a gate and a value
-            options["mlp_layer"] = "swiglu"
+            options["mlp_layer"] = "swiglu_packed"
+    elif gate is not None:  # the gate and the value from separate layers
+        options["mlp_ratio"] = gate.shape[0] / gate.shape[1]
+        options["mlp_layer"] = "swiglu"
+    if "blocks.0.norm1.weight" in state and "blocks.0.norm1.bias" not in state:
+        options["norm_layer"] = "rmsnorm"  # a scale without a shift
+    if "patch_embed.norm.weight" in state:
+        options["embed_norm"] = True
+    if "blocks.0.attn.proj.weight" in state and "blocks.0.attn.proj.bias" not in state:
+        options["proj_bias"] = False
     if block_ids:
         options["qkv_bias"] = "blocks.0.attn.qkv.bias" in state
         options["qk_norm"] = "blocks.0.attn.q_norm.weight" in state
@@ -734,7 +745,7 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
     if model_type.startswith("dinov2"):  # LayerScale, an MLP ratio instead of a width
         options.update(mlp_ratio=float(config["mlp_ratio"]), init_values=float(config["layerscale_value"]))
     if swiglu:  # fc1's width comes from the weights' shapes
-        options.update(mlp_layer="swiglu")
+        options.update(mlp_layer="swiglu_packed")
     if model_type == "dinov2_with_registers":  # positions for the patches only (see hf_to_vitkit)
         options.update(reg_tokens=int(config["num_register_tokens"]), no_embed_class=True)
     return options
@@ -847,10 +858,13 @@ def timm_model_options(model: nn.Module) -> dict[str, Any]:
     if getattr(model, "attn_pool", None) is not None and (pool_problem := _timm_attn_pool_problem(model)):
         problems.append(pool_problem)
     embed = model.patch_embed
-    if not isinstance(getattr(embed, "proj", None), nn.Conv2d) or not isinstance(
-        getattr(embed, "norm", nn.Identity()), nn.Identity
-    ):
-        problems.append("a patch embedding other than one Conv2d (hybrid stem or embedding norm)")
+    norm_kinds = {type(m) for m in model.modules() if "norm" in type(m).__name__.lower()}
+    norm_kind = _timm_norm_kind(norm_kinds)
+    if norm_kind is None:
+        names = ", ".join(sorted(kind.__name__ for kind in norm_kinds))
+        problems.append(f"norms other than LayerNorm or RMSNorm ({names})")
+    if not isinstance(getattr(embed, "proj", None), nn.Conv2d):
+        problems.append("a patch embedding other than one Conv2d (a hybrid stem)")
     if getattr(embed, "dynamic_img_pad", False):
         problems.append("dynamic_img_pad")
     if block is not None and type(block) is not Block:  # parallel or post-norm blocks
@@ -865,20 +879,15 @@ def timm_model_options(model: nn.Module) -> dict[str, Any]:
             problems.append(f"{type(block.mlp).__name__} MLP")
         elif not isinstance(getattr(block.mlp, "norm", nn.Identity()), nn.Identity):
             problems.append("a norm inside the MLP, before its second layer (scale_mlp_norm)")
-        if type(block.attn) is Attention and mlp_layer is not None and block.attn.proj.bias is None:
-            problems.append("attention output and MLP layers without biases (proj_bias=False)")
         if _timm_activation(block.mlp) is None:
             problems.append(f"activation {block.mlp.act!r} (vitkit has {', '.join(ACTIVATIONS)})")
-    norms = [m for m in model.modules() if isinstance(m, nn.Module) and "norm" in type(m).__name__.lower()]
-    if any(not isinstance(m, nn.LayerNorm) for m in norms):
-        problems.append("norms other than LayerNorm")
     if problems:
         raise UnsupportedCheckpointError(
             f"timm model {model.pretrained_cfg.get('architecture', type(model).__name__)} uses "
             + ", ".join(problems)
             + ", which vitkit's VisionTransformer does not have."
         )
-    layer_norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    norms = [m for m in model.modules() if type(m) in norm_kinds]
     options: dict[str, Any] = {
         "img_size": tuple(embed.img_size),
         "patch_size": tuple(embed.patch_size),
@@ -897,12 +906,16 @@ def timm_model_options(model: nn.Module) -> dict[str, Any]:
         "fc_norm": not isinstance(model.fc_norm, nn.Identity),
         "dynamic_img_size": bool(getattr(model, "dynamic_img_size", False)),
     }
-    if layer_norms:
-        options["norm_eps"] = float(layer_norms[0].eps)
+    if norms:
+        options["norm_eps"] = float(norms[0].eps)
+    if norm_kind == "rmsnorm":
+        options["norm_layer"] = "rmsnorm"
+    if not isinstance(getattr(embed, "norm", nn.Identity()), nn.Identity):
+        options["embed_norm"] = True
     if block is not None:
         options.update(
             num_heads=int(block.attn.num_heads),
-            mlp_ratio=block.mlp.fc1.out_features / model.embed_dim,
+            mlp_ratio=(getattr(block.mlp, "fc1", None) or block.mlp.fc1_g).out_features / model.embed_dim,
             qkv_bias=block.attn.qkv.bias is not None,
             qk_norm=not isinstance(block.attn.q_norm, nn.Identity),
             init_values=getattr(block.ls1, "init_values", 1e-5) if hasattr(block.ls1, "gamma") else None,
@@ -910,19 +923,36 @@ def timm_model_options(model: nn.Module) -> dict[str, Any]:
         )
         if _timm_mlp_layer(block.mlp) != "mlp":
             options["mlp_layer"] = _timm_mlp_layer(block.mlp)
+        if block.attn.proj.bias is None:
+            options["proj_bias"] = False
     return options
 
 
+def _timm_norm_kind(kinds: set[type]) -> str | None:
+    """``'layernorm'`` or ``'rmsnorm'`` when a timm model's norms are all of that kind (none:
+    ``'layernorm'``), else None."""
+    from timm.layers import RmsNorm
+
+    if all(issubclass(kind, nn.LayerNorm) for kind in kinds):
+        return "layernorm"
+    if all(kind in (RmsNorm, nn.RMSNorm) for kind in kinds):
+        return "rmsnorm"
+    return None
+
+
 def _timm_mlp_layer(mlp: nn.Module) -> str | None:
-    """vitkit's ``mlp_layer`` for a timm block's MLP: ``'mlp'``, ``'swiglu'`` (timm's
-    ``SwiGLUPacked``: a ``GluMlp`` with the gate first), or None (another kind)."""
-    from timm.layers import GluMlp
+    """vitkit's ``mlp_layer`` for a timm block's MLP: ``'mlp'``, ``'swiglu'`` (timm's ``SwiGLU``),
+    ``'swiglu_packed'`` (timm's ``SwiGLUPacked``: a ``GluMlp`` with the gate first), or None (another
+    kind)."""
+    from timm.layers import GluMlp, SwiGLU
     from timm.models.vision_transformer import Mlp
 
     if type(mlp) is Mlp:
         return "mlp"
-    if type(mlp) is GluMlp and not mlp.gate_last and mlp.chunk_dim == -1:
+    if type(mlp) is SwiGLU:
         return "swiglu"
+    if type(mlp) is GluMlp and not mlp.gate_last and mlp.chunk_dim == -1:
+        return "swiglu_packed"
     return None
 
 

@@ -52,6 +52,7 @@ _TIMM_ARGS = (
     "fc_norm",
     "dynamic_img_size",
     "act_layer",
+    "proj_bias",
 )
 
 
@@ -133,12 +134,6 @@ def _save_vitkit(state, config, cfg, labels, path: Path) -> Path:
 
 
 def _save_timm(state, config, cfg, labels, path: Path) -> Path:
-    if float(config.get("norm_eps", 1e-6)) != 1e-6:
-        raise ValueError(
-            f"norm_eps={config['norm_eps']:g}: timm's VisionTransformer takes its LayerNorm epsilon (1e-6) "
-            "from code, not from config.json, so this model cannot be described there. "
-            "Use format='vitkit' or 'hf'."
-        )
     if config.get("pos_embed") == "none":
         raise ValueError("pos_embed='none' has no timm model_args equivalent; use format='vitkit'.")
     import timm
@@ -148,12 +143,28 @@ def _save_timm(state, config, cfg, labels, path: Path) -> Path:
     if config.get("distilled") and "distilled" not in architecture:  # timm picks the class by name
         architecture = "deit_base_distilled_patch16_224"
     model_args = {k: config[k] for k in _TIMM_ARGS if k in config}
+    # What config.json cannot name comes with the architecture: its MLP class, its norms' epsilon.
+    arch = _timm_options_of(architecture)
     mlp_layer = config.get("mlp_layer", "mlp")
-    if mlp_layer != _timm_mlp_layer_of(architecture):
+    if mlp_layer != arch.get("mlp_layer", "mlp"):
         raise ValueError(
             f"mlp_layer={mlp_layer!r}: timm's config.json cannot name an MLP class, it comes with the "
             f"architecture, and {architecture!r} has another. Name the model after a timm architecture "
-            "with this MLP (e.g. vit_giant_patch14_dinov2 for 'swiglu'), or use format='vitkit'."
+            "with this MLP (vit_giant_patch14_dinov2 for 'swiglu_packed', aimv2_* for 'swiglu'), or "
+            "use format='vitkit'."
+        )
+    norm, embed_norm = config.get("norm_layer", "layernorm"), config.get("embed_norm", False)
+    if norm != arch.get("norm_layer", "layernorm"):
+        model_args["norm_layer"] = norm  # by name: timm's norm of that name, with its epsilon 1e-6
+    if embed_norm != arch.get("embed_norm", False):
+        model_args["embed_norm_layer"] = norm if embed_norm else None
+    named = "norm_layer" in model_args or "embed_norm_layer" in model_args
+    eps, arch_eps = float(config.get("norm_eps", 1e-6)), 1e-6 if named else arch.get("norm_eps", 1e-6)
+    if eps != arch_eps:
+        raise ValueError(
+            f"norm_eps={eps:g}: timm's VisionTransformer takes its norms' epsilon ({arch_eps:g} for "
+            f"{architecture!r}) from code, not from config.json, so this model cannot be described there. "
+            "Name it after a timm architecture with this epsilon, or use format='vitkit' or 'hf'."
         )
     if config.get("weight_init"):
         model_args["weight_init"] = config["weight_init"]
@@ -174,11 +185,14 @@ def _save_timm(state, config, cfg, labels, path: Path) -> Path:
     return path
 
 
-def _timm_mlp_layer_of(architecture: str) -> str:
-    """The ``mlp_layer`` that timm's ``architecture`` builds."""
+def _timm_options_of(architecture: str) -> dict[str, Any]:
+    """vitkit's options of timm's ``architecture`` as timm builds it (empty if vitkit cannot)."""
     from .checkpoint import timm_architecture_options
 
-    return (timm_architecture_options(architecture) or {}).get("mlp_layer", "mlp")
+    try:
+        return timm_architecture_options(architecture) or {}
+    except ValueError:  # an architecture with parts vitkit lacks
+        return {}
 
 
 # vitkit's act_layer -> transformers' hidden_act
@@ -210,6 +224,9 @@ def hf_export_problems(config: dict[str, Any]) -> list[str]:
             f"mlp_layer={config.get('mlp_layer')!r} (a two-layer MLP there)",
         ),
         (config.get("act_layer", "gelu") not in _HF_ACT_NAMES, f"act_layer={config.get('act_layer')!r}"),
+        (config.get("norm_layer", "layernorm") != "layernorm", f"norm_layer={config.get('norm_layer')!r}"),
+        (config.get("embed_norm"), "embed_norm=True"),
+        (not config.get("proj_bias", True), "proj_bias=False"),
     ]
     problems += [message for bad, message in checks if bad]
     return problems

@@ -382,7 +382,7 @@ _FOREIGN_PARTS = (
     (r"\.attn\.[qv]_bias$", "separate q and v biases (BEiT, EVA)"),
     (r"rope", "rotary position embeddings (EVA)"),
     (r"\.gamma_[12]$", "BEiT's layer scale (gamma_1, gamma_2)"),
-    (r"\.mlp\.fc1_[gx]\.|\.mlp\.w12\.", "a gated MLP with separate gate and value layers (SwiGLU)"),
+    (r"\.mlp\.w12\.", "a gated MLP with xformers' packed names (w12)"),
     (r"\.attn\.norm\.", "a norm inside the attention (timm's scale_attn_norm)"),
     (r"\.mlp\.norm\.", "a norm inside the MLP (timm's scale_mlp_norm)"),
 )
@@ -391,8 +391,6 @@ _FOREIGN_PARTS = (
 def _parts_vitkit_lacks(state: StateDict) -> list[str]:
     """What a checkpoint's tensor names and shapes reveal of an architecture vitkit cannot build."""
     parts = [part for pattern, part in _FOREIGN_PARTS if any(re.search(pattern, k) for k in state)]
-    if "blocks.0.attn.proj.weight" in state and "blocks.0.attn.proj.bias" not in state:
-        parts.append("attention output and MLP layers without biases (timm's proj_bias=False)")
     return parts
 
 
