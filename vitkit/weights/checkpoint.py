@@ -52,6 +52,7 @@ _SHAPELESS_DEFAULTS = {
     "timm": {"act_layer": "gelu", "norm_eps": 1e-6},
     "hf": {"act_layer": "gelu", "norm_eps": 1e-12},
     "clip": {"act_layer": "quick_gelu", "norm_eps": 1e-5},  # OpenAI's CLIP
+    "open_clip": {"act_layer": "gelu", "norm_eps": 1e-5},  # open_clip's own (OpenAI's: quick_gelu)
     "siglip": {"act_layer": "gelu_tanh", "norm_eps": 1e-6},  # SiglipVisionConfig's defaults
 }
 
@@ -399,10 +400,26 @@ def _torch_load(path: Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt file, or pickled objects that are not plain tensors
+        if _is_torchscript(path):
+            raise ValueError(
+                f"{path} is a TorchScript archive (as OpenAI's CLIP .pt files are), not a weights file: "
+                "save its weights first, torch.save(torch.jit.load(path).state_dict(), 'weights.pth'), "
+                "and pass that."
+            ) from err
         raise ValueError(
             f"Could not read {path} as a PyTorch weights file ({type(err).__name__}: {err}). "
             "If it holds pickled Python objects, re-save just the state_dict() of the model."
         ) from err
+
+
+def _is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a ``torch.jit.save`` archive (it holds compiled code beside the data)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
 
 
 def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
@@ -472,6 +489,8 @@ def _from_mapping(
         if "reg_token" in state:  # DINOv2 with registers, converted to positions for the patches only
             known["no_embed_class"] = True
             pos_embed_resize = {}  # transformers' DINOv2 with registers antialiases, as timm does
+    elif fmt == "open_clip":  # a class token read by the head, as CLIP's
+        known = {**_HF_DEFAULTS, **known}
     elif fmt == "torchvision":
         known = {**_TV_DEFAULTS, **known}
         pos_embed_resize = {"antialias": False, "align_corners": True}
@@ -504,7 +523,7 @@ def _from_mapping(
                 "no preprocessor config: assuming SiglipImageProcessor's defaults (mean/std 0.5, bicubic "
                 "resize to the input size, no crop)."
             )
-        elif fmt == "clip":
+        elif fmt in ("clip", "open_clip"):
             ckpt.pretrained_cfg = prep.clip_default(img, ckpt.options.get("in_chans", 3))
             ckpt.notes.append(
                 "no preprocessor config: assuming CLIPImageProcessor's defaults (OpenAI CLIP mean/std, "
@@ -619,7 +638,12 @@ _HF_DEFAULTS = {
     "fc_norm": False,
 }
 _TV_DEFAULTS = {"no_embed_class": False, "global_pool": "token", "fc_norm": False, "norm_eps": 1e-6}
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.bin",
+)
 
 
 def _from_folder(path: Path, source: str) -> Checkpoint:
@@ -629,6 +653,8 @@ def _from_folder(path: Path, source: str) -> Checkpoint:
         return _from_timm_folder(path, config, source)
     if config is not None and "model_type" in config:
         return _from_hf_folder(path, config, source)
+    if config is None and (path / "open_clip_config.json").is_file():
+        return _from_open_clip_folder(path, json.loads((path / "open_clip_config.json").read_text()), source)
     weights = [path / n for n in _WEIGHT_FILES if (path / n).is_file()]
     if not weights:
         weights = sorted(
@@ -639,6 +665,38 @@ def _from_folder(path: Path, source: str) -> Checkpoint:
             f"{path}: no config.json and no weights file (.safetensors, .pth, .bin, .npz)."
         )
     return _from_file(weights[0], source)
+
+
+def _from_open_clip_folder(path: Path, config: Mapping[str, Any], source: str) -> Checkpoint:
+    """An open_clip hub folder: ``open_clip_config.json`` says what the weights do not (QuickGELU or
+    GELU, the head width, the preprocessing)."""
+    weights = [path / n for n in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")]
+    weights = [w for w in weights if w.is_file()]
+    if not weights:
+        raise FileNotFoundError(f"{path}: open_clip_config.json but no open_clip_model.safetensors or .bin.")
+    ckpt = _from_file(weights[0], source)
+    model_cfg = dict(config.get("model_cfg") or {})
+    vision = dict(model_cfg.get("vision_cfg") or {})
+    if not isinstance(vision.get("layers", 0), int) or vision.get("timm_model_name"):
+        raise UnsupportedCheckpointError(f"{path}: an open_clip image tower that is not its own ViT.")
+    width = int(vision.get("width", 768))
+    known = {
+        "act_layer": "quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
+        "norm_eps": 1e-5,
+        "num_heads": width // int(vision.get("head_width", 64)),
+        "img_size": to_2tuple(vision.get("image_size", 224)),
+    }
+    ckpt.options = infer_vit_options(ckpt.state_dict, {**ckpt.options, **known})
+    preprocess = dict(config.get("preprocess_cfg") or {})
+    if preprocess.get("mean") and preprocess.get("std"):
+        ckpt.pretrained_cfg = {
+            **ckpt.pretrained_cfg,
+            "mean": tuple(preprocess["mean"]),
+            "std": tuple(preprocess["std"]),
+            "interpolation": preprocess.get("interpolation", "bicubic"),
+            "input_size": (ckpt.options.get("in_chans", 3), *known["img_size"]),
+        }
+    return ckpt
 
 
 def _read_weights_in(path: Path) -> tuple[StateDict, dict[str, str]]:

@@ -40,7 +40,7 @@ import torch
 
 StateDict = dict[str, torch.Tensor]
 
-FORMATS = ("timm", "hf", "clip", "torchvision")
+FORMATS = ("timm", "hf", "clip", "open_clip", "torchvision")
 """Layouts :func:`detect_format` tells apart from the keys (``.npz`` files are read separately).
 :func:`to_vitkit` reports CLIP's layout without a class embedding as ``'siglip'``."""
 
@@ -53,6 +53,7 @@ _ANCHORS = {
     "timm": "patch_embed.proj.weight",
     "hf": "embeddings.patch_embeddings.projection.weight",
     "clip": "embeddings.patch_embedding.weight",  # Hugging Face CLIP's (and SigLIP's) image tower
+    "open_clip": "class_embedding",  # OpenAI's CLIP and open_clip: the image tower, under visual.
     "torchvision": "conv_proj.weight",
 }
 
@@ -121,6 +122,8 @@ def to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, str, list[s
         if prefix.endswith("vision_model.") and f"{outer}classifier.weight" in state:
             converted, more = _mean_classifier(converted, state, outer, more)
             used_beside = {f"{outer}classifier.weight", f"{outer}classifier.bias"}
+    elif fmt == "open_clip":
+        converted, more = open_clip_to_vitkit(inner)
     elif fmt == "torchvision":
         converted, more = torchvision_to_vitkit(inner)
     else:
@@ -340,6 +343,49 @@ def clip_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[s
             rest[key] = value
     out = {**special, **_rename(rest, _CLIP_RENAMES, [_CLIP_QKV], "CLIP")}
     return out, []
+
+
+# OpenAI's CLIP and open_clip (``visual.`` stripped): the same ViT as CLIP's in transformers, other names
+_OPEN_CLIP_RENAMES = [
+    (r"conv1\.", "patch_embed.proj."),
+    (r"ln_pre\.", "norm_pre."),
+    (r"ln_post\.", "norm."),
+    (r"transformer\.resblocks\.(\d+)\.ln_([12])\.", r"blocks.\1.norm\2."),
+    (r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", r"blocks.\1.attn.qkv.\2"),
+    (r"transformer\.resblocks\.(\d+)\.attn\.out_proj\.", r"blocks.\1.attn.proj."),
+    (r"transformer\.resblocks\.(\d+)\.mlp\.c_fc\.", r"blocks.\1.mlp.fc1."),
+    (r"transformer\.resblocks\.(\d+)\.mlp\.c_proj\.", r"blocks.\1.mlp.fc2."),
+    (r"transformer\.resblocks\.(\d+)\.ls_([12])\.gamma$", r"blocks.\1.ls\2.gamma"),
+]
+
+
+def open_clip_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
+    """OpenAI CLIP / open_clip image-tower weights (``visual.`` stripped) -> vitkit names.
+
+    A pre-norm ViT (``ln_pre``) whose attention packs q, k, v in ``in_proj`` as timm's ``qkv``. Its
+    projection into the joint image-text space (``proj``, D x E) becomes the head, E outputs without
+    bias, as timm loads these weights: the model's output is the CLIP image embedding, which text
+    embeddings classify zero-shot (``num_classes=N`` puts a fresh classifier there instead).
+    """
+    special: StateDict = {}
+    rest: StateDict = {}
+    for key, value in state.items():
+        if key == "class_embedding":  # a vector
+            special["cls_token"] = value.reshape(1, 1, -1)
+        elif key == "positional_embedding":
+            special["pos_embed"] = value.unsqueeze(0)
+        elif key == "proj":
+            special["head.weight"] = value.t().contiguous()
+            special["head.bias"] = torch.zeros(value.shape[1], dtype=value.dtype)
+        else:
+            rest[key] = value
+    notes = []
+    if "head.weight" in special:
+        notes.append(
+            "the projection into CLIP's joint image-text space (visual.proj) is the head, as in timm: "
+            "the outputs are image embeddings (pass num_classes=... for a classifier)."
+        )
+    return {**special, **_rename(rest, _OPEN_CLIP_RENAMES, [], "open_clip")}, notes
 
 
 def _mean_classifier(
