@@ -459,6 +459,35 @@ def test_hf_dinov2_giant_swiglu_reproduces_its_tokens(tmp_path):
             assert relative_error(model.forward_features(x), tokens) < 1e-5, source
 
 
+def test_hf_ijepa_classifies_the_mean_of_its_tokens(tmp_path):
+    # I-JEPA: ViT's names without a class token; the classifier reads the mean of the normalised tokens
+    reference = randomise(transformers.IJepaForImageClassification(hf_config(transformers.IJepaConfig)))
+    reference.save_pretrained(tmp_path / "ijepa")
+    save_file(reference.state_dict(), str(tmp_path / "ijepa.safetensors"))
+    x = torch.randn(2, 3, 32, 32)
+    for source, given in ((tmp_path / "ijepa", {}), (tmp_path / "ijepa.safetensors", {"num_heads": 4})):
+        model = model_from_checkpoint(source, **given).eval()
+        assert (model.config["class_token"], model.config["global_pool"], model.num_classes) == (
+            False,
+            "avg",
+            5,
+        )
+        with torch.no_grad():
+            assert relative_error(model(x), reference(pixel_values=x).logits) < 1e-5
+
+
+def test_a_bare_hf_dinov2_file_takes_dinov2s_epsilon(tmp_path):
+    # LayerScale gives DINOv2 away among the Hugging Face layouts, and with it its 1e-6 (not ViT's 1e-12)
+    reference = randomise(transformers.Dinov2Model(dinov2_config()))
+    save_file(reference.state_dict(), str(tmp_path / "dinov2.safetensors"))
+    model, report = model_from_checkpoint(tmp_path / "dinov2.safetensors", num_heads=2, return_report=True)
+    assert model.config["norm_eps"] == 1e-6 and any("norm_eps=1e-06" in note for note in report.notes)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        tokens = reference(pixel_values=x).last_hidden_state
+        assert relative_error(model.eval().forward_features(x), tokens) < 1e-5
+
+
 def test_hf_relatives_vitkit_cannot_read_are_named(tmp_path):
     transformers.BeitModel(hf_config(transformers.BeitConfig)).save_pretrained(tmp_path / "beit")
     with pytest.raises(UnsupportedCheckpointError, match="'beit' is not supported.*relative position biases"):

@@ -121,6 +121,8 @@ class Checkpoint:
             defaults = dict(_SHAPELESS_DEFAULTS[self.format])
             if opts.get("mlp_layer", "mlp") != "mlp":  # a gated MLP: SwiGLU's SiLU, as timm's and DINOv2's
                 defaults["act_layer"] = "silu"
+            if self.format == "hf" and opts.get("init_values"):  # LayerScale: DINOv2, its norms' 1e-6
+                defaults["norm_eps"] = 1e-6
             left_open = {k: v for k, v in defaults.items() if k not in opts and k not in given}
             guessed.update({k: repr(v) for k, v in left_open.items()})
             opts.update(left_open)
@@ -480,9 +482,9 @@ def _from_mapping(
     # interpolate_pos_encoding / interpolate_embeddings), where it differs from timm's antialiased bicubic
     pos_embed_resize: dict[str, bool] = {}
     if fmt in ("hf", "clip", "siglip"):
-        if fmt == "siglip" or (fmt == "clip" and "head.weight" in state):
-            # SigLIP, no class token: its attention pool (read off the weights), else the token mean;
-            # CLIP with a head: CLIPForImageClassification's classifier on the patch mean
+        if "cls_token" not in state or (fmt == "clip" and "head.weight" in state):
+            # no class token (SigLIP, I-JEPA): an attention pool (read off the weights), else the
+            # token mean; CLIP with a head: CLIPForImageClassification's classifier on the patch mean
             known = {"global_pool": "avg", **known}
         known = {**_HF_DEFAULTS, **known}
         pos_embed_resize = {"antialias": False}
@@ -763,9 +765,9 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
         hint = _HF_TYPE_HINTS.get(str(model_type), "")
         raise UnsupportedCheckpointError(
             f"Hugging Face model_type {model_type!r} is not supported: vitkit reads 'vit', 'vit_msn', "
-            "'vit_mae', 'deit', 'dinov2' (with registers too), 'clip' and 'siglip' models (ViTModel, "
-            "ViTForImageClassification, ViTMSN*, ViTMAE*, DeiT*, Dinov2Model, CLIP's and SigLIP's image "
-            "towers)."
+            "'vit_mae', 'deit', 'ijepa', 'dinov2' (with registers too), 'clip' and 'siglip' models "
+            "(ViTModel, ViTForImageClassification, ViTMSN*, ViTMAE*, DeiT*, IJepa*, Dinov2*, CLIP's and "
+            "SigLIP's image towers)."
             f"{' ' + hint if hint else ''}"
         )
     # a config.json may leave out what equals its class's default: start from transformers' defaults
@@ -798,6 +800,8 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
     if model_type == "siglip_vision_model":  # no class token; the attention pool, or the token mean
         use_head = config.get("vision_use_head", True) and not mean_classifier
         options.update(class_token=False, global_pool="map" if use_head else "avg", fc_norm=False)
+    if model_type == "ijepa":  # I-JEPA: no class token, the mean of the normalised tokens
+        options.update(class_token=False, global_pool="avg", fc_norm=False)
     if model_type == "deit":  # ViT with a distillation token after the class token
         options["distilled"] = True
     if model_type.startswith("dinov2"):  # LayerScale, an MLP ratio instead of a width
@@ -837,6 +841,7 @@ _HF_CONFIG_DEFAULTS = {
     "deit": _HF_VIT_BASE,
     "vit_msn": {**_HF_VIT_BASE, "layer_norm_eps": 1e-6},
     "vit_mae": _HF_VIT_BASE,
+    "ijepa": _HF_VIT_BASE,
     "dinov2": _HF_DINOV2,
     "dinov2_with_registers": {**_HF_DINOV2, "num_register_tokens": 4},
     "clip_vision_model": {

@@ -46,7 +46,7 @@ FORMATS = ("timm", "hf", "clip", "open_clip", "torchvision")
 
 # The model inside a Hugging Face classifier (ViTFor..., DeiTFor...): its keys start with this, the
 # classifier's own head sits beside it.
-_HF_MODEL_PREFIXES = ("vit.", "deit.")
+_HF_MODEL_PREFIXES = ("vit.", "deit.", "ijepa.")
 
 # A key that only one layout has, as it appears after any wrapper prefix ("module.", "model.", ...).
 _ANCHORS = {
