@@ -345,3 +345,14 @@ def test_unreadable_files_get_clear_errors(tmp_path):
     corrupt.write_bytes(b"\x00garbage")
     with pytest.raises(ValueError, match="Could not read"):
         load_pretrained(model, corrupt)
+
+
+def test_a_timm_map_model_without_blocks_is_read():
+    # the pool is compared with the first block's MLP and heads: a model with none has no such block
+    from vitkit.weights.checkpoint import timm_model_options
+
+    reference = timm.create_model(
+        "vit_base_patch16_siglip_224", depth=0, embed_dim=32, num_heads=2, img_size=32
+    )
+    options = timm_model_options(reference)
+    assert (options["depth"], options["global_pool"]) == (0, "map")

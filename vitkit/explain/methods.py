@@ -54,7 +54,6 @@ from .capture import (
     AttentionRecorder,
     Query,
     TokenLayout,
-    attention_maps,
     eval_mode,
     forward,
     token_layout,
@@ -219,13 +218,12 @@ def raw_attention(
         (B, grid_h, grid_w), or (B, heads, grid_h, grid_w) with ``head_fusion=None``.
     """
     layout = token_layout(model, images)
-    if not _reads_pool(layout, query):
-        attn = next(iter(attention_maps(model, images, [layer]).values()))
-        weights = None
-    else:
-        with torch.no_grad(), eval_mode(model), AttentionRecorder(model, [layer], pool=True) as recorder:
-            forward(model, images)
-        attn = next(iter(recorder.attentions.values())).detach()
+    recorder = AttentionRecorder(model, [layer], pool=_reads_pool(layout, query))
+    with torch.no_grad(), eval_mode(model), recorder:
+        forward(model, images)
+    attn = next(iter(recorder.attentions.values())).detach()
+    weights = None
+    if recorder.pool_attention is not None:
         weights = pool_weights(recorder.pool_attention.detach(), layout)
     if head_fusion is None:
         return readout(attn, layout, query, weights)

@@ -978,7 +978,7 @@ def timm_model_options(model: nn.Module) -> dict[str, Any]:
     if block is not None:
         options.update(
             num_heads=int(block.attn.num_heads),
-            mlp_ratio=(getattr(block.mlp, "fc1", None) or block.mlp.fc1_g).out_features / model.embed_dim,
+            mlp_ratio=_timm_mlp_width(block.mlp) / model.embed_dim,
             qkv_bias=block.attn.qkv.bias is not None,
             qk_norm=not isinstance(block.attn.q_norm, nn.Identity),
             init_values=getattr(block.ls1, "init_values", 1e-5) if hasattr(block.ls1, "gamma") else None,
@@ -989,6 +989,11 @@ def timm_model_options(model: nn.Module) -> dict[str, Any]:
         if block.attn.proj.bias is None:
             options["proj_bias"] = False
     return options
+
+
+def _timm_mlp_width(mlp: nn.Module) -> int:
+    """The hidden width timm builds an MLP with (``int(dim * mlp_ratio)``): fc1's, or the gate's."""
+    return int((getattr(mlp, "fc1", None) or mlp.fc1_g).out_features)
 
 
 def _timm_norm_kind(kinds: set[type]) -> str | None:
@@ -1039,9 +1044,10 @@ def _timm_attn_pool_problem(model: nn.Module) -> str | None:
         lacks.append("q/k norms")
     if pool.mlp is None or not isinstance(pool.norm, nn.LayerNorm):
         lacks.append("no output MLP or norm")
-    elif model.blocks and pool.mlp.fc1.out_features != model.blocks[0].mlp.fc1.out_features:
+    elif len(model.blocks) and pool.mlp.fc1.out_features != _timm_mlp_width(model.blocks[0].mlp):
         lacks.append("an MLP of another width than the blocks'")
-    if pool.q.bias is None or pool.num_heads != getattr(model.blocks[0].attn, "num_heads", pool.num_heads):
+    block_heads = model.blocks[0].attn.num_heads if len(model.blocks) else pool.num_heads
+    if pool.q.bias is None or pool.num_heads != block_heads:
         lacks.append("other heads than the blocks' or no q/kv bias")
     if not lacks:
         return None
