@@ -189,6 +189,16 @@ def test_hf_repo_in_timm_layout(offline, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert relative_error(loaded(x), model(x)) < 1e-5
+    # timm's names of a repo and of a folder: its architecture, and with pretrained=True its weights
+    for name in ("hf-hub:someone/tiny-timm", f"local-dir:{folder}"):
+        same = vitkit.create_model(name, pretrained=True).eval()
+        fresh = vitkit.create_model(name, pretrained=False).eval()
+        assert fresh.config["num_heads"] == 4 and fresh.config["depth"] == 2
+        with torch.no_grad():
+            assert relative_error(same(x), model(x)) < 1e-5
+            assert relative_error(fresh(x), model(x)) > 0.1
+    with pytest.raises(ValueError, match="takes its weights from there"):
+        vitkit.create_model("hf-hub:someone/tiny-timm", pretrained="other.safetensors")
     # timm's way to name another repo for a model's weights
     overlaid = vitkit.create_model(
         "vit_nano_patch4_32",

@@ -134,9 +134,10 @@ def create_model(
     """Build a registered model, optionally loading pretrained weights.
 
     Args:
-        name: a name from :func:`list_models`. Without a name, ``pretrained`` is required and
-            the architecture is read off the checkpoint (see
-            :func:`vitkit.weights.model_from_checkpoint`).
+        name: a name from :func:`list_models`, or as in timm ``hf-hub:REPO`` / ``local-dir:FOLDER``
+            (the architecture, and with ``pretrained=True`` the weights, of that repository or
+            folder). Without a name, ``pretrained`` is required and the architecture is read off
+            the checkpoint (see :func:`vitkit.weights.model_from_checkpoint`).
         pretrained: the weights to load: a ``.safetensors`` / ``.pth`` / ``.bin`` / ``.ckpt`` /
             ``.npz`` file (timm, vitkit, Hugging Face, torchvision or big_vision layout), a Hugging
             Face ``save_pretrained`` folder, or a hub name (``timm:NAME[.TAG]``, ``hf:REPO``,
@@ -167,6 +168,16 @@ def create_model(
         pretrained = overlay["file"] if overlay.get("file") else f"hf:{overlay['hf_hub_id']}"
     if pretrained is False:
         pretrained = None
+    if name is not None and name.startswith(("hf-hub:", "local-dir:")):  # timm's names of a repo, a folder
+        scheme, _, where = name.partition(":")
+        source = f"hf:{where}" if scheme == "hf-hub" else where
+        if pretrained not in (None, True):
+            raise ValueError(
+                f"create_model({name!r}) takes its weights from there: pass pretrained=True or False."
+            )
+        name, pretrained, fresh = None, source, pretrained is None
+    else:
+        fresh = False
     if name is None:
         if pretrained is None or pretrained is True:
             raise TypeError(
@@ -175,6 +186,8 @@ def create_model(
         from vitkit.weights import model_from_checkpoint
 
         model = model_from_checkpoint(pretrained, **overrides)
+        if fresh:  # the repo's architecture, new weights (timm's pretrained=False)
+            model.init_weights(model.config.get("weight_init", ""))
     else:
         model = _build(name, _timm_hub_name(name) if pretrained is True else pretrained, overrides)
     if checkpoint_path is not None:
