@@ -106,6 +106,22 @@ def test_explain_with_a_model_name_overrides_and_a_single_file(folder, capsys):
         explain_main([*argv, "--methods", "gradcam"])
 
 
+def test_explain_reads_the_architecture_and_class_names_off_the_weights(folder, tmp_path, capsys):
+    from vitkit.weights import save
+
+    model = create_model("vit_nano_patch4_32", num_classes=3, **OPTIONS)
+    weights = save(model, tmp_path / "w.safetensors", label_names=["cat", "dog", "eel"])
+    out = folder / "out3"
+    image = folder / "images" / "sub" / "img0.png"
+    argv = ["--pretrained", str(weights), str(image), "--methods", "rollout", "--out", str(out)]
+    assert explain_main(argv) == 0
+    record = json.loads((out / "predictions.json").read_text())["images"][0]
+    assert record["label"] == ["cat", "dog", "eel"][record["prediction"]]
+    # 'true': the weights timm hosts for --model; a vitkit-only name has none, and the error says so
+    with pytest.raises(ValueError, match="timm has none for 'vit_nano_patch4_32'"):
+        load_model("vit_nano_patch4_32", "true")
+
+
 def test_benchmark_prints_metrics_time_and_memory(folder, checkpoint, capsys):
     ckpt, _ = checkpoint
     argv = ["--checkpoint", str(ckpt), "--data", str(folder / "images"), "--masks", str(folder / "masks")]

@@ -41,15 +41,20 @@ def load_model(
     checkpoint: str | None = None,
     **overrides: Any,
 ) -> tuple[nn.Module, list[str] | None]:
-    """``(model in eval mode, class names or None)`` from a registered name and/or a checkpoint."""
+    """``(model in eval mode, class names or None)`` from a model name and/or weights, or a training
+    checkpoint. ``pretrained``: anything ``create_model`` reads, or ``"true"`` for timm's hub weights
+    of ``name``; without a name, the architecture is read off the weights."""
     if checkpoint:
         model, classes = load_checkpoint_model(checkpoint, **overrides)
     else:
-        if not name:
-            raise ValueError("Give --model NAME (and --pretrained FILE), or --checkpoint CKPT.")
+        if not name and not pretrained:
+            raise ValueError("Give --model NAME and/or --pretrained WEIGHTS, or --checkpoint CKPT.")
         from vitkit.models import create_model
 
-        model, classes = create_model(name, pretrained=pretrained, **overrides), None
+        source = True if str(pretrained).lower() == "true" else pretrained
+        model = create_model(name, pretrained=source, **overrides)
+        labels = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+        classes = list(labels) if labels and len(labels) == getattr(model, "num_classes", 0) else None
     return model.eval(), classes
 
 

@@ -33,7 +33,11 @@ def build_parser(prog: str = "vitkit explain") -> argparse.ArgumentParser:
     )
     parser.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     parser.add_argument("--model", help="a model name (`vitkit models [--timm]`); implied by --checkpoint")
-    parser.add_argument("--pretrained", help="weights file for --model (.safetensors/.pth/.bin)")
+    parser.add_argument(
+        "--pretrained",
+        help="the weights: a file or folder, a hub name (timm:NAME, hf:REPO, torchvision:vit_b_16) or "
+        "'true' for timm's weights of --model; without --model the architecture is read off them",
+    )
     parser.add_argument("--checkpoint", help="a vitkit training checkpoint (.ckpt)")
     parser.add_argument(
         "--set",
