@@ -1,6 +1,6 @@
 """Run by test_training_ddp.py: the folder DataModule under DDP on 2 CPU processes (gloo).
 
-Usage: python ddp_folder_script.py DATA_ROOT OUT_DIR CACHE   (CACHE: none | memory)
+Usage: python ddp_folder_script.py DATA_ROOT OUT_DIR CACHE [REPEATS]   (CACHE: none | memory)
 Each rank writes OUT_DIR/rank<r>.json: the training files it loaded in its one epoch (from the
 DataModule's distributed sampler) and the class list.
 """
@@ -25,6 +25,7 @@ from vitkit.training.cli import _leave_process_group
 
 def main() -> None:
     root, out, cache = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    repeats = int(sys.argv[4]) if len(sys.argv) > 4 else 1
     L.seed_everything(0)
     data = ImageFolderDataModule(
         root,
@@ -34,6 +35,7 @@ def main() -> None:
         cache=False if cache == "none" else cache,
         drop_last=False,
         seed=7,  # the shuffling's seed, not seed_everything's
+        repeated_aug=repeats,
     )
     module = ImageClassifier(model_name="vit_tiny_patch4_32", model_options=TINY, classes=data.classes)
     trainer = two_cpu_ranks(out)

@@ -111,6 +111,34 @@ def test_epoch_shuffle_is_a_function_of_seed_and_epoch():
     assert list(EpochShuffle(range(50), seed=4)) != first
 
 
+def test_repeated_augmentation_draws_each_image_several_times_in_a_row():
+    from vitkit.data.seeding import RepeatedAugmentation
+
+    sampler = RepeatedAugmentation(range(10), repeats=3, seed=1)
+    sampler.set_epoch(4)
+    order = list(sampler)
+    assert len(order) == 10  # an epoch as long as without repeats
+    assert order[0] == order[1] == order[2] != order[3] == order[4] == order[5]
+    assert list(sampler) == order  # a function of (seed, epoch)
+    sampler.set_epoch(5)
+    assert list(sampler) != order
+    # over 3 ranks each image's 3 copies go one to each rank
+    shares = [list(RepeatedAugmentation(range(12), 3, seed=1, num_replicas=3, rank=r)) for r in range(3)]
+    assert shares[0] == shares[1] == shares[2] and len(set(shares[0])) == 4
+    with pytest.raises(ValueError, match="repeated_aug=0"):
+        RepeatedAugmentation(range(10), repeats=0)
+
+
+def test_the_copies_of_a_repeated_image_are_augmented_differently(shapes):
+    dm = make_dm(shapes, cache=True, repeated_aug=3, batch_size=6)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    images, labels = next(iter(loader))
+    assert type(loader.sampler).__name__ == "RepeatedAugmentation"
+    assert labels[0] == labels[1] == labels[2] and labels[3] == labels[4] == labels[5]
+    assert not torch.equal(images[0], images[1]) and not torch.equal(images[1], images[2])
+
+
 def test_two_epochs_differ(shapes):
     dm = make_dm(shapes, cache=True)
     dm.setup("fit")

@@ -98,3 +98,15 @@ def test_folder_data_is_split_between_ranks_without_duplicates(tmp_path, cache):
     assert not set(seen0) & set(seen1)  # no image on both ranks ...
     _, samples = scan_image_folder(root / "train")
     assert set(seen0) | set(seen1) == {str(Path(p).relative_to(root)) for p, _ in samples}  # ... none missed
+
+
+def test_repeated_augmentation_sends_the_copies_of_an_image_to_different_ranks(tmp_path):
+    root = tmp_path / "data"
+    make_shapes_dataset(root, num_train=30, num_val=10, img_size=16, seed=0)
+    _run(str(root), str(tmp_path), "none", "2", script=FOLDER_SCRIPT)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["sampler"] == "RepeatedAugmentation" and r["seed"] == 7 for r in ranks)
+    seen0, seen1 = ranks[0]["files"], ranks[1]["files"]
+    # the epoch keeps its length (15 per rank) and holds 15 images twice: one copy on each rank
+    assert len(seen0) == len(seen1) == 15 and len(set(seen0)) == 15
+    assert set(seen0) == set(seen1)

@@ -48,7 +48,7 @@ from .folder import (
     scan_image_folder,
     split_holdout,
 )
-from .seeding import EpochLoader, EpochShuffle
+from .seeding import EpochLoader, EpochShuffle, RepeatedAugmentation
 from .transforms import (
     BatchMixer,
     DataConfig,
@@ -200,12 +200,18 @@ class _ImageDataModule(L.LightningDataModule):
 
     def _train_sampler(self, dataset: Dataset) -> Sampler:
         """:class:`EpochShuffle`; under DDP, this rank's share of a ``DistributedSampler`` seeded by
-        ``seed`` too (it shuffles epoch e by seed + e). Lightning leaves a loader that already has one
-        as it is; the one it would put in instead takes its seed from ``seed_everything``."""
+        ``seed`` too (it shuffles epoch e by seed + e); with ``repeated_aug``, a
+        :class:`RepeatedAugmentation` (this rank's share under DDP). Lightning leaves a loader that
+        already has a distributed sampler as it is; the one it would put in instead takes its seed
+        from ``seed_everything``."""
         trainer = self.trainer
         shards = trainer.distributed_sampler_kwargs if trainer is not None else None
         connector = getattr(trainer, "_accelerator_connector", None)
-        if shards and trainer.world_size > 1 and getattr(connector, "use_distributed_sampler", True):
+        sharded = shards and trainer.world_size > 1 and getattr(connector, "use_distributed_sampler", True)
+        repeats = int(self.hparams.get("repeated_aug", 1) or 1)
+        if repeats > 1:
+            return RepeatedAugmentation(dataset, repeats, self.seed, **(shards if sharded else {}))
+        if sharded:
             return DistributedSampler(dataset, shuffle=True, seed=self.seed, **shards)
         return EpochShuffle(dataset, self.seed)
 
@@ -267,6 +273,9 @@ class ImageFolderDataModule(_ImageDataModule):
         re_prob: random-erasing probability.
         mixup_alpha, cutmix_alpha, mixup_prob, switch_prob: see :class:`~vitkit.data.transforms.BatchMixer`
             (both alphas 0: off).
+        repeated_aug: draw each training image this many times per epoch pass, each copy augmented
+            on its own (DeiT's repeated augmentation, timm's ``--aug-repeats 3``); 1: off. Epochs
+            keep their length: see :class:`~vitkit.data.seeding.RepeatedAugmentation`.
         mean, std, interpolation, crop_pct: preprocessing; default from ``pretrained_cfg``, else ImageNet.
         pretrained_cfg: a model's ``pretrained_cfg`` dict (timm keys).
         max_bad_fraction: the fraction of undecodable files above which
@@ -300,6 +309,7 @@ class ImageFolderDataModule(_ImageDataModule):
         cutmix_alpha: float = 0.0,
         mixup_prob: float = 1.0,
         switch_prob: float = 0.5,
+        repeated_aug: int = 1,
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
         interpolation: str | None = None,

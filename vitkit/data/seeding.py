@@ -27,13 +27,14 @@ where it happens instead:
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterator, Sequence, Sized
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler, get_worker_info
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, get_worker_info
 
 
 def mix_seed(*numbers: int) -> int:
@@ -56,6 +57,37 @@ class EpochShuffle(RandomSampler):
 
     def set_epoch(self, epoch: int) -> None:
         self.generator.manual_seed(mix_seed(self.seed, epoch))
+
+
+class RepeatedAugmentation(DistributedSampler):
+    """Repeated augmentation (Hoffer et al. 2020; DeiT's ``RASampler``, timm's ``--aug-repeats``):
+    each image of the shuffled epoch is drawn ``repeats`` times in a row, so its copies get
+    different augmentations, in one batch on one device or spread over the DDP ranks (rank r takes
+    every R-th entry). An epoch stays as long as without repeats (``ceil(N / R)`` per rank), so it
+    covers about 1/``repeats`` of the images, each ``repeats`` times: the schedule is unchanged.
+
+    The order of epoch e is seeded by (seed, e), as :class:`EpochShuffle`'s, on every rank alike.
+    A :class:`~torch.utils.data.DistributedSampler`, so Lightning leaves it in place under DDP.
+    """
+
+    def __init__(
+        self, dataset: Sized, repeats: int = 3, seed: int = 0, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        if repeats < 1:
+            raise ValueError(f"repeated_aug={repeats}: give the number of copies of each image (>= 1).")
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.repeats = repeats
+        self.num_samples = math.ceil(len(dataset) / num_replicas)
+        self.total_size = self.num_samples * num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        order = torch.randperm(len(self.dataset), generator=generator)
+        repeated = order.repeat_interleave(self.repeats)  # [a, a, a, b, b, b, ...]
+        if len(repeated) < self.total_size:  # a tiny dataset over many ranks: wrap around
+            repeated = repeated.repeat(math.ceil(self.total_size / len(repeated)))
+        # the epoch's first total_size entries, rank r taking every R-th from r on
+        return iter(repeated[: self.total_size][self.rank :: self.num_replicas].tolist())
 
 
 class EpochLoader(DataLoader):

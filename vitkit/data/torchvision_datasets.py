@@ -102,6 +102,7 @@ class TorchvisionDataModule(_ImageDataModule):
         cutmix_alpha: float = 0.0,
         mixup_prob: float = 1.0,
         switch_prob: float = 0.5,
+        repeated_aug: int = 1,
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
         crop_pct: float | None = None,
