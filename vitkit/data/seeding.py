@@ -9,13 +9,13 @@ again and other augmentations than the uninterrupted run. Two rules make each dr
 where it happens instead:
 
 * :class:`EpochShuffle`: the order of epoch e is the permutation seeded by (seed, e); Lightning calls
-  ``set_epoch(e)`` before every epoch. Under DDP the data modules shard the epoch with a
-  ``DistributedSampler`` seeded by the same seed, which shuffles epoch e by seed + e. A loader
-  with workers draws its first indices as soon as its iterator exists, and Lightning makes the
-  training iterator before it restores a checkpoint's epoch count and calls ``set_epoch``
-  (Lightning issue #21938; with vitkit's schedule, earlier still, through
-  ``estimated_stepping_batches``), so the data modules' :class:`EpochLoader` starts each pass at
-  its first batch instead: after ``set_epoch``.
+  ``set_epoch(e)`` before every epoch (:class:`RepeatedAugmentation`'s order likewise). Under DDP
+  the data modules shard the epoch with a ``DistributedSampler`` seeded by the same seed, which
+  shuffles epoch e by seed + e. A loader with workers draws its first indices as soon as its
+  iterator exists, and Lightning makes the training iterator before it restores a checkpoint's
+  epoch count and calls ``set_epoch`` (Lightning issue #21938; with vitkit's schedule, earlier
+  still, through ``estimated_stepping_batches``), so the data modules' :class:`EpochLoader` starts
+  each pass at its first batch instead: after ``set_epoch``.
 * :class:`SeededBatches`: in a loader worker, Python's, NumPy's and torch's generators are re-seeded
   from (seed, the batch's sample indices) before the batch is read, so its per-image transforms and
   the ``collate_fn``'s batch augmentation draw the same numbers whichever worker reads it, and
