@@ -577,6 +577,25 @@ def test_load_classifier_restores_classes_and_predictions(tmp_path):
     torch.testing.assert_close(restored(x), module.eval()(x))
 
 
+def test_lightnings_load_from_checkpoint_does_not_need_the_starting_weights_again(tmp_path):
+    # the run started from a weights file that is gone since: the checkpoint holds what was trained
+    from vitkit.models import create_model
+    from vitkit.weights import save
+
+    start = save(create_model("vit_tiny_patch4_32", **TINY, num_classes=4), tmp_path / "start.safetensors")
+    module = _module(pretrained=str(start))
+    trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=2)
+    trainer.fit(module, datamodule=QuadrantData(n=64))
+    trainer.save_checkpoint(tmp_path / "final.ckpt")
+    start.unlink()
+    restored = ImageClassifier.load_from_checkpoint(tmp_path / "final.ckpt")
+    assert restored.hparams.pretrained is None and restored.classes == QuadrantData.classes
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(restored.eval()(x), module.eval()(x))
+    with pytest.raises(FileNotFoundError, match="start.safetensors"):  # asked for, it is read
+        ImageClassifier.load_from_checkpoint(tmp_path / "final.ckpt", pretrained=str(start))
+
+
 def test_atomic_checkpoint_never_leaves_a_half_written_file(tmp_path, monkeypatch):
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"

@@ -190,6 +190,15 @@ class ImageClassifier(L.LightningModule):
         self._loss_guard = NonFiniteLossGuard()
         self._bar_due = Every(0.5)
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> ImageClassifier:  # type: ignore[override]
+        """Lightning's ``load_from_checkpoint``, without reading again the weights the run started
+        from (``pretrained``: a file that may have moved, a hub download) or its ``teacher``: the
+        checkpoint holds the trained weights. Pass ``pretrained=`` / ``teacher=`` to read them."""
+        kwargs.setdefault("pretrained", None)
+        kwargs.setdefault("teacher", None)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     def _maybe_reset_head(self, reset_head: bool | None, classes: list[str] | None) -> None:
         """A fresh head when the pretrained one classifies other classes (see ``reset_head``)."""
         old_names = (getattr(self.model, "pretrained_cfg", None) or {}).get("label_names")
