@@ -488,6 +488,55 @@ def test_a_bare_hf_dinov2_file_takes_dinov2s_epsilon(tmp_path):
         assert relative_error(model.eval().forward_features(x), tokens) < 1e-5
 
 
+def dinov3_config(**overrides):
+    options = dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    options |= dict(intermediate_size=96, num_register_tokens=2, layerscale_value=0.5)
+    return transformers.DINOv3ViTConfig(**{**options, **overrides})
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_hf_dinov3_reproduces_its_tokens_with_rotary_positions_at_any_size(gated, tmp_path):
+    # DINOv3: rotary positions (no position table), 2 registers, LayerScale, no key bias; the 7B
+    # model's gated MLP (gate_proj, up_proj, down_proj) with SiLU
+    config = dinov3_config(use_gated_mlp=gated, hidden_act="silu" if gated else "gelu")
+    reference = randomise(transformers.DINOv3ViTModel(config))
+    reference.save_pretrained(tmp_path / "dinov3")
+    save_file(reference.state_dict(), str(tmp_path / "dinov3.safetensors"))
+    bare = {"num_heads": 4, "act_layer": "silu" if gated else "gelu"}
+    for source, given in ((tmp_path / "dinov3", {}), (tmp_path / "dinov3.safetensors", bare)):
+        model, report = model_from_checkpoint(source, return_report=True, **given)
+        assert report.format == "dinov3"
+        assert (model.config["rope"], model.config["pos_embed"]) == (True, "none")
+        assert model.config["reg_tokens"] == 2 and model.config["dynamic_img_size"]
+        assert model.config.get("mlp_layer", "mlp") == ("swiglu" if gated else "mlp")
+        assert model.pretrained_cfg["mean"] == pytest.approx((0.485, 0.456, 0.406))
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            out = reference(pixel_values=x)
+            model.eval()
+            assert relative_error(model.forward_features(x), out.last_hidden_state) < 1e-5
+            assert relative_error(model(x), out.pooler_output) < 1e-5
+            # another input size: the rotations follow the grid, as transformers' do
+            other = torch.randn(1, 3, 48, 40)
+            tokens = reference(pixel_values=other).last_hidden_state
+            assert relative_error(model.forward_features(other), tokens) < 1e-5
+
+
+def test_explanations_read_the_same_rotated_attention_from_dinov3_in_both_libraries(tmp_path):
+    from vitkit.explain import AttentionRecorder, token_layout
+
+    reference = randomise(transformers.DINOv3ViTModel(dinov3_config()))
+    reference.save_pretrained(tmp_path)
+    model = model_from_checkpoint(tmp_path).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert token_layout(reference, x) == token_layout(model, x)
+    with torch.no_grad(), AttentionRecorder(reference, [1]) as theirs:
+        reference(pixel_values=x)
+    with torch.no_grad(), AttentionRecorder(model, [1]) as ours:
+        model(x)
+    torch.testing.assert_close(ours.attentions[1], theirs.attentions[1], atol=1e-5, rtol=1e-4)
+
+
 def test_hf_relatives_vitkit_cannot_read_are_named(tmp_path):
     transformers.BeitModel(hf_config(transformers.BeitConfig)).save_pretrained(tmp_path / "beit")
     with pytest.raises(UnsupportedCheckpointError, match="'beit' is not supported.*relative position biases"):

@@ -72,6 +72,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .rope import apply_rotary
+
 ATTN_MODES = ("soft", "hard")
 HARD_ESTIMATORS = ("ste", "gumbel")
 
@@ -152,11 +154,17 @@ class SelfAttention(nn.Module):
             return ""
         return f"attn_mode='hard', hard_k={self.hard_k}, hard_estimator={self.hard_estimator!r}"
 
-    def queries_keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Project tokens (B, N, D) to per-head q, k, v, each (B, h, N, d)."""
+    def queries_keys_values(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Project tokens (B, N, D) to per-head q, k, v, each (B, h, N, d); with ``rope`` (the
+        (cos, sin) tables of :mod:`~vitkit.models.rope`), q and k of the patches are rotated."""
         qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         q, k, v = qkv.unbind(0)
-        return self.q_norm(q), self.k_norm(k), v
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        return q, k, v
 
     def attention_weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """A = softmax(q kᵀ / √d): (B, h, N, N), every row sums to one.
@@ -188,8 +196,8 @@ class SelfAttention(nn.Module):
         # The bracket is exactly zero, so the value is `hard`, bit for bit; the gradient is soft's.
         return hard.detach() + (soft - soft.detach())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.queries_keys_values(x)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        q, k, v = self.queries_keys_values(x, rope)
         if self.fused_attn and self.attn_mode == "soft":
             dropout_p = self.attn_drop.p if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)

@@ -36,6 +36,7 @@ from .attention_pool import AttentionPool
 from .block import TransformerBlock
 from .patch_embedding import ConvStem, PatchEmbedding
 from .position import resample_position_embedding, sincos_2d_position_embedding
+from .rope import RotaryPositionEmbedding
 
 GlobalPool = Literal["token", "avg", "max", "avgmax", "map", ""]
 _POOLS = ("token", "avg", "max", "avgmax", "map", "")
@@ -98,6 +99,11 @@ class VisionTransformer(nn.Module):
             ``'swiglu'`` (:class:`~vitkit.models.block.SwiGLU`: AIMv2) or ``'swiglu_packed'``
             (:class:`~vitkit.models.block.SwiGLUPacked`: DINOv2's giant model; ``mlp_ratio`` then
             gives fc1's width, twice the gated width, as in timm).
+        rope: rotary position embeddings in every block's attention, over the patch grid
+            (:mod:`vitkit.models.rope`: DINOv3's form); usually with ``pos_embed='none'``.
+        rope_theta: their frequency base.
+        rope_rescale: in training, scale the patch coordinates by a random factor in
+            [1/r, r] (DINOv3's augmentation); ``None``: never.
         attn_mode: ``'soft'`` (softmax attention, the default) or ``'hard'`` (every query keeps
             only its top ``hard_k`` keys), in every block; see :mod:`vitkit.models.attention`.
             Hard mode adds no parameters, so the state dict is the same as in soft mode.
@@ -156,6 +162,9 @@ class VisionTransformer(nn.Module):
         proj_bias: bool = True,
         act_layer: str = "gelu",
         mlp_layer: Literal["mlp", "swiglu", "swiglu_packed"] = "mlp",
+        rope: bool = False,
+        rope_theta: float = 100.0,
+        rope_rescale: float | None = None,
         attn_mode: Literal["soft", "hard"] = "soft",
         hard_k: int | None = None,
         hard_estimator: Literal["ste", "gumbel"] = "ste",
@@ -181,10 +190,18 @@ class VisionTransformer(nn.Module):
         # Every constructor argument, so the model can be rebuilt (checkpoints, export, CLI).
         self.config: dict[str, Any] = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         # the usual MLP, norms and biases are not recorded: configs of the others stay as they were
-        defaults = {"mlp_layer": "mlp", "norm_layer": "layernorm", "embed_norm": False, "proj_bias": True}
+        defaults = {
+            "mlp_layer": "mlp",
+            "norm_layer": "layernorm",
+            "embed_norm": False,
+            "proj_bias": True,
+            "rope": False,
+        }
         for key, default in defaults.items():
             if self.config[key] == default:
                 del self.config[key]
+        if not rope:
+            del self.config["rope_theta"], self.config["rope_rescale"]
         if norm_layer not in _NORMS:
             raise ValueError(f"norm_layer={norm_layer!r} is not one of {tuple(_NORMS)}.")
         if attn_mode == "soft":  # soft configs keep timm's option names only (timm twins, exports)
@@ -257,6 +274,9 @@ class VisionTransformer(nn.Module):
                 torch.zeros(1, embed_len, embed_dim), requires_grad=self.pos_embed_type == "learn"
             )
         self.pos_drop = nn.Dropout(pos_drop_rate)
+        self.rope = (
+            RotaryPositionEmbedding(embed_dim // num_heads, rope_theta, rope_rescale) if rope else None
+        )
         self.norm_pre = make_norm(embed_dim) if pre_norm else nn.Identity()
 
         # (on the CPU, also when building on the meta device); None: no stochastic depth at all
@@ -378,6 +398,8 @@ class VisionTransformer(nn.Module):
         if config.get("attn_mode", "soft") != "soft":
             hard = f"attn_mode={config['attn_mode']!r}, hard_k={config.get('hard_k')}"
             lacking.append(f"hard attention ({hard})")
+        if config.get("rope"):
+            lacking.append("rotary position embeddings (rope=True)")
         if config.get("stem_channels"):
             strides = f", stem_strides={config['stem_strides']}" if config.get("stem_strides") else ""
             lacking.append(f"convolutional stem (stem_channels={config['stem_channels']}{strides})")
@@ -542,16 +564,26 @@ class VisionTransformer(nn.Module):
         x = self._add_prefix_tokens_and_positions(x)
         return self.norm_pre(x)
 
-    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _rotations(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rotary tables (cos, sin) of the images' patch grid, or None without ``rope``."""
+        if self.rope is None:
+            return None
+        return self.rope(self.dynamic_grid_size(tuple(images.shape[-2:])))
+
+    def _run_block(
+        self, block: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        args = (x,) if rope is None else (x, rope)
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, use_reentrant=False)
-        return block(x)
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> normalised tokens (B, prefix + patches, D)."""
+        rope = self._rotations(x)
         x = self._embed(x)
         for block in self.blocks:
-            x = self._run_block(block, x)
+            x = self._run_block(block, x, rope)
         return self.norm(x)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -619,10 +651,11 @@ class VisionTransformer(nn.Module):
         gh, gw = self.dynamic_grid_size(tuple(x.shape[-2:]))
         last = max(take) if (stop_early and intermediates_only) else len(self.blocks) - 1
 
+        rope = self._rotations(x)
         x = self._embed(x)
         intermediates = []
         for i, block in enumerate(self.blocks[: last + 1]):
-            x = self._run_block(block, x)
+            x = self._run_block(block, x, rope)
             if i in take:
                 intermediates.append(self.norm(x) if norm else x)
 

@@ -53,6 +53,7 @@ _SHAPELESS_DEFAULTS = {
     "hf": {"act_layer": "gelu", "norm_eps": 1e-12},
     "clip": {"act_layer": "quick_gelu", "norm_eps": 1e-5},  # OpenAI's CLIP
     "open_clip": {"act_layer": "gelu", "norm_eps": 1e-5},  # open_clip's own (OpenAI's: quick_gelu)
+    "dinov3": {"act_layer": "gelu", "norm_eps": 1e-5},  # DINOv3ViTConfig's defaults
     "siglip": {"act_layer": "gelu_tanh", "norm_eps": 1e-6},  # SiglipVisionConfig's defaults
 }
 
@@ -493,6 +494,9 @@ def _from_mapping(
             pos_embed_resize = {}  # transformers' DINOv2 with registers antialiases, as timm does
     elif fmt == "open_clip":  # a class token read by the head, as CLIP's
         known = {**_HF_DEFAULTS, **known}
+    elif fmt == "dinov3":  # positions by rotation only, the class token read by the head
+        # any input size, as transformers runs it: nothing to resample
+        known = {**_HF_DEFAULTS, "rope": True, "rope_theta": 100.0, "dynamic_img_size": True, **known}
     elif fmt == "torchvision":
         known = {**_TV_DEFAULTS, **known}
         pos_embed_resize = {"antialias": False, "align_corners": True}
@@ -530,6 +534,12 @@ def _from_mapping(
             ckpt.notes.append(
                 "no preprocessor config: assuming CLIPImageProcessor's defaults (OpenAI CLIP mean/std, "
                 "bicubic, centre crop)."
+            )
+        elif fmt == "dinov3":
+            ckpt.pretrained_cfg = prep.dinov3_default(img or (224, 224), ckpt.options.get("in_chans", 3))
+            ckpt.notes.append(
+                "no preprocessor config: assuming DINOv3ViTImageProcessor's defaults (ImageNet mean/std, "
+                "bilinear resize to the input size, no crop)."
             )
         elif fmt == "torchvision":
             ckpt.pretrained_cfg = prep.torchvision_default(img[0] if img else 224)
@@ -765,9 +775,9 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
         hint = _HF_TYPE_HINTS.get(str(model_type), "")
         raise UnsupportedCheckpointError(
             f"Hugging Face model_type {model_type!r} is not supported: vitkit reads 'vit', 'vit_msn', "
-            "'vit_mae', 'deit', 'ijepa', 'dinov2' (with registers too), 'clip' and 'siglip' models "
-            "(ViTModel, ViTForImageClassification, ViTMSN*, ViTMAE*, DeiT*, IJepa*, Dinov2*, CLIP's and "
-            "SigLIP's image towers)."
+            "'vit_mae', 'deit', 'ijepa', 'dinov2' (with registers too), 'dinov3_vit', 'clip' and "
+            "'siglip' models (ViTModel, ViTForImageClassification, ViTMSN*, ViTMAE*, DeiT*, IJepa*, "
+            "Dinov2*, DINOv3ViTModel, CLIP's and SigLIP's image towers)."
             f"{' ' + hint if hint else ''}"
         )
     # a config.json may leave out what equals its class's default: start from transformers' defaults
@@ -802,6 +812,26 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
         options.update(class_token=False, global_pool="map" if use_head else "avg", fc_norm=False)
     if model_type == "ijepa":  # I-JEPA: no class token, the mean of the normalised tokens
         options.update(class_token=False, global_pool="avg", fc_norm=False)
+    if model_type == "dinov3_vit":  # rotary positions only, registers, LayerScale (shift / jitter: training)
+        if bool(config.get("proj_bias", True)) != bool(config.get("mlp_bias", True)):
+            raise UnsupportedCheckpointError(
+                "This DINOv3 has biases in its attention projection but not its MLP, or the reverse; "
+                "vitkit's proj_bias sets both."
+            )
+        options.update(
+            rope=True,
+            rope_theta=float(config.get("rope_theta", 100.0)),
+            rope_rescale=config.get("pos_embed_rescale"),
+            pos_embed="none",
+            reg_tokens=int(config.get("num_register_tokens", 0)),
+            init_values=float(config.get("layerscale_value", 1.0)),
+            qkv_bias=bool(config.get("query_bias", True) or config.get("value_bias", True)),
+            proj_bias=bool(config.get("proj_bias", True)),
+            final_norm=bool(config.get("apply_layernorm", True)),
+            dynamic_img_size=True,  # any input size, as transformers runs it: nothing to resample
+        )
+        if config.get("use_gated_mlp"):
+            options["mlp_layer"] = "swiglu"
     if model_type == "deit":  # ViT with a distillation token after the class token
         options["distilled"] = True
     if model_type.startswith("dinov2"):  # LayerScale, an MLP ratio instead of a width
@@ -842,6 +872,7 @@ _HF_CONFIG_DEFAULTS = {
     "vit_msn": {**_HF_VIT_BASE, "layer_norm_eps": 1e-6},
     "vit_mae": _HF_VIT_BASE,
     "ijepa": _HF_VIT_BASE,
+    "dinov3_vit": {**_HF_VIT_BASE, "layer_norm_eps": 1e-5},
     "dinov2": _HF_DINOV2,
     "dinov2_with_registers": {**_HF_DINOV2, "num_register_tokens": 4},
     "clip_vision_model": {

@@ -40,7 +40,7 @@ import torch
 
 StateDict = dict[str, torch.Tensor]
 
-FORMATS = ("timm", "hf", "clip", "open_clip", "torchvision")
+FORMATS = ("timm", "hf", "clip", "open_clip", "dinov3", "torchvision")
 """Layouts :func:`detect_format` tells apart from the keys (``.npz`` files are read separately).
 :func:`to_vitkit` reports CLIP's layout without a class embedding as ``'siglip'``."""
 
@@ -54,6 +54,7 @@ _ANCHORS = {
     "hf": "embeddings.patch_embeddings.projection.weight",
     "clip": "embeddings.patch_embedding.weight",  # Hugging Face CLIP's (and SigLIP's) image tower
     "open_clip": "class_embedding",  # OpenAI's CLIP and open_clip: the image tower, under visual.
+    "dinov3": "embeddings.patch_embeddings.weight",  # Hugging Face DINOv3 (a bare Conv2d)
     "torchvision": "conv_proj.weight",
 }
 
@@ -124,6 +125,8 @@ def to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, str, list[s
             used_beside = {f"{outer}classifier.weight", f"{outer}classifier.bias"}
     elif fmt == "open_clip":
         converted, more = open_clip_to_vitkit(inner)
+    elif fmt == "dinov3":
+        converted, more = dinov3_to_vitkit(inner)
     elif fmt == "torchvision":
         converted, more = torchvision_to_vitkit(inner)
     else:
@@ -386,6 +389,45 @@ def open_clip_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, l
             "the outputs are image embeddings (pass num_classes=... for a classifier)."
         )
     return {**special, **_rename(rest, _OPEN_CLIP_RENAMES, [], "open_clip")}, notes
+
+
+# Hugging Face DINOv3 (``DINOv3ViTModel``): ViT blocks with rotary positions, registers, LayerScale
+_DINOV3_RENAMES = [
+    (r"embeddings\.cls_token", "cls_token"),
+    (r"embeddings\.register_tokens", "reg_token"),
+    (r"embeddings\.patch_embeddings\.", "patch_embed.proj."),
+    (r"(?:model\.)?layer\.(\d+)\.norm([12])\.", r"blocks.\1.norm\2."),
+    (r"(?:model\.)?layer\.(\d+)\.attention\.o_proj\.", r"blocks.\1.attn.proj."),
+    (r"(?:model\.)?layer\.(\d+)\.layer_scale([12])\.lambda1$", r"blocks.\1.ls\2.gamma"),
+    (r"(?:model\.)?layer\.(\d+)\.mlp\.gate_proj\.", r"blocks.\1.mlp.fc1_g."),  # the gated MLP (7B)
+    (r"(?:model\.)?layer\.(\d+)\.mlp\.down_proj\.", r"blocks.\1.mlp.fc2."),
+    (r"norm\.", "norm."),
+]
+_DINOV3_QKV = [re.compile(r"(?:model\.)?layer\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)")]
+
+
+def dinov3_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
+    """Hugging Face DINOv3 ViT weights -> vitkit names (``rope=True``, ``pos_embed='none'``).
+
+    Its key projection has no bias: the fused ``qkv`` bias gets zeros there. ``up_proj`` is the
+    MLP's first layer, or the value half of the gated MLP when a ``gate_proj`` is there. The
+    masked-image-modelling ``mask_token`` is dropped.
+    """
+    gated = any(".mlp.gate_proj." in key for key in state)
+    notes = []
+    kept: StateDict = {}
+    for key, value in state.items():
+        if key == "embeddings.mask_token":
+            notes.append("dropped the masked-image-modelling mask_token.")
+        elif ".mlp.up_proj." in key:  # the MLP's first layer, or the gated MLP's value
+            layer = re.sub(r"^(?:model\.)?layer\.", "blocks.", key)
+            kept[layer.replace(".mlp.up_proj.", ".mlp.fc1_x." if gated else ".mlp.fc1.")] = value
+        else:
+            kept[key] = value
+    for key in [k for k in kept if re.fullmatch(r"(?:model\.)?layer\.\d+\.attention\.q_proj\.bias", k)]:
+        k_bias = key.replace("q_proj", "k_proj")
+        kept.setdefault(k_bias, torch.zeros_like(kept[key]))  # DINOv3 trains no key bias
+    return _rename(kept, _DINOV3_RENAMES, _DINOV3_QKV, "DINOv3"), notes
 
 
 def _mean_classifier(

@@ -100,6 +100,12 @@ def siglip_default(img_size: tuple[int, int] | None, num_channels: int = 3) -> d
     return _processor_default(INCEPTION_MEAN, INCEPTION_STD, "bicubic", "squash", img_size, num_channels)
 
 
+def dinov3_default(img_size: tuple[int, int] | None, num_channels: int = 3) -> dict[str, Any]:
+    """What ``DINOv3ViTImageProcessor()`` does: resize to the input size (bilinear, no crop), ImageNet's
+    mean and std."""
+    return _processor_default(IMAGENET_MEAN, IMAGENET_STD, "bilinear", "squash", img_size, num_channels)
+
+
 def _processor_default(
     mean: tuple[float, ...],
     std: tuple[float, ...],
