@@ -227,6 +227,7 @@ def test_list_models_with_timm_adds_only_what_vitkit_builds(capsys):
     [
         ("vit_dwee_patch16_reg1_gap_256", "DiffAttention attention"),
         ("vit_medium_patch16_rope_reg1_gap_256", "Eva"),
+        ("eva02_tiny_patch14_224", "RotaryEmbeddingCat position rotations .vitkit has DINOv3's."),
         ("vit_base_patch16_rpn_224", "ResPostBlock blocks"),
         ("vit_relpos_base_patch16_224", "VisionTransformerRelPos"),
         (

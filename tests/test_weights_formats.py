@@ -778,6 +778,17 @@ def test_timm_training_checkpoint_rebuilds_its_architecture_exactly(tmp_path):
         assert relative_error(model(x), reference(x)) < 1e-5
 
 
+def test_timm_training_checkpoint_of_a_dinov3_port_loads_its_rotations(tmp_path):
+    # timm's DINOv3 ports are Eva models: the arch names them, their LayerScale and q/v biases convert
+    path = tmp_path / "model_best.pth.tar"
+    reference = _timm_train_checkpoint("vit_small_patch16_dinov3_qkvb", path)
+    model = model_from_checkpoint(path).eval()
+    assert model.config["rope"] and model.config["reg_tokens"] == 4
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(model(x), reference(x)) < 1e-5
+
+
 def test_timm_training_checkpoint_keeps_options_its_model_kwargs_set(tmp_path):
     # pool_include_prefix has no tensor of its own: only --model-kwargs says the class token is pooled too
     path = tmp_path / "last.pth.tar"

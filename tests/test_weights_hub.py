@@ -140,6 +140,21 @@ def test_pretrained_true_without_hosted_weights_says_what_to_pass(offline):
         vitkit.create_model(pretrained=True)
 
 
+def test_timm_dinov3_ports_load_by_name_with_their_rotations(offline, tmp_path):
+    # timm's DINOv3 weights live in its Eva class: LayerScale as gamma_1/2, q and v biases apart
+    name = "vit_small_patch16_dinov3_qkvb.lvd1689m"
+    reference = randomise(timm.create_model(name.split(".")[0], pretrained=False))
+    save_file(reference.state_dict(), str(tmp_path / "model.safetensors"))
+    put_in_hf_cache(offline, f"timm/{name}", {"model.safetensors": tmp_path / "model.safetensors"})
+    model = vitkit.create_model(name, pretrained=True).eval()
+    assert (model.config["rope"], model.config["reg_tokens"], model.config["qkv_bias"]) == (True, 4, True)
+    for size in ((64, 64), (48, 80)):  # any input size, as timm runs it
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            assert relative_error(model(x), reference(x)) < 1e-5, size
+    assert model.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)
+
+
 def test_timm_variants_vitkit_cannot_represent_are_refused_before_downloading(offline):
     with pytest.raises(UnsupportedCheckpointError, match="ResPostBlock blocks"):
         read_checkpoint("timm:vit_base_patch16_rpn_224.sw_in1k")  # post-norm blocks; nothing in the cache

@@ -38,7 +38,7 @@ from vitkit.models._utils import to_2tuple
 from vitkit.models.block import ACTIVATIONS
 
 from . import preprocessing as prep
-from .convert import StateDict, UnsupportedCheckpointError, npz_to_vitkit, to_vitkit
+from .convert import StateDict, UnsupportedCheckpointError, npz_to_vitkit, timm_eva_to_vitkit, to_vitkit
 
 logger = logging.getLogger("vitkit")
 
@@ -511,6 +511,8 @@ def _from_mapping(
         fmt = "lightning"
     elif timm_train:
         fmt = "timm"
+        if known.get("rope"):  # a timm Eva (its DINOv3 ports): LayerScale and q/v biases by other names
+            state = timm_eva_to_vitkit(state)
         if isinstance(obj.get("state_dict_ema"), Mapping):
             notes.append(
                 f"{source} also holds EMA weights (state_dict_ema); these are the raw ones (state_dict). "
@@ -940,9 +942,12 @@ def _from_timm_folder(path: Path, config: Mapping[str, Any], source: str) -> Che
 # ---------------------------------------------------------------------------- timm models
 def timm_model_options(model: nn.Module) -> dict[str, Any]:
     """vitkit options of a timm ``VisionTransformer`` instance (raises for variants vitkit lacks)."""
+    from timm.models.eva import Eva
     from timm.models.vision_transformer import Attention, Block
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
+    if isinstance(model, Eva):
+        return _timm_eva_options(model)
     if not isinstance(model, TimmViT):
         raise UnsupportedCheckpointError(
             f"timm model {type(model).__name__} is not a timm VisionTransformer; vitkit only reads those."
@@ -1019,6 +1024,84 @@ def timm_model_options(model: nn.Module) -> dict[str, Any]:
             options["mlp_layer"] = _timm_mlp_layer(block.mlp)
         if block.attn.proj.bias is None:
             options["proj_bias"] = False
+    return options
+
+
+def _timm_eva_options(model: nn.Module) -> dict[str, Any]:
+    """vitkit options of a timm ``Eva`` model with DINOv3's rotary positions (its DINOv3 ports);
+    other Eva models (EVA-02's rotary form, post-norm blocks, norms inside...) raise, naming why."""
+    from timm.layers import RotaryEmbeddingDinoV3
+    from timm.models.eva import EvaAttention, EvaBlock
+
+    name = model.pretrained_cfg.get("architecture", type(model).__name__)
+    rope, block = getattr(model, "rope", None), model.blocks[0] if len(model.blocks) else None
+    problems = []
+    if type(rope) is not RotaryEmbeddingDinoV3:
+        problems.append(f"{type(rope).__name__} position rotations (vitkit has DINOv3's)")
+    elif rope.min_period is not None or (rope.normalize_coords, rope.grid_offset, rope.grid_indexing) != (
+        "separate",
+        0.0,
+        "ij",
+    ):
+        problems.append("DINOv3 rotations with other periods or coordinates")
+    elif rope.shift_coords is not None or rope.jitter_coords is not None:
+        problems.append("rotations shifted or jittered in training (vitkit rescales only)")
+    if getattr(model, "pos_embed", None) is not None:
+        problems.append("a position table beside the rotations")
+    if block is not None:
+        attn = block.attn
+        if (
+            type(block) is not EvaBlock
+            or type(attn) is not EvaAttention
+            or getattr(attn, "qkv", None) is None
+        ):
+            problems.append(f"{type(block).__name__} blocks with {type(attn).__name__} attention")
+        elif not isinstance(attn.norm, nn.Identity) or not isinstance(attn.q_norm, nn.Identity):
+            problems.append("a norm inside the attention")
+        if _timm_mlp_layer(block.mlp) is None or not isinstance(
+            getattr(block.mlp, "norm", None), nn.Identity
+        ):
+            problems.append(f"{type(block.mlp).__name__} MLP with a norm inside")
+    norm_kinds = {type(m) for m in model.modules() if "norm" in type(m).__name__.lower()}
+    if _timm_norm_kind(norm_kinds) != "layernorm":
+        problems.append("norms other than LayerNorm")
+    if problems:
+        raise UnsupportedCheckpointError(
+            f"timm model {name} (an Eva) uses " + ", ".join(problems) + ", which vitkit's VisionTransformer "
+            "does not have."
+        )
+    reg_token = getattr(model, "reg_token", None)
+    options: dict[str, Any] = {
+        "img_size": tuple(model.patch_embed.img_size),
+        "patch_size": tuple(model.patch_embed.patch_size),
+        "in_chans": int(model.patch_embed.proj.in_channels),
+        "num_classes": int(model.num_classes),
+        "global_pool": model.global_pool,
+        "embed_dim": int(model.embed_dim),
+        "depth": len(model.blocks),
+        "class_token": model.cls_token is not None,
+        "reg_tokens": int(reg_token.shape[1]) if reg_token is not None else 0,
+        "pos_embed": "none",
+        "rope": True,
+        "rope_theta": float(rope.temperature),
+        "rope_rescale": rope.rescale_coords,
+        "pre_norm": not isinstance(model.norm_pre, nn.Identity),
+        "final_norm": not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
+        "fc_norm": not isinstance(model.fc_norm, nn.Identity),
+        "dynamic_img_size": bool(getattr(model, "dynamic_img_size", False)),
+    }
+    if block is not None:
+        options.update(
+            norm_eps=float(block.norm1.eps),
+            num_heads=int(block.attn.num_heads),
+            mlp_ratio=_timm_mlp_width(block.mlp) / model.embed_dim,
+            qkv_bias=getattr(block.attn, "q_bias", None) is not None,
+            init_values=1e-5 if getattr(block, "gamma_1", None) is not None else None,  # the weights set it
+            act_layer=_timm_activation(block.mlp),
+            proj_bias=block.attn.proj.bias is not None,
+        )
+        if _timm_mlp_layer(block.mlp) != "mlp":
+            options["mlp_layer"] = _timm_mlp_layer(block.mlp)
     return options
 
 
@@ -1134,6 +1217,8 @@ def _from_timm_hub(spec: str) -> Checkpoint:
         ) from err
     options = timm_model_options(model)
     state = {k: v.detach() for k, v in model.state_dict().items()}
+    if options.get("rope"):  # timm's Eva (its DINOv3 ports): LayerScale and q/v biases by other names
+        state = timm_eva_to_vitkit(state)
     cfg = dict(model.pretrained_cfg)
     labels = cfg.get("label_names")
     return _finish(

@@ -430,6 +430,22 @@ def dinov3_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list
     return _rename(kept, _DINOV3_RENAMES, _DINOV3_QKV, "DINOv3"), notes
 
 
+def timm_eva_to_vitkit(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """timm's ``Eva`` weights (its DINOv3 ports) -> vitkit names: LayerScale ``gamma_1`` / ``gamma_2``
+    become ``ls1.gamma`` / ``ls2.gamma``, and separate ``q_bias`` / ``v_bias`` the fused ``qkv`` bias
+    (zeros for the keys, which have none)."""
+    out: StateDict = {}
+    for key, value in state.items():
+        if match := re.fullmatch(r"(blocks\.\d+)\.gamma_([12])", key):
+            out[f"{match.group(1)}.ls{match.group(2)}.gamma"] = value
+        elif key.endswith(".attn.q_bias"):
+            v_bias = state[key.replace(".q_bias", ".v_bias")]
+            out[key.replace(".q_bias", ".qkv.bias")] = torch.cat([value, torch.zeros_like(value), v_bias])
+        elif not key.endswith(".attn.v_bias"):
+            out[key] = value
+    return out
+
+
 def _mean_classifier(
     tower: StateDict, state: Mapping[str, torch.Tensor], outer: str, notes: list[str]
 ) -> tuple[StateDict, list[str]]:
