@@ -66,16 +66,21 @@ def test_every_shipped_recipe_parses_and_trains_two_steps(tmp_path, shapes):
         "cifar10_vit_tiny_cpu",
         "cifar10_vit_small_gpu",
         "imagenet_deit_small",
+        "imagenet_deit_small_distilled",
         "imagenet_deit_base",
         "imagenet_simple_vit_s16",
         "finetune",
     } <= set(names)
     weights = tmp_path / "pretrained.safetensors"
     vitkit.weights.save(vitkit.create_model("vit_base_patch16_224", depth=1), weights)
+    teacher = tmp_path / "teacher.safetensors"  # a recipe's hub teacher, offline: one for these 5 classes
+    vitkit.weights.save(vitkit.create_model("vit_tiny_patch16_224", depth=1, num_classes=5), teacher)
     for name in names:
         config = yaml.safe_load(recipe_path(name).read_text())
         options = {**config["model"].get("model_options", {}), "depth": 1}
         extra = ["--model.pretrained", str(weights)] if name == "finetune" else []
+        if config["model"].get("teacher"):
+            extra += ["--model.teacher", str(teacher)]
         cli = cli_main(
             [
                 "fit",
@@ -102,6 +107,8 @@ def test_every_shipped_recipe_parses_and_trains_two_steps(tmp_path, shapes):
         assert cli.trainer.global_step == 2, name
         assert cli.model.num_classes == 5 and cli.model.classes == cli.datamodule.classes, name
         assert (tmp_path / name / "config.yaml").is_file(), name
+        if config["model"].get("teacher"):  # the distilled student learns from the teacher
+            assert cli.model.model.distilled_training and "train/loss_teacher" in cli.trainer.callback_metrics
 
 
 def test_bad_input_prints_its_message_without_a_traceback(tmp_path, shapes, capsys, monkeypatch):
