@@ -537,6 +537,32 @@ def test_explanations_read_the_same_rotated_attention_from_dinov3_in_both_librar
     torch.testing.assert_close(ours.attentions[1], theirs.attentions[1], atol=1e-5, rtol=1e-4)
 
 
+def test_hf_aimv2_image_tower_reproduces_its_tokens(tmp_path):
+    # AIMv2: RMSNorm after the patch projection and in the blocks, a split SwiGLU, no class token, no
+    # biases but the patch's; its attention-pooling head is not vitkit's: dropped, the tokens averaged
+    vision = dict(image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+    vision["intermediate_size"] = 48
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48)
+    full = randomise(
+        transformers.Aimv2Model(transformers.Aimv2Config(vision_config=vision, text_config=text))
+    )
+    full.save_pretrained(tmp_path / "aimv2")
+    save_file(full.vision_model.state_dict(), str(tmp_path / "tower.safetensors"))
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        tokens = full.vision_model(pixel_values=x).last_hidden_state
+    for source, given in ((tmp_path / "aimv2", {}), (tmp_path / "tower.safetensors", {"num_heads": 2})):
+        model, report = model_from_checkpoint(source, return_report=True, **given)
+        assert report.format == "aimv2"
+        options = ("norm_layer", "embed_norm", "mlp_layer", "proj_bias", "class_token", "global_pool")
+        assert [model.config[k] for k in options] == ["rmsnorm", True, "swiglu", False, False, "avg"]
+        assert any("attention-pooling head" in note for note in report.notes)
+        with torch.no_grad():
+            model.eval()
+            assert relative_error(model.forward_features(x), tokens) < 1e-5
+            assert relative_error(model(x), tokens.mean(dim=1)) < 1e-5
+
+
 def test_hf_relatives_vitkit_cannot_read_are_named(tmp_path):
     transformers.BeitModel(hf_config(transformers.BeitConfig)).save_pretrained(tmp_path / "beit")
     with pytest.raises(UnsupportedCheckpointError, match="'beit' is not supported.*relative position biases"):

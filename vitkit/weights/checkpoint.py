@@ -54,6 +54,7 @@ _SHAPELESS_DEFAULTS = {
     "clip": {"act_layer": "quick_gelu", "norm_eps": 1e-5},  # OpenAI's CLIP
     "open_clip": {"act_layer": "gelu", "norm_eps": 1e-5},  # open_clip's own (OpenAI's: quick_gelu)
     "dinov3": {"act_layer": "gelu", "norm_eps": 1e-5},  # DINOv3ViTConfig's defaults
+    "aimv2": {"act_layer": "silu", "norm_eps": 1e-5},  # Aimv2VisionConfig's defaults
     "siglip": {"act_layer": "gelu_tanh", "norm_eps": 1e-6},  # SiglipVisionConfig's defaults
 }
 
@@ -494,6 +495,8 @@ def _from_mapping(
             pos_embed_resize = {}  # transformers' DINOv2 with registers antialiases, as timm does
     elif fmt == "open_clip":  # a class token read by the head, as CLIP's
         known = {**_HF_DEFAULTS, **known}
+    elif fmt == "aimv2":  # no class token: the token mean, as timm's ports
+        known = {"class_token": False, "global_pool": "avg", "fc_norm": False, **known}
     elif fmt == "dinov3":  # positions by rotation only, the class token read by the head
         # any input size, as transformers runs it: nothing to resample
         known = {**_HF_DEFAULTS, "rope": True, "rope_theta": 100.0, "dynamic_img_size": True, **known}
@@ -531,7 +534,7 @@ def _from_mapping(
                 "no preprocessor config: assuming SiglipImageProcessor's defaults (mean/std 0.5, bicubic "
                 "resize to the input size, no crop)."
             )
-        elif fmt in ("clip", "open_clip"):
+        elif fmt in ("clip", "open_clip", "aimv2"):  # (AIMv2's processor is CLIP's)
             ckpt.pretrained_cfg = prep.clip_default(img, ckpt.options.get("in_chans", 3))
             ckpt.notes.append(
                 "no preprocessor config: assuming CLIPImageProcessor's defaults (OpenAI CLIP mean/std, "
@@ -770,16 +773,16 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
     mean_classifier = any(a in architectures for a in _HF_MEAN_CLASSIFIERS)
-    if model_type in ("clip", "siglip"):  # CLIPModel, SiglipModel: the image tower is under vision_config
+    if model_type in ("clip", "siglip", "aimv2"):  # CLIPModel, SiglipModel, Aimv2Model: the image tower
         model_type = f"{model_type}_vision_model"
         config = {**dict(config.get("vision_config") or {}), "model_type": model_type}
     if model_type not in _HF_CONFIG_DEFAULTS:  # the model types vitkit reads
         hint = _HF_TYPE_HINTS.get(str(model_type), "")
         raise UnsupportedCheckpointError(
             f"Hugging Face model_type {model_type!r} is not supported: vitkit reads 'vit', 'vit_msn', "
-            "'vit_mae', 'deit', 'ijepa', 'dinov2' (with registers too), 'dinov3_vit', 'clip' and "
-            "'siglip' models (ViTModel, ViTForImageClassification, ViTMSN*, ViTMAE*, DeiT*, IJepa*, "
-            "Dinov2*, DINOv3ViTModel, CLIP's and SigLIP's image towers)."
+            "'vit_mae', 'deit', 'ijepa', 'dinov2' (with registers too), 'dinov3_vit', 'clip', 'siglip' "
+            "and 'aimv2' models (ViTModel, ViTForImageClassification, ViTMSN*, ViTMAE*, DeiT*, IJepa*, "
+            "Dinov2*, DINOv3ViTModel, CLIP's, SigLIP's and AIMv2's image towers)."
             f"{' ' + hint if hint else ''}"
         )
     # a config.json may leave out what equals its class's default: start from transformers' defaults
@@ -812,15 +815,28 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
     if model_type == "siglip_vision_model":  # no class token; the attention pool, or the token mean
         use_head = config.get("vision_use_head", True) and not mean_classifier
         options.update(class_token=False, global_pool="map" if use_head else "avg", fc_norm=False)
+    if model_type == "aimv2_vision_model":  # RMSNorm (after the patches too), split SwiGLU, no biases
+        if config.get("is_native"):
+            raise UnsupportedCheckpointError(
+                "This AIMv2 is a 'native' one (sin-cos positions at each image's own resolution); "
+                "vitkit reads the fixed-size AIMv2 towers."
+            )
+        options.update(
+            qkv_bias=_projection_biases(config, "qkv_bias", "mlp_bias", "AIMv2", default=False),
+            class_token=False,
+            global_pool="avg",
+            fc_norm=False,
+            norm_layer="rmsnorm",
+            embed_norm=True,
+            mlp_layer="swiglu",
+            proj_bias=bool(config.get("mlp_bias", False)),
+            norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+        )
     if model_type == "ijepa":  # I-JEPA: no class token, the mean of the normalised tokens
         options.update(class_token=False, global_pool="avg", fc_norm=False)
     if model_type == "dinov3_vit":  # rotary positions only, registers, LayerScale (shift / jitter: training)
-        if bool(config.get("proj_bias", True)) != bool(config.get("mlp_bias", True)):
-            raise UnsupportedCheckpointError(
-                "This DINOv3 has biases in its attention projection but not its MLP, or the reverse; "
-                "vitkit's proj_bias sets both."
-            )
         options.update(
+            proj_bias=_projection_biases(config, "proj_bias", "mlp_bias", "DINOv3", default=True),
             rope=True,
             rope_theta=float(config.get("rope_theta", 100.0)),
             rope_rescale=config.get("pos_embed_rescale"),
@@ -828,7 +844,6 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
             reg_tokens=int(config.get("num_register_tokens", 0)),
             init_values=float(config.get("layerscale_value", 1.0)),
             qkv_bias=bool(config.get("query_bias", True) or config.get("value_bias", True)),
-            proj_bias=bool(config.get("proj_bias", True)),
             final_norm=bool(config.get("apply_layernorm", True)),
             dynamic_img_size=True,  # any input size, as transformers runs it: nothing to resample
         )
@@ -843,6 +858,17 @@ def hf_config_options(config: Mapping[str, Any]) -> dict[str, Any]:
     if model_type == "dinov2_with_registers":  # positions for the patches only (see hf_to_vitkit)
         options.update(reg_tokens=int(config["num_register_tokens"]), no_embed_class=True)
     return options
+
+
+def _projection_biases(config: Mapping[str, Any], attention: str, mlp: str, name: str, default: bool) -> bool:
+    """Whether a model's attention and MLP projections have biases; vitkit has one switch for both
+    (``proj_bias``), so a model with one and not the other is refused."""
+    if bool(config.get(attention, default)) != bool(config.get(mlp, default)):
+        raise UnsupportedCheckpointError(
+            f"This {name} has biases in its attention projections but not its MLP, or the reverse "
+            f"({attention}, {mlp}); vitkit's proj_bias sets both."
+        )
+    return bool(config.get(mlp, default))
 
 
 # The Hugging Face model types vitkit reads, each with its transformers config's defaults (ViTConfig,
@@ -875,6 +901,18 @@ _HF_CONFIG_DEFAULTS = {
     "vit_mae": _HF_VIT_BASE,
     "ijepa": _HF_VIT_BASE,
     "dinov3_vit": {**_HF_VIT_BASE, "layer_norm_eps": 1e-5},
+    "aimv2_vision_model": {
+        **_HF_VIT_BASE,
+        "patch_size": 14,
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 8,
+        "intermediate_size": 2816,
+        "hidden_act": "silu",
+        "qkv_bias": False,
+        "mlp_bias": False,
+        "rms_norm_eps": 1e-5,
+    },
     "dinov2": _HF_DINOV2,
     "dinov2_with_registers": {**_HF_DINOV2, "num_register_tokens": 4},
     "clip_vision_model": {

@@ -40,7 +40,7 @@ import torch
 
 StateDict = dict[str, torch.Tensor]
 
-FORMATS = ("timm", "hf", "clip", "open_clip", "dinov3", "torchvision")
+FORMATS = ("timm", "hf", "clip", "open_clip", "dinov3", "aimv2", "torchvision")
 """Layouts :func:`detect_format` tells apart from the keys (``.npz`` files are read separately).
 :func:`to_vitkit` reports CLIP's layout without a class embedding as ``'siglip'``."""
 
@@ -55,6 +55,7 @@ _ANCHORS = {
     "clip": "embeddings.patch_embedding.weight",  # Hugging Face CLIP's (and SigLIP's) image tower
     "open_clip": "class_embedding",  # OpenAI's CLIP and open_clip: the image tower, under visual.
     "dinov3": "embeddings.patch_embeddings.weight",  # Hugging Face DINOv3 (a bare Conv2d)
+    "aimv2": "embeddings.patch_embed.weight",  # Hugging Face AIMv2's image tower
     "torchvision": "conv_proj.weight",
 }
 
@@ -127,6 +128,8 @@ def to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, str, list[s
         converted, more = open_clip_to_vitkit(inner)
     elif fmt == "dinov3":
         converted, more = dinov3_to_vitkit(inner)
+    elif fmt == "aimv2":
+        converted, more = aimv2_to_vitkit(inner)
     elif fmt == "torchvision":
         converted, more = torchvision_to_vitkit(inner)
     else:
@@ -428,6 +431,45 @@ def dinov3_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list
         k_bias = key.replace("q_proj", "k_proj")
         kept.setdefault(k_bias, torch.zeros_like(kept[key]))  # DINOv3 trains no key bias
     return _rename(kept, _DINOV3_RENAMES, _DINOV3_QKV, "DINOv3"), notes
+
+
+# Hugging Face AIMv2 (``Aimv2VisionModel``, the ``vision_model`` of ``Aimv2Model``)
+_AIMV2_RENAMES = [
+    (r"embeddings\.patch_embed\.", "patch_embed.proj."),
+    (r"embeddings\.rms_norm\.", "patch_embed.norm."),
+    (r"encoder\.layers\.(\d+)\.rms_norm([12])\.", r"blocks.\1.norm\2."),
+    (r"encoder\.layers\.(\d+)\.attention\.out_proj\.", r"blocks.\1.attn.proj."),
+    (r"encoder\.layers\.(\d+)\.ffn\.gate_proj\.", r"blocks.\1.mlp.fc1_g."),
+    (r"encoder\.layers\.(\d+)\.ffn\.up_proj\.", r"blocks.\1.mlp.fc1_x."),
+    (r"encoder\.layers\.(\d+)\.ffn\.down_proj\.", r"blocks.\1.mlp.fc2."),
+    (r"rms_norm\.", "norm."),
+]
+_AIMV2_QKV = [re.compile(r"encoder\.layers\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)")]
+
+
+def aimv2_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
+    """Hugging Face AIMv2 image-tower weights -> vitkit names: RMSNorm after the patch projection
+    (``embed_norm``) and in the blocks, a split SwiGLU MLP, no class token, no biases but the patch's.
+
+    Its attention-pooling head (a query without projection, no MLP) is not vitkit's
+    :class:`~vitkit.models.AttentionPool`: it is dropped, and the tokens are averaged, as in timm's
+    ``aimv2_*`` ports.
+    """
+    notes = []
+    kept: StateDict = {}
+    for key, value in state.items():
+        if key == "embeddings.position_embedding.weight":  # an nn.Embedding's table
+            kept["pos_embed"] = value.unsqueeze(0)
+        elif key.startswith("head."):
+            continue
+        elif key != "embeddings.position_ids":
+            kept[key] = value
+    if any(key.startswith("head.") for key in state):
+        notes.append(
+            "AIMv2's attention-pooling head (a query without projection, no MLP) is not loaded: the "
+            "features are the mean of the tokens (global_pool='avg'), as in timm's aimv2 models."
+        )
+    return _rename(kept, _AIMV2_RENAMES, _AIMV2_QKV, "AIMv2"), notes
 
 
 def timm_eva_to_vitkit(state: Mapping[str, torch.Tensor]) -> StateDict:
