@@ -58,7 +58,7 @@ def test_a_distilled_student_learns_labels_and_teacher_with_separate_heads(tmp_p
     cls_logits, dist_logits = module(images)  # in training: each head on its own
     torch.testing.assert_close((cls_logits + dist_logits) / 2, module.eval()(images))  # evaluation: averaged
     module.train()
-    teacher = module.__dict__["_teacher"]
+    teacher = module.teacher
     expected = 0.7 * F.cross_entropy(cls_logits, labels) + 0.3 * F.cross_entropy(
         dist_logits, teacher(images).argmax(-1)
     )
@@ -76,7 +76,7 @@ def test_training_with_a_teacher_keeps_it_out_of_checkpoints_and_renormalises_it
         distillation_type="soft",
         distillation_tau=2.0,
     )
-    teacher = module.__dict__["_teacher"]
+    teacher = module.teacher
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     seen, shown = [], []
     teacher.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
@@ -120,3 +120,17 @@ def test_options_are_checked():
         ImageClassifier("vit_tiny_patch4_32", model_options=TINY, num_classes=4, distillation_type="mse")
     with pytest.raises(ValueError, match="needs a distilled model"):
         vitkit.create_model("vit_tiny_patch4_32", **TINY).set_distilled_training(True)
+
+
+def test_the_teacher_is_read_to_train_only(tmp_path):
+    # validating, testing or predicting with a distillation run's config needs no teacher
+    module = ImageClassifier(
+        "vit_tiny_patch4_32",
+        model_options=TINY,
+        classes=QuadrantData.classes,
+        teacher=str(tmp_path / "gone.pth"),
+    )
+    trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    trainer.validate(module, QuadrantData(n=64), verbose=False)
+    with pytest.raises(FileNotFoundError, match="gone.pth"):
+        trainer.fit(module, QuadrantData(n=64))

@@ -101,7 +101,8 @@ class ImageClassifier(L.LightningModule):
         teacher: train with knowledge distillation from this model (DeiT): anything
             ``create_model(pretrained=...)`` reads (e.g. another run's ``.ckpt``), a timm
             ``train.py`` checkpoint of any timm architecture (a convnet), or ``timm:NAME``; it must
-            predict the same classes. A distilled student (``distilled=True``) learns the labels
+            predict the same classes, and is read when training starts (validating, testing and
+            predicting do not need it). A distilled student (``distilled=True``) learns the labels
             with its class head and the teacher with its distillation head; any other student
             learns both with its one head. See :mod:`vitkit.training.distillation`.
         distillation_type: ``'hard'`` (the teacher's argmax as a label, DeiT's best) or ``'soft'``
@@ -163,8 +164,9 @@ class ImageClassifier(L.LightningModule):
         if pretrained not in (None, False):
             self._maybe_reset_head(reset_head, classes)
         # The teacher is kept out of the module registry too: its weights stay out of checkpoints and
-        # out of the optimizer; on_fit_start moves it to the student's device.
-        self.__dict__["_teacher"] = load_teacher(teacher, self.num_classes) if teacher else None
+        # out of the optimizer. Read when training starts (not to validate, test or predict), and
+        # moved to the student's device.
+        self.__dict__["_teacher"] = None
         self._teacher_normalisation: tuple[Any, Any, Any, Any] | None = None  # set in on_fit_start
         if teacher and self.model.head_dist is not None:
             self.model.set_distilled_training(True)  # the distillation head learns from the teacher
@@ -231,7 +233,7 @@ class ImageClassifier(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, targets = batch[0], batch[1]
-        if self.__dict__["_teacher"] is None:
+        if not self.hparams.teacher:
             loss = self.compute_loss(self(images), targets)
         else:
             loss = self._distilled_loss(images, targets)
@@ -254,7 +256,7 @@ class ImageClassifier(L.LightningModule):
         h = self.hparams
         output = self(images)
         logits, student = output if isinstance(output, tuple) else (output, output)
-        teacher = self.__dict__["_teacher"]
+        teacher = self.teacher
         norm = self._teacher_normalisation  # None: the teacher sees the student's images as they are
         with torch.no_grad():
             taught = teacher(images if norm is None else renormalise(images, *norm))
@@ -263,8 +265,15 @@ class ImageClassifier(L.LightningModule):
         alpha = h.distillation_alpha
         return (1 - alpha) * self.compute_loss(logits, targets) + alpha * teacher_term
 
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The distillation teacher (read from ``teacher`` on first use, frozen), or None."""
+        if self.hparams.teacher and self.__dict__["_teacher"] is None:
+            self.__dict__["_teacher"] = load_teacher(self.hparams.teacher, self.num_classes)
+        return self.__dict__["_teacher"]
+
     def on_fit_start(self) -> None:
-        teacher = self.__dict__["_teacher"]
+        teacher = self.teacher
         if teacher is None:
             return
         teacher.to(self.device)
