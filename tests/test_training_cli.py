@@ -254,20 +254,6 @@ def test_validate_test_and_predict_from_a_checkpoint(tmp_path, shapes):
     assert all(0.0 < float(r["probability"]) <= 1.0 for r in rows)
 
 
-def test_commands_from_a_checkpoint_do_not_read_the_starting_weights_again(tmp_path, shapes):
-    # a fine-tuning run's config names its starting weights; evaluating its checkpoint later must
-    # not need them (moved, deleted, or a download away)
-    options = yaml.safe_load(recipe_path("quickstart").read_text())["model"].get("model_options", {})
-    start = tmp_path / "start.safetensors"
-    vitkit.weights.save(vitkit.create_model("vit_nano_patch4_32", **options, num_classes=5), start)
-    _fit(tmp_path, shapes, "--trainer.max_epochs", "1", "--model.pretrained", str(start))
-    start.unlink()
-    best = str(tmp_path / "quickstart" / "checkpoints" / "best.ckpt")
-    common = ["--config", "quickstart", "--data.root", str(shapes), "--runs_dir", str(tmp_path), *FAST]
-    test = cli_main(["test", *common, "--model.pretrained", str(start), "--ckpt_path", best])
-    assert 0.0 <= float(test.trainer.callback_metrics["test/acc1"]) <= 1.0
-
-
 def test_print_config_shows_the_resolved_recipe(tmp_path, shapes, capsys):
     with pytest.raises(SystemExit) as info:
         cli_main(["fit", "--config", "quickstart", "--data.root", str(shapes), "--print_config"])

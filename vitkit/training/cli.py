@@ -127,11 +127,6 @@ class VitkitCLI(LightningCLI):
             if self.subcommand == "fit" and not config.get("ckpt_path"):
                 self._earlier_run = root  # set aside in before_fit, once the run's classes exist
         root = Path(trainer["default_root_dir"])
-        model = config.get("model")
-        if config.get("ckpt_path") and model is not None and model.get("pretrained") not in (None, False):
-            # the checkpoint holds the trained weights: the ones the run started from (a file that
-            # may have moved since, a download) are not read again
-            model["pretrained"] = None
         if trainer.get("logger") in (None, True):
             trainer["logger"] = _default_loggers(root, resuming=bool(config.get("ckpt_path")))
 
