@@ -582,14 +582,21 @@ def test_lightnings_load_from_checkpoint_does_not_need_the_starting_weights_agai
     from vitkit.models import create_model
     from vitkit.weights import save
 
-    start = save(create_model("vit_tiny_patch4_32", **TINY, num_classes=4), tmp_path / "start.safetensors")
+    # weights whose preprocessing and epsilon are not the registered model's: the checkpoint keeps them
+    start_model = create_model("vit_tiny_patch4_32", **TINY, num_classes=4, norm_eps=1e-12)
+    start_model.pretrained_cfg = {"mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6)}
+    start = save(start_model, tmp_path / "start.safetensors")
     module = _module(pretrained=str(start))
+    assert module.model.config["norm_eps"] == 1e-12
     trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=2)
     trainer.fit(module, datamodule=QuadrantData(n=64))
     trainer.save_checkpoint(tmp_path / "final.ckpt")
     start.unlink()
     restored = ImageClassifier.load_from_checkpoint(tmp_path / "final.ckpt")
     assert restored.hparams.pretrained is None and restored.classes == QuadrantData.classes
+    assert restored.model.pretrained_cfg["mean"] == (0.1, 0.2, 0.3)
+    assert restored.model.config["norm_eps"] == restored.model.blocks[0].norm1.eps == 1e-12
+    assert load_classifier(tmp_path / "final.ckpt").model.pretrained_cfg["std"] == (0.4, 0.5, 0.6)
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(restored.eval()(x), module.eval()(x))
     with pytest.raises(FileNotFoundError, match="start.safetensors"):  # asked for, it is read

@@ -407,6 +407,20 @@ class ImageClassifier(L.LightningModule):
             "classes": list(self.classes),
         }
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # What the module's constructor took from the starting weights rather than from its own
+        # arguments: their preprocessing and their norms' epsilon. A module rebuilt without reading
+        # them again (load_from_checkpoint, load_classifier) gets them from the checkpoint.
+        saved = checkpoint.get("vitkit") or {}
+        if saved.get("pretrained_cfg"):
+            self.model.pretrained_cfg = dict(saved["pretrained_cfg"])
+        eps = (saved.get("config") or {}).get("norm_eps")
+        if eps is not None and eps != self.model.config.get("norm_eps"):
+            for module in self.model.modules():
+                if isinstance(module, nn.LayerNorm | nn.RMSNorm):
+                    module.eps = eps
+            self.model.config["norm_eps"] = eps
+
     # ------------------------------------------------------------------ optimisation
     def _loss_scaler(self) -> Any:
         """The fp16 GradScaler of the trainer's precision (16-mixed), else None."""
@@ -555,5 +569,6 @@ def load_classifier(checkpoint: str | Path, map_location: str = "cpu") -> ImageC
     hparams["pretrained"] = None  # the weights come from the checkpoint, not from the original source
     hparams["teacher"] = None  # only training needs it
     module = ImageClassifier(**hparams)
+    module.on_load_checkpoint(ckpt)
     module.load_state_dict(ckpt["state_dict"])
     return module.eval()
