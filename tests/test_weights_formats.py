@@ -561,6 +561,11 @@ def test_hf_aimv2_image_tower_reproduces_its_tokens(tmp_path):
             model.eval()
             assert relative_error(model.forward_features(x), tokens) < 1e-5
             assert relative_error(model(x), tokens.mean(dim=1)) < 1e-5
+    # explanations read the tower as they read the twin: no class token (the pool's query is not one)
+    from vitkit.explain import token_layout
+
+    assert token_layout(full.vision_model, x) == token_layout(model, x)
+    assert token_layout(model, x).num_prefix_tokens == 0
 
 
 def test_hf_relatives_vitkit_cannot_read_are_named(tmp_path):

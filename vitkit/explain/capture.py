@@ -137,8 +137,8 @@ def token_layout(model: nn.Module, images: torch.Tensor | Sequence[int]) -> Toke
     """The :class:`TokenLayout` of ``model`` for ``images`` (a tensor, or its (..., H, W) size).
 
     Reads vitkit and timm ``VisionTransformer`` (and subclasses such as timm's DeiT with a
-    distillation token), Hugging Face ViT-family models (ViT, DeiT, DINOv2, CLIP, SigLIP) and
-    torchvision ``VisionTransformer``.
+    distillation token), Hugging Face ViT-family models (ViT, DeiT, DINOv2, DINOv3, I-JEPA, CLIP,
+    SigLIP, AIMv2) and torchvision ``VisionTransformer``.
     """
     size = _image_size(images)
     model = unwrap(model)
@@ -213,8 +213,9 @@ def _hf_token_layout(model: nn.Module, size: tuple[int, int]) -> TokenLayout:
             "vitkit.create_model(pretrained=FOLDER or 'hf:REPO')."
         )
     ph, pw = (vision.patch_size,) * 2 if isinstance(vision.patch_size, int) else vision.patch_size
-    has_cls = any(name.endswith(("cls_token", "class_embedding")) for name in names)
-    has_dist = any(name.endswith("distillation_token") for name in names)
+    embedded = [name for name in names if "embeddings." in name]  # (not a pooling head's query)
+    has_cls = any(name.endswith(("cls_token", "class_embedding")) for name in embedded)
+    has_dist = any(name.endswith("distillation_token") for name in embedded)
     num_reg = int(getattr(vision, "num_register_tokens", 0) or 0)
     first_reg = int(has_cls) + int(has_dist)
     mean_pooled = type(model).__name__ in _HF_MEAN_POOLED or not has_cls
