@@ -78,3 +78,13 @@ def test_a_rope_model_saves_for_vitkit_and_is_refused_by_timm(tmp_path):
     with pytest.raises(ValueError, match="rotary position embeddings"):
         save(model, tmp_path / "timm", format="timm")
     assert "rope" not in vitkit.create_model("vit_tiny_patch16_224", **TINY).config  # timm's options only
+
+
+def test_the_rotation_angles_keep_full_precision_in_a_bf16_model():
+    # low-precision frequencies would turn far patches by visibly wrong angles (timm guards the same)
+    model = vitkit.create_model("vit_tiny_patch16_224", **TINY, pos_embed="none", rope=True)
+    x = torch.randn(1, 3, 32, 32)
+    cos, sin = model._rotations(x)
+    model.to(torch.bfloat16)
+    cos16, sin16 = model._rotations(x.bfloat16())
+    assert cos16.dtype == torch.float32 and torch.equal(cos16, cos) and torch.equal(sin16, sin)

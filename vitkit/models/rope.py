@@ -36,27 +36,21 @@ class RotaryPositionEmbedding(nn.Module):
             rescale] per forward pass; ``None``: never.
     """
 
-    inv_freq: torch.Tensor
-
     def __init__(self, head_dim: int, base: float = 100.0, rescale: float | None = None) -> None:
         super().__init__()
         if head_dim % 4:
             raise ValueError(f"2-D rotary embeddings need a head width divisible by 4, got {head_dim}.")
         self.head_dim, self.base, self.rescale = head_dim, base, rescale
-        # not a weight: rebuilt from base, never saved (on the CPU, also when built on the meta device)
-        self.register_buffer("inv_freq", self._frequencies(torch.device("cpu")), persistent=False)
 
     def _frequencies(self, device: torch.device) -> torch.Tensor:
-        """ω_j = base^(-4j/d), j = 0 .. d/4 - 1."""
+        """ω_j = base^(-4j/d), j = 0 .. d/4 - 1; computed in float32 at each call (d/4 numbers), so
+        no buffer is ever cast to a lower precision with the model's weights."""
         j = torch.arange(self.head_dim // 4, dtype=torch.float32, device=device)
         return self.base ** (-4 * j / self.head_dim)
 
-    def reset_parameters(self) -> None:  # a model built on the meta device gets its table here
-        with torch.no_grad():
-            self.inv_freq.copy_(self._frequencies(self.inv_freq.device))
-
-    def forward(self, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self.inv_freq.device
+    def forward(
+        self, grid: tuple[int, int], device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         gh, gw = grid
         ys = (torch.arange(gh, dtype=torch.float32, device=device) + 0.5) / gh * 2 - 1  # centres in [-1, 1]
         xs = (torch.arange(gw, dtype=torch.float32, device=device) + 0.5) / gw * 2 - 1
@@ -65,7 +59,7 @@ class RotaryPositionEmbedding(nn.Module):
         if self.training and self.rescale is not None:
             log_r = math.log(self.rescale)
             coords = coords * torch.empty(1, device=device).uniform_(-log_r, log_r).exp()
-        angles = 2 * math.pi * coords[:, :, None] * self.inv_freq  # (N, 2, d/4): y's, then x's
+        angles = 2 * math.pi * coords[:, :, None] * self._frequencies(device)  # (N, 2, d/4): y's, x's
         angles = rearrange(angles, "n two f -> n (two f)").tile(2)  # (N, d): pair i with i + d/2
         return angles.cos(), angles.sin()
 

@@ -568,7 +568,7 @@ class VisionTransformer(nn.Module):
         """The rotary tables (cos, sin) of the images' patch grid, or None without ``rope``."""
         if self.rope is None:
             return None
-        return self.rope(self.dynamic_grid_size(tuple(images.shape[-2:])))
+        return self.rope(self.dynamic_grid_size(tuple(images.shape[-2:])), images.device)
 
     def _run_block(
         self, block: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
