@@ -505,14 +505,10 @@ class VisionTransformer(nn.Module):
             )
         if img_size is None:
             return
-        old_grid = self.grid_size
-        self.patch_embed.set_img_size(img_size)
-        if self.pos_embed is not None and self.grid_size != old_grid:
-            if self.pos_embed_type == "sincos":
-                table = self._sincos(self.grid_size).to(self.pos_embed)
-            else:
-                prefix = 0 if self.no_embed_class else self.num_prefix_tokens
-                table = resample_position_embedding(self.pos_embed, self.grid_size, old_grid, prefix)
+        # the table for the new grid, as the forward pass would build it (read before the grid changes)
+        table = self._position_embedding(self.dynamic_grid_size(to_2tuple(img_size)))
+        self.patch_embed.set_img_size(img_size)  # refuses a size the patches do not divide
+        if table is not self.pos_embed:
             self.pos_embed = nn.Parameter(table, requires_grad=self.pos_embed.requires_grad)
         self.config["img_size"] = self.img_size
         if self.pretrained_cfg.get("input_size"):
