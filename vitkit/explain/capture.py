@@ -372,6 +372,14 @@ class AttentionRecorder:
         """Number of attention layers of the model."""
         return len(self._modules)
 
+    def recorded(self) -> dict[int, torch.Tensor]:
+        """``{layer: (B, heads, N, N)}`` for every requested layer, detached; an error names the
+        layers the forward pass did not run."""
+        missing = [i for i in self.layers if i not in self.attentions]
+        if missing:
+            raise RuntimeError(f"Attention layers {missing} were not run by the model's forward pass.")
+        return {i: self.attentions[i].detach() for i in self.layers}
+
     def clear(self) -> None:
         self.attentions.clear()
         self.gradients.clear()
@@ -535,7 +543,4 @@ def attention_maps(
     """
     with torch.no_grad(), eval_mode(model), AttentionRecorder(model, layers) as recorder:
         forward(model, images)
-    missing = [i for i in recorder.layers if i not in recorder.attentions]
-    if missing:
-        raise RuntimeError(f"Attention layers {missing} were not run by the model's forward pass.")
-    return {i: recorder.attentions[i].detach() for i in recorder.layers}
+    return recorder.recorded()

@@ -149,6 +149,24 @@ def _reads_pool(layout: TokenLayout, query: Query) -> bool:
     return layout.attention_pool and query == "auto"
 
 
+def _recorded_pool_weights(
+    recorder: AttentionRecorder, layout: TokenLayout, fusion: HeadFusion = "mean"
+) -> torch.Tensor | None:
+    """:func:`pool_weights` of the attention pool the recorder read, or None if it read none."""
+    if recorder.pool_attention is None:
+        return None
+    return pool_weights(recorder.pool_attention.detach(), layout, fusion)
+
+
+def _pop_gradient_pool_weights(
+    attns: list[torch.Tensor], grads: list[torch.Tensor], layout: TokenLayout, fusion: HeadFusion = "mean"
+) -> torch.Tensor:
+    """The pool's attention and gradient, which :func:`_attention_with_gradients` puts last: taken
+    off both lists, as the weights ``(a ⊙ ∂y/∂a)⁺`` (heads fused by ``fusion``)."""
+    pool_a, pool_g = attns.pop(), grads.pop()
+    return pool_weights((pool_a * pool_g).clamp(min=0), layout, fusion)
+
+
 def resolve_target(target: Target, logits: torch.Tensor) -> torch.Tensor:
     """A (B,) long tensor of class indices: the prediction when ``target`` is None."""
     batch = logits.shape[0]
@@ -221,10 +239,8 @@ def raw_attention(
     recorder = AttentionRecorder(model, [layer], pool=_reads_pool(layout, query))
     with torch.no_grad(), eval_mode(model), recorder:
         forward(model, images)
-    attn = next(iter(recorder.attentions.values())).detach()
-    weights = None
-    if recorder.pool_attention is not None:
-        weights = pool_weights(recorder.pool_attention.detach(), layout)
+    attn = next(iter(recorder.recorded().values()))
+    weights = _recorded_pool_weights(recorder, layout)
     if head_fusion is None:
         return readout(attn, layout, query, weights)
     return readout(fuse_heads(attn, head_fusion), layout, query, weights)
@@ -262,10 +278,7 @@ def rollout(
     for i in layers:
         mixing = add_identity(discard_lowest(recorder.attentions[i].detach(), discard_ratio, keep))
         joint = mixing if joint is None else mixing @ joint
-    weights = None
-    if recorder.pool_attention is not None:
-        weights = pool_weights(recorder.pool_attention.detach(), layout, head_fusion)
-    return readout(joint, layout, query, weights)
+    return readout(joint, layout, query, _recorded_pool_weights(recorder, layout, head_fusion))
 
 
 def gradient_rollout(
@@ -295,10 +308,8 @@ def gradient_rollout(
     keep = [layout.cls_index] if layout.cls_index is not None else []
     use_pool = _reads_pool(layout, query)
     attns, grads = _attention_with_gradients(model, images, layers, target, pool=use_pool)
-    weights = None
-    if use_pool:  # the pool's attention, weighted by its gradient like a layer's
-        pool_a, pool_g = attns.pop(), grads.pop()
-        weights = pool_weights((pool_a * pool_g).clamp(min=0), layout, head_fusion)
+    # the pool's attention, weighted by its gradient like a layer's
+    weights = _pop_gradient_pool_weights(attns, grads, layout, head_fusion) if use_pool else None
     joint = None
     for a, g in zip(attns, grads, strict=True):
         weighted = fuse_heads(a * g, head_fusion).clamp(min=0)
@@ -331,13 +342,11 @@ def relevance(
     batch, n = attns[0].shape[0], attns[0].shape[-1]
     eye = torch.eye(n, dtype=attns[0].dtype, device=attns[0].device)
     rel = eye.expand(batch, n, n)
-    if use_pool:
-        pool_a, pool_g = attns.pop(), grads.pop()
-        pool_row = pool_weights((pool_g * pool_a).clamp(min=0), layout)
+    pool_row = _pop_gradient_pool_weights(attns, grads, layout) if use_pool else None
     for a, g in zip(attns, grads, strict=True):
         a_bar = (g * a).clamp(min=0).mean(dim=1)
         rel = rel + a_bar @ rel
-    if use_pool:
+    if pool_row is not None:
         return readout(rel, layout, query, pool_row)
     # R - I: the relevance gained through attention. For a class-token row this is R itself (the
     # identity has no patch entries there); for the mean over patch rows it removes the uniform
