@@ -417,20 +417,16 @@ def dinov3_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list
     masked-image-modelling ``mask_token`` is dropped.
     """
     gated = any(".mlp.gate_proj." in key for key in state)
+    up = r"blocks.\1.mlp.fc1_x." if gated else r"blocks.\1.mlp.fc1."  # the gated MLP's value, or fc1
+    renames = [*_DINOV3_RENAMES, (r"(?:model\.)?layer\.(\d+)\.mlp\.up_proj\.", up)]
     notes = []
-    kept: StateDict = {}
-    for key, value in state.items():
-        if key == "embeddings.mask_token":
-            notes.append("dropped the masked-image-modelling mask_token.")
-        elif ".mlp.up_proj." in key:  # the MLP's first layer, or the gated MLP's value
-            layer = re.sub(r"^(?:model\.)?layer\.", "blocks.", key)
-            kept[layer.replace(".mlp.up_proj.", ".mlp.fc1_x." if gated else ".mlp.fc1.")] = value
-        else:
-            kept[key] = value
+    kept = dict(state)
+    if kept.pop("embeddings.mask_token", None) is not None:
+        notes.append("dropped the masked-image-modelling mask_token.")
     for key in [k for k in kept if re.fullmatch(r"(?:model\.)?layer\.\d+\.attention\.q_proj\.bias", k)]:
         k_bias = key.replace("q_proj", "k_proj")
         kept.setdefault(k_bias, torch.zeros_like(kept[key]))  # DINOv3 trains no key bias
-    return _rename(kept, _DINOV3_RENAMES, _DINOV3_QKV, "DINOv3"), notes
+    return _rename(kept, renames, _DINOV3_QKV, "DINOv3"), notes
 
 
 # Hugging Face AIMv2 (``Aimv2VisionModel``, the ``vision_model`` of ``Aimv2Model``)
