@@ -514,8 +514,6 @@ def _from_mapping(
         fmt = "lightning"
     elif timm_train:
         fmt = "timm"
-        if known.get("rope"):  # a timm Eva (its DINOv3 ports): LayerScale and q/v biases by other names
-            state = timm_eva_to_vitkit(state)
         if isinstance(obj.get("state_dict_ema"), Mapping):
             notes.append(
                 f"{source} also holds EMA weights (state_dict_ema); these are the raw ones (state_dict). "
@@ -570,6 +568,8 @@ def _finish(
     label_names: list[str] | None = None,
 ) -> Checkpoint:
     known = {k: v for k, v in known.items() if k in _VIT_OPTIONS}
+    if fmt == "timm" and known.get("rope"):  # timm's Eva (its DINOv3 ports) names two parts otherwise
+        state = timm_eva_to_vitkit(state)
     options = infer_vit_options(state, known)
     if label_names is not None and len(label_names) != options.get("num_classes"):
         label_names = None
@@ -1011,38 +1011,16 @@ def timm_model_options(model: nn.Module) -> dict[str, Any]:
             problems.append(f"{type(block.attn).__name__} attention")
         elif not isinstance(getattr(block.attn, "norm", nn.Identity()), nn.Identity):
             problems.append("a norm inside the attention, before its output projection (scale_attn_norm)")
-        mlp_layer = _timm_mlp_layer(block.mlp)
-        if mlp_layer is None:
-            problems.append(f"{type(block.mlp).__name__} MLP")
-        elif not isinstance(getattr(block.mlp, "norm", nn.Identity()), nn.Identity):
-            problems.append("a norm inside the MLP, before its second layer (scale_mlp_norm)")
-        if _timm_activation(block.mlp) is None:
-            problems.append(f"activation {block.mlp.act!r} (vitkit has {', '.join(ACTIVATIONS)})")
-    if problems:
-        raise UnsupportedCheckpointError(
-            f"timm model {model.pretrained_cfg.get('architecture', type(model).__name__)} uses "
-            + ", ".join(problems)
-            + ", which vitkit's VisionTransformer does not have."
-        )
+        problems += _timm_mlp_problems(block.mlp)
+    _refuse_timm_model(model, problems)
     norms = [m for m in model.modules() if type(m) in norm_kinds]
-    options: dict[str, Any] = {
-        "img_size": tuple(embed.img_size),
-        "patch_size": tuple(embed.patch_size),
-        "in_chans": int(embed.proj.in_channels),
-        "num_classes": int(model.num_classes),
-        "global_pool": model.global_pool,
-        "pool_include_prefix": bool(getattr(model, "pool_include_prefix", False)),
-        "embed_dim": int(model.embed_dim),
-        "depth": len(model.blocks),
-        "class_token": model.cls_token is not None,
-        "reg_tokens": int(getattr(model, "num_reg_tokens", 0)),
-        "distilled": getattr(model, "dist_token", None) is not None,
-        "no_embed_class": bool(model.no_embed_class),
-        "pre_norm": not isinstance(model.norm_pre, nn.Identity),
-        "final_norm": not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
-        "fc_norm": not isinstance(model.fc_norm, nn.Identity),
-        "dynamic_img_size": bool(getattr(model, "dynamic_img_size", False)),
-    }
+    options = _timm_shared_options(model)
+    options.update(
+        pool_include_prefix=bool(getattr(model, "pool_include_prefix", False)),
+        reg_tokens=int(getattr(model, "num_reg_tokens", 0)),
+        distilled=getattr(model, "dist_token", None) is not None,
+        no_embed_class=bool(model.no_embed_class),
+    )
     if norms:
         options["norm_eps"] = float(norms[0].eps)
     if norm_kind == "rmsnorm":
@@ -1051,11 +1029,35 @@ def timm_model_options(model: nn.Module) -> dict[str, Any]:
         options["embed_norm"] = True
     if block is not None:
         options.update(
-            num_heads=int(block.attn.num_heads),
-            mlp_ratio=_timm_mlp_width(block.mlp) / model.embed_dim,
             qkv_bias=block.attn.qkv.bias is not None,
             qk_norm=not isinstance(block.attn.q_norm, nn.Identity),
             init_values=getattr(block.ls1, "init_values", 1e-5) if hasattr(block.ls1, "gamma") else None,
+        )
+    return options
+
+
+def _timm_shared_options(model: nn.Module) -> dict[str, Any]:
+    """The options timm's ``VisionTransformer`` and its ``Eva`` give alike: sizes, class token,
+    pooling, the norms around the blocks, and the blocks' heads, MLP and projection biases."""
+    embed, block = model.patch_embed, model.blocks[0] if len(model.blocks) else None
+    options: dict[str, Any] = {
+        "img_size": tuple(embed.img_size),
+        "patch_size": tuple(embed.patch_size),
+        "in_chans": int(embed.proj.in_channels),
+        "num_classes": int(model.num_classes),
+        "global_pool": model.global_pool,
+        "embed_dim": int(model.embed_dim),
+        "depth": len(model.blocks),
+        "class_token": model.cls_token is not None,
+        "pre_norm": not isinstance(model.norm_pre, nn.Identity),
+        "final_norm": not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
+        "fc_norm": not isinstance(model.fc_norm, nn.Identity),
+        "dynamic_img_size": bool(getattr(model, "dynamic_img_size", False)),
+    }
+    if block is not None:
+        options.update(
+            num_heads=int(block.attn.num_heads),
+            mlp_ratio=_timm_mlp_width(block.mlp) / model.embed_dim,
             act_layer=_timm_activation(block.mlp),
         )
         if _timm_mlp_layer(block.mlp) != "mlp":
@@ -1065,13 +1067,34 @@ def timm_model_options(model: nn.Module) -> dict[str, Any]:
     return options
 
 
+def _timm_mlp_problems(mlp: nn.Module) -> list[str]:
+    """What of a timm block's MLP vitkit lacks: its kind, a norm inside it, its activation."""
+    problems = []
+    if _timm_mlp_layer(mlp) is None:
+        problems.append(f"{type(mlp).__name__} MLP")
+    elif not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+        problems.append("a norm inside the MLP, before its second layer (scale_mlp_norm)")
+    if _timm_activation(mlp) is None:
+        problems.append(f"activation {mlp.act!r} (vitkit has {', '.join(ACTIVATIONS)})")
+    return problems
+
+
+def _refuse_timm_model(model: nn.Module, problems: list[str], kind: str = "") -> None:
+    """Raise, naming the parts, when a timm model has parts vitkit's ViT lacks."""
+    if problems:
+        name = model.pretrained_cfg.get("architecture", type(model).__name__)
+        raise UnsupportedCheckpointError(
+            f"timm model {name}{kind} uses " + ", ".join(problems) + ", which vitkit's VisionTransformer "
+            "does not have."
+        )
+
+
 def _timm_eva_options(model: nn.Module) -> dict[str, Any]:
     """vitkit options of a timm ``Eva`` model with DINOv3's rotary positions (its DINOv3 ports);
     other Eva models (EVA-02's rotary form, post-norm blocks, norms inside...) raise, naming why."""
     from timm.layers import RotaryEmbeddingDinoV3
     from timm.models.eva import EvaAttention, EvaBlock
 
-    name = model.pretrained_cfg.get("architecture", type(model).__name__)
     rope, block = getattr(model, "rope", None), model.blocks[0] if len(model.blocks) else None
     problems = []
     if type(rope) is not RotaryEmbeddingDinoV3:
@@ -1096,50 +1119,26 @@ def _timm_eva_options(model: nn.Module) -> dict[str, Any]:
             problems.append(f"{type(block).__name__} blocks with {type(attn).__name__} attention")
         elif not isinstance(attn.norm, nn.Identity) or not isinstance(attn.q_norm, nn.Identity):
             problems.append("a norm inside the attention")
-        if _timm_mlp_layer(block.mlp) is None or not isinstance(
-            getattr(block.mlp, "norm", None), nn.Identity
-        ):
-            problems.append(f"{type(block.mlp).__name__} MLP with a norm inside")
+        problems += _timm_mlp_problems(block.mlp)
     norm_kinds = {type(m) for m in model.modules() if "norm" in type(m).__name__.lower()}
     if _timm_norm_kind(norm_kinds) != "layernorm":
         problems.append("norms other than LayerNorm")
-    if problems:
-        raise UnsupportedCheckpointError(
-            f"timm model {name} (an Eva) uses " + ", ".join(problems) + ", which vitkit's VisionTransformer "
-            "does not have."
-        )
+    _refuse_timm_model(model, problems, " (an Eva)")
     reg_token = getattr(model, "reg_token", None)
-    options: dict[str, Any] = {
-        "img_size": tuple(model.patch_embed.img_size),
-        "patch_size": tuple(model.patch_embed.patch_size),
-        "in_chans": int(model.patch_embed.proj.in_channels),
-        "num_classes": int(model.num_classes),
-        "global_pool": model.global_pool,
-        "embed_dim": int(model.embed_dim),
-        "depth": len(model.blocks),
-        "class_token": model.cls_token is not None,
-        "reg_tokens": int(reg_token.shape[1]) if reg_token is not None else 0,
-        "pos_embed": "none",
-        "rope": True,
-        "rope_theta": float(rope.temperature),
-        "rope_rescale": rope.rescale_coords,
-        "pre_norm": not isinstance(model.norm_pre, nn.Identity),
-        "final_norm": not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
-        "fc_norm": not isinstance(model.fc_norm, nn.Identity),
-        "dynamic_img_size": bool(getattr(model, "dynamic_img_size", False)),
-    }
+    options = _timm_shared_options(model)
+    options.update(
+        reg_tokens=int(reg_token.shape[1]) if reg_token is not None else 0,
+        pos_embed="none",
+        rope=True,
+        rope_theta=float(rope.temperature),
+        rope_rescale=rope.rescale_coords,
+    )
     if block is not None:
         options.update(
             norm_eps=float(block.norm1.eps),
-            num_heads=int(block.attn.num_heads),
-            mlp_ratio=_timm_mlp_width(block.mlp) / model.embed_dim,
             qkv_bias=getattr(block.attn, "q_bias", None) is not None,
             init_values=1e-5 if getattr(block, "gamma_1", None) is not None else None,  # the weights set it
-            act_layer=_timm_activation(block.mlp),
-            proj_bias=block.attn.proj.bias is not None,
         )
-        if _timm_mlp_layer(block.mlp) != "mlp":
-            options["mlp_layer"] = _timm_mlp_layer(block.mlp)
     return options
 
 
@@ -1255,8 +1254,6 @@ def _from_timm_hub(spec: str) -> Checkpoint:
         ) from err
     options = timm_model_options(model)
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    if options.get("rope"):  # timm's Eva (its DINOv3 ports): LayerScale and q/v biases by other names
-        state = timm_eva_to_vitkit(state)
     cfg = dict(model.pretrained_cfg)
     labels = cfg.get("label_names")
     return _finish(
