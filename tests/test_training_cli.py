@@ -254,6 +254,32 @@ def test_validate_test_and_predict_from_a_checkpoint(tmp_path, shapes):
     assert all(0.0 < float(r["probability"]) <= 1.0 for r in rows)
 
 
+def test_commands_from_a_checkpoint_build_its_model_without_the_starting_weights(tmp_path, shapes):
+    # a fine-tuning run's config names its starting weights; evaluating its checkpoint later must
+    # not need them (moved, deleted, or a download away), and must preprocess as training did
+    options = yaml.safe_load(recipe_path("quickstart").read_text())["model"].get("model_options", {})
+    start_model = vitkit.create_model("vit_nano_patch4_32", **options, num_classes=5, norm_eps=1e-5)
+    start_model.pretrained_cfg.update(mean=(0.25, 0.5, 0.75), std=(0.2, 0.3, 0.4))
+    start = tmp_path / "start.safetensors"
+    vitkit.weights.save(start_model, start)
+    fit = _fit(tmp_path, shapes, "--trainer.max_epochs", "1", "--model.pretrained", str(start))
+    assert tuple(fit.datamodule.data_config.mean) == (0.25, 0.5, 0.75)
+    start.unlink()
+    run = tmp_path / "quickstart"
+    fit_config = (run / "config.yaml").read_text()
+    common = ["--config", "quickstart", "--data.root", str(shapes), "--runs_dir", str(tmp_path), *FAST]
+    test = cli_main(["test", *common, "--model.pretrained", str(start), "--ckpt_path", "best"])
+    assert 0.0 <= float(test.trainer.callback_metrics["test/acc1"]) <= 1.0
+    assert tuple(test.datamodule.data_config.mean) == (0.25, 0.5, 0.75)
+    assert tuple(test.datamodule.data_config.std) == (0.2, 0.3, 0.4)
+    assert {m.eps for m in test.model.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-5}
+    trained = load_classifier(run / "checkpoints" / "best.ckpt")
+    for name, tensor in trained.state_dict().items():
+        torch.testing.assert_close(test.model.state_dict()[name], tensor, msg=name)
+    # the run folder's config.yaml stays the training run's (re-running it trains, not resumes)
+    assert (run / "config.yaml").read_text() == fit_config
+
+
 def test_print_config_shows_the_resolved_recipe(tmp_path, shapes, capsys):
     with pytest.raises(SystemExit) as info:
         cli_main(["fit", "--config", "quickstart", "--data.root", str(shapes), "--print_config"])

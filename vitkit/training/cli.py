@@ -29,7 +29,7 @@ import lightning as L
 import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from vitkit.data import DecodeErrorMonitor
@@ -127,6 +127,8 @@ class VitkitCLI(LightningCLI):
             if self.subcommand == "fit" and not config.get("ckpt_path"):
                 self._earlier_run = root  # set aside in before_fit, once the run's classes exist
         root = Path(trainer["default_root_dir"])
+        if self.subcommand in ("validate", "test", "predict"):
+            _model_from_the_checkpoint(config, root)
         if trainer.get("logger") in (None, True):
             trainer["logger"] = _default_loggers(root, resuming=bool(config.get("ckpt_path")))
 
@@ -135,6 +137,55 @@ class VitkitCLI(LightningCLI):
         # mistyped --data.root) stops the command before an earlier run is moved out of the way.
         if self._earlier_run is not None:
             _set_aside_earlier_run(self._earlier_run)
+
+
+class _SaveFitConfig(SaveConfigCallback):
+    """Lightning's config writer, for ``fit`` only: ``config.yaml`` stays the training run's.
+
+    Lightning writes the config of every command into the run folder; a ``vitkit test`` of the run
+    would replace the training configuration by its own, ``ckpt_path`` included (re-running it with
+    ``vitkit fit --config`` would then resume instead of train).
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            super().setup(trainer, pl_module, stage)
+
+
+def _model_from_the_checkpoint(config: Any, root: Path) -> None:
+    """Build the model of ``validate | test | predict --ckpt_path`` from the checkpoint itself.
+
+    The module is built before Lightning restores the checkpoint, and what its constructor takes
+    from the starting weights (``--model.pretrained``: a file that may have moved since, or a
+    download) is the architecture of a hub model, the preprocessing the data module adopts in its
+    ``setup`` (before the restore), and the norms' epsilon. vitkit's checkpoints record all three,
+    so the model is built from the checkpoint instead, and the starting weights are not read.
+    ``--ckpt_path best`` and ``last`` name ``checkpoints/best.ckpt`` and ``last.ckpt`` of the run
+    folder (Lightning knows ``best`` only right after a ``fit`` in the same process).
+    """
+    ckpt_path, model = config.get("ckpt_path"), config.get("model")
+    if not ckpt_path or model is None:
+        return
+    path = Path(ckpt_path)
+    if ckpt_path in ("best", "last"):
+        path = root / "checkpoints" / f"{ckpt_path}.ckpt"
+        if not path.is_file():
+            return  # Lightning's own lookup, and its message
+        config["ckpt_path"] = str(path)
+    if not path.is_file() or not _is_vitkit_checkpoint(path):
+        return
+    model["model_name"] = None
+    model["pretrained"] = str(path)
+    model["reset_head"] = False  # the checkpoint's head is the trained one
+
+
+def _is_vitkit_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a Lightning checkpoint an :class:`ImageClassifier` wrote (its ``vitkit`` entry)."""
+    try:  # mmap: the weights are not read, only the pickled entries
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception:  # not a zip-format torch file: Lightning reports what is wrong with it
+        return False
+    return isinstance(ckpt, dict) and isinstance(ckpt.get("vitkit"), dict) and "state_dict" in ckpt
 
 
 def _set_aside_earlier_run(root: Path) -> None:
@@ -207,6 +258,7 @@ def cli_main(argv: Sequence[str] | None = None, run: bool = True) -> VitkitCLI:
         args=args,
         run=run,
         seed_everything_default=0,
+        save_config_callback=_SaveFitConfig,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "callbacks": default_callbacks(),
