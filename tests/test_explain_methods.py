@@ -219,6 +219,28 @@ def test_gradient_rollout_pairs_each_gradient_with_its_own_layer_and_depends_on_
     )
 
 
+@pytest.mark.parametrize("head_fusion", ["mean", "max"])
+def test_gradient_rollout_weights_an_attention_pool_as_it_weights_a_layer(head_fusion):
+    model = _model("map")
+    images = torch.randn(2, 3, 32, 32)
+    target = torch.tensor([1, 2])
+    attns, grads = _attention_and_gradients_by_backward(model, images, target)
+    fuse = {"mean": lambda t: t.mean(0, keepdim=True), "max": lambda t: t.amax(0, keepdim=True)}[head_fusion]
+    pool_products = [attns[b].pop() * grads[b].pop() for b in range(2)]  # (heads, 1 query, 16 patches)
+    # each layer's matrix and the pool's row alike: the heads fused first, then clamped at zero
+    layers = [torch.stack([fuse(attns[b][i] * grads[b][i]).clamp(min=0) for b in range(2)]) for i in range(3)]
+    pool = torch.stack([fuse(p)[0, 0].clamp(min=0) for p in pool_products]).double()
+    expected = _reference_rollout(layers, 0, False, (4, 4), head_fusion="mean", pool_rows=pool)
+    result = gradient_rollout(model, images, target, head_fusion=head_fusion)
+    torch.testing.assert_close(result, expected, rtol=1e-4, atol=1e-6)
+    if head_fusion == "max":
+        return  # the max over heads and the clamp commute
+    # clamping each head before the mean would be another map (the heads disagree in sign)
+    per_head = torch.stack([fuse(p.clamp(min=0))[0, 0] for p in pool_products]).double()
+    other = _reference_rollout(layers, 0, False, (4, 4), head_fusion="mean", pool_rows=per_head)
+    assert not torch.allclose(other, expected, atol=1e-4)
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_a_batch_of_three_equals_three_batches_of_one_for_every_method(layout):
     model = _model(layout)

@@ -159,12 +159,23 @@ def _recorded_pool_weights(
 
 
 def _pop_gradient_pool_weights(
-    attns: list[torch.Tensor], grads: list[torch.Tensor], layout: TokenLayout, fusion: HeadFusion = "mean"
+    attns: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    layout: TokenLayout,
+    fusion: HeadFusion = "mean",
+    clamp_per_head: bool = True,
 ) -> torch.Tensor:
     """The pool's attention and gradient, which :func:`_attention_with_gradients` puts last: taken
-    off both lists, as the weights ``(a ⊙ ∂y/∂a)⁺`` (heads fused by ``fusion``)."""
-    pool_a, pool_g = attns.pop(), grads.pop()
-    return pool_weights((pool_a * pool_g).clamp(min=0), layout, fusion)
+    off both lists, as weights that treat the pool like the layers of the method reading it.
+
+    ``clamp_per_head``: ``E_heads[(a ⊙ ∂y/∂a)⁺]``, as :func:`relevance` treats a layer; else
+    ``fuse_heads(a ⊙ ∂y/∂a)⁺``, as :func:`gradient_rollout` does (heads fused, then clamped).
+    """
+    weighted = attns.pop() * grads.pop()
+    if clamp_per_head:
+        return pool_weights(weighted.clamp(min=0), layout, fusion)
+    fused = fuse_heads(weighted, fusion).clamp(min=0)
+    return pool_weights(fused.unsqueeze(1), layout, "mean")  # heads already fused: one left
 
 
 def resolve_target(target: Target, logits: torch.Tensor) -> torch.Tensor:
@@ -308,8 +319,12 @@ def gradient_rollout(
     keep = [layout.cls_index] if layout.cls_index is not None else []
     use_pool = _reads_pool(layout, query)
     attns, grads = _attention_with_gradients(model, images, layers, target, pool=use_pool)
-    # the pool's attention, weighted by its gradient like a layer's
-    weights = _pop_gradient_pool_weights(attns, grads, layout, head_fusion) if use_pool else None
+    # the pool's attention, weighted by its gradient like a layer's: heads fused, then clamped
+    weights = (
+        _pop_gradient_pool_weights(attns, grads, layout, head_fusion, clamp_per_head=False)
+        if use_pool
+        else None
+    )
     joint = None
     for a, g in zip(attns, grads, strict=True):
         weighted = fuse_heads(a * g, head_fusion).clamp(min=0)
