@@ -18,6 +18,7 @@ Recipes are YAML files: ``--config recipes/quickstart.yaml``, or by name, ``--co
 from __future__ import annotations
 
 import importlib.util
+import platform
 import sys
 import time
 import warnings
@@ -105,6 +106,13 @@ class VitkitCLI(LightningCLI):
             "--run_name", type=str | None, default=None, help="run folder name (default: recipe name)"
         )
         parser.add_argument("--runs_dir", type=str, default="runs", help="parent folder of all runs")
+        parser.add_argument(
+            "--keep_cpu_bf16",
+            type=bool,
+            default=False,
+            help="keep a bf16 precision on a CPU without bf16 arithmetic (AVX512-BF16 or AMX), where it "
+            "emulates bf16 at about a tenth of fp32's speed; by default such a run trains in fp32",
+        )
         parser.set_defaults({"data": {"class_path": "vitkit.data.ImageFolderDataModule"}})
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.classes", "model.classes", apply_on="instantiate")
@@ -129,6 +137,8 @@ class VitkitCLI(LightningCLI):
         root = Path(trainer["default_root_dir"])
         if self.subcommand in ("validate", "test", "predict"):
             _model_from_the_checkpoint(config, root)
+        if not config.get("keep_cpu_bf16"):
+            _fp32_on_a_cpu_without_bf16(trainer)
         if trainer.get("logger") in (None, True):
             trainer["logger"] = _default_loggers(root, resuming=bool(config.get("ckpt_path")))
 
@@ -186,6 +196,48 @@ def _is_vitkit_checkpoint(path: Path) -> bool:
     except Exception:  # not a zip-format torch file: Lightning reports what is wrong with it
         return False
     return isinstance(ckpt, dict) and isinstance(ckpt.get("vitkit"), dict) and "state_dict" in ckpt
+
+
+def _cpu_has_bf16_arithmetic() -> bool:
+    """Whether this CPU multiplies bf16 in hardware: AVX512-BF16 or AMX on x86, bf16 on Arm.
+
+    Elsewhere (an AVX2-only x86 CPU, such as AMD's Zen 1 to 3) oneDNN emulates bf16, and a ViT's
+    bf16-autocast training step runs at about a tenth of its fp32 step (BENCHMARKS.md).
+    """
+    try:
+        if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+            return True
+        if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+            return False
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a PyTorch without these probes: assume it is fine
+        return True
+
+
+def _runs_on_cpu(accelerator: Any) -> bool:
+    if accelerator == "cpu":
+        return True
+    if accelerator in (None, "auto"):
+        mps = getattr(torch.backends, "mps", None)
+        return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
+    return False
+
+
+def _fp32_on_a_cpu_without_bf16(trainer: Any) -> None:
+    """Train in fp32 where a bf16 precision would be emulated: a recipe's fastest setting on one CPU
+    must not make it ten times slower on another. ``--keep_cpu_bf16 true`` keeps bf16."""
+    precision = str(trainer.get("precision") or "")
+    if not precision.startswith("bf16") or not _runs_on_cpu(trainer.get("accelerator")):
+        return
+    if _cpu_has_bf16_arithmetic():
+        return
+    trainer["precision"] = "32-true"
+    print(
+        f"vitkit: this CPU has no bf16 arithmetic (no AVX512-BF16 or AMX), where precision {precision} "
+        "runs at about a tenth of fp32's speed: training in 32-true instead (to keep bf16, pass "
+        "--keep_cpu_bf16 true).",
+        file=sys.stderr,
+    )
 
 
 def _set_aside_earlier_run(root: Path) -> None:
