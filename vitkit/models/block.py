@@ -97,10 +97,10 @@ class SwiGLU(nn.Module):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1_g(x)) * self.fc1_x(x))))
 
 
-class SwiGLUPacked(Mlp):
+class SwiGLUPacked(nn.Module):
     """:class:`SwiGLU` with gate and value from one projection, ``[g, u] = fc1(x)`` (gate first):
     ``hidden_features`` is fc1's width, the gated width half of it (timm's ``SwiGLUPacked``,
-    DINOv2's giant model). An :class:`Mlp` whose fc2 reads the gated half."""
+    DINOv2's giant model). The layers of an :class:`Mlp`, with fc2 reading the gated half."""
 
     def __init__(
         self,
@@ -112,8 +112,12 @@ class SwiGLUPacked(Mlp):
     ) -> None:
         if hidden_features % 2:
             raise ValueError(f"SwiGLU splits fc1's {hidden_features} outputs in two: give an even width.")
-        super().__init__(in_features, hidden_features, drop, act_layer, bias)
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.act = activation(act_layer)
+        self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_features // 2, in_features, bias=bias)
+        self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, value = self.fc1(x).chunk(2, dim=-1)
