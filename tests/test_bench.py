@@ -312,6 +312,40 @@ def test_cpu_settings_times_model_variants_against_the_recipes_model(capsys, mon
     assert built[1]["stem_channels"] == [8, 8, 16] and built[1]["embed_dim"] == 32
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cpu_settings_times_the_other_settings_at_the_recipes_precision(capsys, precision):
+    import json
+
+    cpu_settings = _load_benchmark_script("cpu_settings")
+    options = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+    argv = ["--options", json.dumps(options), "--no-compile", "--precision", precision]
+    cpu_settings.main([*argv, "--batch-size", "4", "--rounds", "1", "--iters", "1"])
+    out = capsys.readouterr().out
+    rows = {
+        line.split(" | ")[0][2:]: line
+        for line in out.splitlines()
+        if line.startswith("| ") and "---" not in line
+    }
+    recipe = [name for name, line in rows.items() if line.endswith("| 1.00x |") and "(the recipe)" in name]
+    assert recipe == [
+        f"{cpu_settings.PRECISION_NAMES[precision]}, explicit attention, fused AdamW (the recipe)"
+    ]
+    assert f"{precision}, explicit attention, foreach AdamW" in rows
+    assert f"{precision}, explicit attention, 1 thread" in rows
+    assert {"fp32, fused attention kernel", "bf16 autocast, fused attention kernel"} <= set(rows)
+    assert f"the recipe in {precision}" in out
+
+
+def test_the_bf16_probe_reads_the_cpus_instructions(monkeypatch):
+    from vitkit.bench import speed
+
+    monkeypatch.setattr(speed.platform, "machine", lambda: "x86_64")
+    for avx512_bf16, amx, expected in [(False, False, False), (True, False, True), (False, True, True)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert speed.cpu_has_bf16_arithmetic() is expected
+
+
 def test_bench_passes_the_compile_mode_to_both_models(monkeypatch):
     from vitkit.bench import speed
 

@@ -286,23 +286,13 @@ def test_a_bf16_recipe_trains_in_fp32_on_a_cpu_that_would_emulate_bf16(
 ):
     from vitkit.training import cli as cli_module
 
-    monkeypatch.setattr(cli_module, "_cpu_has_bf16_arithmetic", lambda: has_bf16)
+    monkeypatch.setattr(cli_module, "cpu_has_bf16_arithmetic", lambda: has_bf16)
     argv = ["--config", "cifar10_hybrid_cpu", "--data.root", str(shapes), "--runs_dir", str(tmp_path)]
     cli = cli_main([*argv, "--data.cache", "none"], run=False)
     assert cli.trainer.precision == ("bf16-mixed" if has_bf16 else "32-true")
     assert ("no bf16 arithmetic" in capsys.readouterr().err) is not has_bf16
     kept = cli_main([*argv, "--data.cache", "none", "--keep_cpu_bf16", "true"], run=False)
     assert kept.trainer.precision == "bf16-mixed"  # asked for: kept, however slow
-
-
-def test_the_bf16_probe_reads_the_cpus_instructions(monkeypatch):
-    from vitkit.training import cli as cli_module
-
-    monkeypatch.setattr(cli_module.platform, "machine", lambda: "x86_64")
-    for avx512_bf16, amx, expected in [(False, False, False), (True, False, True), (False, True, True)]:
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
-        assert cli_module._cpu_has_bf16_arithmetic() is expected
 
 
 def test_print_config_shows_the_resolved_recipe(tmp_path, shapes, capsys):

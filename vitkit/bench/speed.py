@@ -18,6 +18,7 @@ import concurrent.futures
 import contextlib
 import json
 import multiprocessing
+import platform
 import statistics
 import sys
 import time
@@ -59,6 +60,22 @@ class SpeedResult:
     peak_memory_mb: float | None
     mfu: float | None
     input_size: tuple[int, int, int] | None = None  # (C, H, W), as timm's pretrained_cfg writes it
+
+
+def cpu_has_bf16_arithmetic() -> bool:
+    """Whether this CPU multiplies bf16 in hardware: AVX512-BF16 or AMX on x86, bf16 on Arm.
+
+    Elsewhere (an AVX2-only x86 CPU, such as AMD's Zen 1 to 3) oneDNN emulates bf16, and a ViT's
+    bf16-autocast training step runs at about a tenth of its fp32 step (BENCHMARKS.md).
+    """
+    try:
+        if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+            return True
+        if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+            return False
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a PyTorch without these probes: assume it is fine
+        return True
 
 
 def timm_twin(model: nn.Module) -> nn.Module:
@@ -524,6 +541,8 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         f"torch {torch.__version__}, timm {timm.__version__}"
     )
     print(format_table(results))
+    if not on_gpu and "bf16" in args.precision and not cpu_has_bf16_arithmetic():
+        print("note: this CPU has no bf16 arithmetic (AVX512-BF16 or AMX): its bf16 rows are emulated")
     if args.json:
         print(json.dumps([asdict(r) for r in results], indent=2))
     return 0

@@ -18,7 +18,6 @@ Recipes are YAML files: ``--config recipes/quickstart.yaml``, or by name, ``--co
 from __future__ import annotations
 
 import importlib.util
-import platform
 import sys
 import time
 import warnings
@@ -33,6 +32,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from vitkit.bench import cpu_has_bf16_arithmetic
 from vitkit.data import DecodeErrorMonitor
 
 from .callbacks import (
@@ -198,22 +198,6 @@ def _is_vitkit_checkpoint(path: Path) -> bool:
     return isinstance(ckpt, dict) and isinstance(ckpt.get("vitkit"), dict) and "state_dict" in ckpt
 
 
-def _cpu_has_bf16_arithmetic() -> bool:
-    """Whether this CPU multiplies bf16 in hardware: AVX512-BF16 or AMX on x86, bf16 on Arm.
-
-    Elsewhere (an AVX2-only x86 CPU, such as AMD's Zen 1 to 3) oneDNN emulates bf16, and a ViT's
-    bf16-autocast training step runs at about a tenth of its fp32 step (BENCHMARKS.md).
-    """
-    try:
-        if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
-            return True
-        if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
-            return False
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a PyTorch without these probes: assume it is fine
-        return True
-
-
 def _runs_on_cpu(accelerator: Any) -> bool:
     if accelerator == "cpu":
         return True
@@ -229,7 +213,7 @@ def _fp32_on_a_cpu_without_bf16(trainer: Any) -> None:
     precision = str(trainer.get("precision") or "")
     if not precision.startswith("bf16") or not _runs_on_cpu(trainer.get("accelerator")):
         return
-    if _cpu_has_bf16_arithmetic():
+    if cpu_has_bf16_arithmetic():
         return
     trainer["precision"] = "32-true"
     print(
