@@ -76,6 +76,20 @@ def put_in_hf_cache(hub: Path, repo_id: str, files: dict[str, Path]) -> None:
 
 
 # ---------------------------------------------------------------------------- timm:
+@pytest.mark.slow  # a BEiT-B/16: 86 M parameters written, read and run at 224
+def test_a_timm_beit_name_loads_from_the_hf_cache_offline(offline, tmp_path):
+    name = "beit_base_patch16_224.in22k_ft_in22k_in1k"
+    reference = randomise(timm.create_model(name.split(".")[0], pretrained=False)).eval()
+    save_file(reference.state_dict(), str(tmp_path / "model.safetensors"))
+    put_in_hf_cache(offline, f"timm/{name}", {"model.safetensors": tmp_path / "model.safetensors"})
+    model = vitkit.create_model(name, pretrained=True).eval()
+    assert model.config["rel_pos_bias"] and model.config["pos_embed"] == "none"
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert relative_error(model(x), reference(x)) < 1e-5
+    assert model.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)  # BEiT's, from timm's config for the tag
+
+
 @pytest.mark.parametrize("name", ["test_vit.r160_in1k", "test_vit2.r160_in1k", "test_vit3.r160_in1k"])
 def test_timm_name_loads_from_the_hf_cache_offline(name, offline, tmp_path):
     # test_vit: class token; test_vit2: register token, LayerScale, average pooling, fc_norm;

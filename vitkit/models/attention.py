@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .relative_position import RelativePositionBias
 from .rope import apply_rotary
 
 ATTN_MODES = ("soft", "hard")
@@ -113,6 +114,10 @@ class SelfAttention(nn.Module):
             are the same; the speed is not: on a CPU without AMX, training under bf16 autocast
             with few tokens is about twice as fast on the explicit path (BENCHMARKS.md).
             Also an attribute: set ``module.fused_attn`` at any time.
+        rel_pos_grid: with a patch grid (rows, columns), a learned relative position bias B is
+            added to the scores, ``A = softmax(q kᵀ / √d + B)`` (BEiT;
+            :mod:`~vitkit.models.relative_position`); the tokens are that grid's patches.
+        rel_pos_class_token: with ``rel_pos_grid``: whether a class token comes first.
     """
 
     def __init__(
@@ -129,6 +134,8 @@ class SelfAttention(nn.Module):
         hard_k: int | None = None,
         hard_estimator: str = "ste",
         fused_attn: bool = True,
+        rel_pos_grid: tuple[int, int] | None = None,
+        rel_pos_class_token: bool = True,
     ) -> None:
         super().__init__()
         if dim % num_heads != 0:
@@ -148,6 +155,9 @@ class SelfAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.rel_pos_bias = (
+            RelativePositionBias(rel_pos_grid, num_heads, rel_pos_class_token) if rel_pos_grid else None
+        )
 
     def extra_repr(self) -> str:
         if self.attn_mode == "soft":
@@ -166,12 +176,27 @@ class SelfAttention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         return q, k, v
 
+    def position_bias(self, num_tokens: int) -> torch.Tensor | None:
+        """The relative position bias B (h, N, N) added to the scores; None without one."""
+        if self.rel_pos_bias is None:
+            return None
+        if num_tokens != self.rel_pos_bias.num_tokens:
+            raise ValueError(
+                f"This attention's relative position bias is for {self.rel_pos_bias.num_tokens} tokens (a "
+                f"{self.rel_pos_bias.grid_size} grid), the input has {num_tokens}: build the model for this "
+                "image size (img_size=..., or model.set_input_size(...), which resamples the bias)."
+            )
+        return self.rel_pos_bias()
+
     def attention_weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """A = softmax(q kᵀ / √d): (B, h, N, N), every row sums to one.
+        """A = softmax(q kᵀ / √d [+ B]): (B, h, N, N), every row sums to one.
 
         In hard mode, the straight-through hard attention of :meth:`hard_attention_weights`.
         """
         scores = (q * self.scale) @ k.transpose(-2, -1)
+        bias = self.position_bias(q.shape[-2])
+        if bias is not None:
+            scores = scores + bias
         soft = scores.softmax(dim=-1)
         if self.attn_mode == "soft":
             return soft
@@ -200,7 +225,9 @@ class SelfAttention(nn.Module):
         q, k, v = self.queries_keys_values(x, rope)
         if self.fused_attn and self.attn_mode == "soft":
             dropout_p = self.attn_drop.p if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            bias = self.position_bias(q.shape[-2])
+            bias = None if bias is None else bias.to(q.dtype)  # an additive mask: the scores' dtype
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
         else:
             attn = self.attn_drop(self.attention_weights(q, k))
             out = attn @ v

@@ -201,6 +201,7 @@ class TransformerBlock(nn.Module):
             ``'swiglu_packed'`` (:class:`SwiGLUPacked`); the gated ones with ``act_layer='silu'``.
         attn_mode, hard_k, hard_estimator: soft or hard (top-k) attention, see :class:`SelfAttention`.
         fused_attn: fused kernel or explicit formula for soft attention, see :class:`SelfAttention`.
+        rel_pos_grid, rel_pos_class_token: a relative position bias, see :class:`SelfAttention`.
     """
 
     def __init__(
@@ -222,6 +223,8 @@ class TransformerBlock(nn.Module):
         hard_k: int | None = None,
         hard_estimator: str = "ste",
         fused_attn: bool = True,
+        rel_pos_grid: tuple[int, int] | None = None,
+        rel_pos_class_token: bool = True,
     ) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
@@ -238,6 +241,8 @@ class TransformerBlock(nn.Module):
             hard_k=hard_k,
             hard_estimator=hard_estimator,
             fused_attn=fused_attn,
+            rel_pos_grid=rel_pos_grid,
+            rel_pos_class_token=rel_pos_class_token,
         )
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = _drop_path(drop_path)

@@ -47,7 +47,7 @@ def list_models(pattern: str = "*", timm: bool = False) -> list[str]:
     if timm:
         import timm as timm_lib
 
-        candidates = timm_lib.list_models(pattern, module=["vision_transformer", "deit", "eva"])
+        candidates = timm_lib.list_models(pattern, module=["vision_transformer", "deit", "eva", "beit"])
         names.update(n for n in candidates if n not in names and _builds_from_timm(n))
     return sorted(names)
 

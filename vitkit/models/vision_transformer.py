@@ -36,6 +36,7 @@ from .attention_pool import AttentionPool
 from .block import TransformerBlock
 from .patch_embedding import ConvStem, PatchEmbedding
 from .position import resample_position_embedding, sincos_2d_position_embedding
+from .relative_position import RelativePositionBias
 from .rope import RotaryPositionEmbedding
 
 GlobalPool = Literal["token", "avg", "max", "avgmax", "map", ""]
@@ -104,6 +105,10 @@ class VisionTransformer(nn.Module):
         rope_theta: their frequency base.
         rope_rescale: in training, scale the patch coordinates by a random factor in
             [1/r, r] (DINOv3's augmentation); ``None``: never.
+        rel_pos_bias: a learned relative position bias in every block's attention (BEiT; timm's
+            ``Beit``; :mod:`vitkit.models.relative_position`), usually with ``pos_embed='none'``.
+            For the model's grid, with a class token or none (no registers or distillation
+            token); :meth:`set_input_size` resamples it, ``dynamic_img_size`` cannot follow it.
         attn_mode: ``'soft'`` (softmax attention, the default) or ``'hard'`` (every query keeps
             only its top ``hard_k`` keys), in every block; see :mod:`vitkit.models.attention`.
             Hard mode adds no parameters, so the state dict is the same as in soft mode.
@@ -165,6 +170,7 @@ class VisionTransformer(nn.Module):
         rope: bool = False,
         rope_theta: float = 100.0,
         rope_rescale: float | None = None,
+        rel_pos_bias: bool = False,
         attn_mode: Literal["soft", "hard"] = "soft",
         hard_k: int | None = None,
         hard_estimator: Literal["ste", "gumbel"] = "ste",
@@ -187,6 +193,12 @@ class VisionTransformer(nn.Module):
                 f"global_pool='token', no registers and no fc_norm (got class_token={class_token}, "
                 f"global_pool={global_pool!r}, reg_tokens={reg_tokens}, fc_norm={fc_norm})."
             )
+        if rel_pos_bias and (reg_tokens or distilled or dynamic_img_size):
+            raise ValueError(
+                "rel_pos_bias=True is a bias for the model's patch grid and a class token: it does not "
+                f"take registers, a distillation token or dynamic_img_size (got reg_tokens={reg_tokens}, "
+                f"distilled={distilled}, dynamic_img_size={dynamic_img_size})."
+            )
         # Every constructor argument, so the model can be rebuilt (checkpoints, export, CLI).
         self.config: dict[str, Any] = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         # the usual MLP, norms and biases are not recorded: configs of the others stay as they were
@@ -196,6 +208,7 @@ class VisionTransformer(nn.Module):
             "embed_norm": False,
             "proj_bias": True,
             "rope": False,
+            "rel_pos_bias": False,
         }
         for key, default in defaults.items():
             if self.config[key] == default:
@@ -305,6 +318,8 @@ class VisionTransformer(nn.Module):
                     hard_k=hard_k,
                     hard_estimator=hard_estimator,
                     fused_attn=fused_attn,
+                    rel_pos_grid=self.patch_embed.grid_size if rel_pos_bias else None,
+                    rel_pos_class_token=class_token,
                 )
                 for rate in drop_path_rates
             ]
@@ -345,6 +360,8 @@ class VisionTransformer(nn.Module):
         if self.dist_token is not None:
             nn.init.trunc_normal_(self.dist_token, std=0.02)  # as DeiT and timm
         for name, module in self.named_modules():
+            if isinstance(module, RelativePositionBias):
+                nn.init.zeros_(module.table)  # no preference for any offset, as BEiT and timm
             if isinstance(module, nn.Linear):
                 if mode == "jax" and name in ("head", "head_dist"):
                     nn.init.zeros_(module.weight)
@@ -400,6 +417,8 @@ class VisionTransformer(nn.Module):
             lacking.append(f"hard attention ({hard})")
         if config.get("rope"):
             lacking.append("rotary position embeddings (rope=True)")
+        if config.get("rel_pos_bias"):
+            lacking.append("relative position bias (rel_pos_bias=True; timm's Beit has it)")
         if config.get("stem_channels"):
             strides = f", stem_strides={config['stem_strides']}" if config.get("stem_strides") else ""
             lacking.append(f"convolutional stem (stem_channels={config['stem_channels']}{strides})")
@@ -508,6 +527,9 @@ class VisionTransformer(nn.Module):
         # the table for the new grid, as the forward pass would build it (read before the grid changes)
         table = self._position_embedding(self.dynamic_grid_size(to_2tuple(img_size)))
         self.patch_embed.set_img_size(img_size)  # refuses a size the patches do not divide
+        for block in self.blocks:
+            if block.attn.rel_pos_bias is not None:
+                block.attn.rel_pos_bias.set_grid_size(self.grid_size)
         if table is not self.pos_embed:
             self.pos_embed = nn.Parameter(table, requires_grad=self.pos_embed.requires_grad)
         self.config["img_size"] = self.img_size

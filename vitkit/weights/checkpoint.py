@@ -38,7 +38,14 @@ from vitkit.models._utils import to_2tuple
 from vitkit.models.block import ACTIVATIONS
 
 from . import preprocessing as prep
-from .convert import StateDict, UnsupportedCheckpointError, npz_to_vitkit, timm_eva_to_vitkit, to_vitkit
+from .convert import (
+    StateDict,
+    UnsupportedCheckpointError,
+    npz_to_vitkit,
+    timm_beit_to_vitkit,
+    timm_eva_to_vitkit,
+    to_vitkit,
+)
 
 logger = logging.getLogger("vitkit")
 
@@ -295,6 +302,13 @@ def infer_vit_options(
     options["pre_norm"] = "norm_pre.weight" in state
     options["final_norm"] = "norm.weight" in state or "fc_norm.weight" in state
     options["fc_norm"] = "fc_norm.weight" in state if options["final_norm"] else known.get("fc_norm", False)
+    table = state.get("blocks.0.attn.rel_pos_bias.table")
+    if table is not None:  # BEiT's relative position bias; a square grid unless a config says
+        options["rel_pos_bias"] = True
+        options["num_heads"] = int(table.shape[1])  # one bias per head
+        side = (math.isqrt(int(table.shape[0]) - 3) + 1) // 2
+        if "img_size" not in known and "patch_size" in options and (2 * side - 1) ** 2 + 3 == table.shape[0]:
+            options["img_size"] = (side * options["patch_size"][0], side * options["patch_size"][1])
     if "attn_pool.latent" in state:  # an attention pool is the only pooling that has weights
         options["global_pool"] = "map"
     head = state.get("head.weight")
@@ -570,6 +584,9 @@ def _finish(
     known = {k: v for k, v in known.items() if k in _VIT_OPTIONS}
     if fmt == "timm" and known.get("rope"):  # timm's Eva (its DINOv3 ports) names two parts otherwise
         state = timm_eva_to_vitkit(state)
+    elif fmt == "timm" and any(_BEIT_TABLE.fullmatch(k) for k in state):  # timm's Beit
+        state, beit_notes = timm_beit_to_vitkit(state)
+        notes = [*notes, *beit_notes]
     options = infer_vit_options(state, known)
     if label_names is not None and len(label_names) != options.get("num_classes"):
         label_names = None
@@ -583,6 +600,11 @@ def _finish(
         label_names=list(label_names) if label_names else None,
         notes=list(notes),
     )
+
+
+# A relative position table of timm's Beit (per block, or shared by all): vit_relpos_* models name
+# theirs blocks.N.attn.rel_pos.relative_position_bias_table, a bias vitkit does not have.
+_BEIT_TABLE = re.compile(r"(blocks\.\d+\.attn|rel_pos_bias)\.relative_position_bias_table")
 
 
 def _vitkit_metadata(metadata: Mapping[str, str] | None, obj: Any) -> dict[str, Any] | None:
@@ -980,12 +1002,15 @@ def _from_timm_folder(path: Path, config: Mapping[str, Any], source: str) -> Che
 # ---------------------------------------------------------------------------- timm models
 def timm_model_options(model: nn.Module) -> dict[str, Any]:
     """vitkit options of a timm ``VisionTransformer`` instance (raises for variants vitkit lacks)."""
+    from timm.models.beit import Beit
     from timm.models.eva import Eva
     from timm.models.vision_transformer import Attention, Block
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
     if isinstance(model, Eva):
         return _timm_eva_options(model)
+    if isinstance(model, Beit):
+        return _timm_beit_options(model)
     if not isinstance(model, TimmViT):
         raise UnsupportedCheckpointError(
             f"timm model {type(model).__name__} is not a timm VisionTransformer; vitkit only reads those."
@@ -1049,7 +1074,7 @@ def _timm_shared_options(model: nn.Module) -> dict[str, Any]:
         "embed_dim": int(model.embed_dim),
         "depth": len(model.blocks),
         "class_token": model.cls_token is not None,
-        "pre_norm": not isinstance(model.norm_pre, nn.Identity),
+        "pre_norm": not isinstance(getattr(model, "norm_pre", nn.Identity()), nn.Identity),
         "final_norm": not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
         "fc_norm": not isinstance(model.fc_norm, nn.Identity),
         "dynamic_img_size": bool(getattr(model, "dynamic_img_size", False)),
@@ -1138,6 +1163,40 @@ def _timm_eva_options(model: nn.Module) -> dict[str, Any]:
             norm_eps=float(block.norm1.eps),
             qkv_bias=getattr(block.attn, "q_bias", None) is not None,
             init_values=1e-5 if getattr(block, "gamma_1", None) is not None else None,  # the weights set it
+        )
+    return options
+
+
+def _timm_beit_options(model: nn.Module) -> dict[str, Any]:
+    """vitkit options of a timm ``Beit`` (BEiT, BEiT v2): relative position biases, q and v biases,
+    LayerScale, mean pooling; one shared bias table becomes one per block when the weights load."""
+    from timm.models.beit import Attention as BeitAttention
+    from timm.models.beit import Block as BeitBlock
+
+    block = model.blocks[0] if len(model.blocks) else None
+    problems = []
+    if block is not None:
+        if type(block) is not BeitBlock or type(block.attn) is not BeitAttention:
+            problems.append(f"{type(block).__name__} blocks with {type(block.attn).__name__} attention")
+        else:
+            problems += _timm_mlp_problems(block.mlp)
+            if block.attn.qkv_bias_separate:
+                problems.append("q and v biases added after the projection (qkv_bias_separate)")
+    norm_kinds = {type(m) for m in model.modules() if "norm" in type(m).__name__.lower()}
+    if _timm_norm_kind(norm_kinds) != "layernorm":
+        problems.append("norms other than LayerNorm")
+    _refuse_timm_model(model, problems, " (a Beit)")
+    options = _timm_shared_options(model)
+    per_block = block is not None and block.attn.relative_position_bias_table is not None
+    options.update(
+        pos_embed="learn" if model.pos_embed is not None else "none",
+        rel_pos_bias=per_block or model.rel_pos_bias is not None,
+    )
+    if block is not None:
+        options.update(
+            norm_eps=float(block.norm1.eps),
+            qkv_bias=block.attn.q_bias is not None,
+            init_values=1e-5 if block.gamma_1 is not None else None,  # the weights set it
         )
     return options
 

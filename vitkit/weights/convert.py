@@ -484,6 +484,31 @@ def timm_eva_to_vitkit(state: Mapping[str, torch.Tensor]) -> StateDict:
     return out
 
 
+def timm_beit_to_vitkit(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
+    """timm's ``Beit`` weights (BEiT, BEiT v2) -> vitkit names: as :func:`timm_eva_to_vitkit`, and
+    each block's ``relative_position_bias_table`` becomes ``attn.rel_pos_bias.table``.
+
+    A table shared by all blocks (``rel_pos_bias.relative_position_bias_table``, BEiT's pre-training
+    checkpoints) is copied into every block, as BEiT's own fine-tuning does; the saved index
+    buffers are dropped (vitkit computes them)."""
+    shared = state.get("rel_pos_bias.relative_position_bias_table")
+    out: StateDict = {}
+    for key, value in timm_eva_to_vitkit(state).items():
+        if key.endswith("relative_position_index") or key == "rel_pos_bias.relative_position_bias_table":
+            continue
+        if match := re.fullmatch(r"(blocks\.\d+)\.attn\.relative_position_bias_table", key):
+            key = f"{match.group(1)}.attn.rel_pos_bias.table"
+            value = value if shared is None else value + shared  # both: their sum is the bias
+        out[key] = value
+    notes = []
+    if shared is not None:
+        blocks = sorted({int(m.group(1)) for k in out if (m := re.match(r"blocks\.(\d+)\.", k))})
+        for block in blocks:
+            out.setdefault(f"blocks.{block}.attn.rel_pos_bias.table", shared)
+        notes.append("the relative position bias all blocks share is copied into each block's own.")
+    return out, notes
+
+
 def _mean_classifier(
     tower: StateDict, state: Mapping[str, torch.Tensor], outer: str, notes: list[str]
 ) -> tuple[StateDict, list[str]]:

@@ -208,6 +208,32 @@ def _is_head(key: str) -> bool:
 _LIBRARIES = {"hf": "transformers", "clip": "transformers", "siglip": "transformers"}
 
 
+def _resample_relative_position_tables(
+    state: StateDict, own: StateDict, model: nn.Module, ckpt_options: Mapping[str, Any], report: LoadReport
+) -> None:
+    """BEiT's relative position tables, resampled to the model's grid (bicubic over the offsets, with
+    timm's ``resize_rel_pos_bias_table``; the class-token entries kept)."""
+    from timm.layers import resize_rel_pos_bias_table
+
+    keys = [k for k in state if re.fullmatch(r"blocks\.\d+\.attn\.rel_pos_bias\.table", k)]
+    resized = [
+        k
+        for k in keys
+        if k in own and state[k].shape != own[k].shape and state[k].shape[1] == own[k].shape[1]
+    ]
+    if not resized:
+        return
+    old_grid = _checkpoint_grid(ckpt_options)  # None: a square grid, as the table's size says
+    new_grid = tuple(model.grid_size)
+    for key in resized:
+        state[key] = resize_rel_pos_bias_table(
+            state[key], new_grid, tuple(own[key].shape), old_window_size=old_grid
+        )
+    report.notes.append(
+        f"relative position tables of {len(resized)} blocks resampled to the {new_grid} grid."
+    )
+
+
 def _adapt_to_model(
     state: StateDict,
     model: nn.Module,
@@ -250,6 +276,7 @@ def _adapt_to_model(
         report.patch_embed_resampled = (old, new)
         report.notes.append(f"patch-embedding kernel resampled from {old} to {new} patches (FlexiViT pinv).")
 
+    _resample_relative_position_tables(state, own, model, ckpt_options, report)
     pos, own_pos = state.get("pos_embed"), own.get("pos_embed")
     if pos is None or own_pos is None or pos.shape[-1] != own_pos.shape[-1]:
         return state
