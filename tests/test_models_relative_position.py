@@ -76,6 +76,21 @@ def test_timm_beit_weights_give_the_same_logits_on_both_attention_paths(variant)
         assert any("copied into each block" in note for note in read_checkpoint(reference.state_dict()).notes)
 
 
+def test_the_tables_are_not_weight_decayed_as_in_timm():
+    from vitkit.weights import param_groups_lrd
+
+    reference = _beit()
+    model = model_from_checkpoint(reference.state_dict(), **timm_model_options(reference))
+    tables = {f"blocks.{i}.attn.rel_pos_bias.table" for i in range(2)}
+    assert tables <= model.no_weight_decay()
+    timm_tables = {n for n in reference.no_weight_decay() if "relative_position" in n}
+    assert len(timm_tables) == len(tables) == 2
+    decayed = {
+        n for g in param_groups_lrd(model, weight_decay=0.05) if g["weight_decay"] for n in g["param_names"]
+    }
+    assert not tables & decayed and "blocks.0.attn.qkv.weight" in decayed
+
+
 def test_timms_beit_architectures_build_by_name():
     names = vitkit.list_models("beit*", timm=True)
     assert {"beit_base_patch16_224", "beitv2_large_patch16_224"} <= set(names)

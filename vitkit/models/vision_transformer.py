@@ -426,8 +426,9 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameters that should not be weight-decayed: position, class, distillation and register
-        tokens, and the attention pool's query (a token too)."""
-        return {"pos_embed", "cls_token", "dist_token", "reg_token", "attn_pool.latent"}
+        tokens, the attention pool's query (a token too) and relative position tables (as BEiT)."""
+        tables = {name for name, _ in self.named_parameters() if name.endswith("rel_pos_bias.table")}
+        return {"pos_embed", "cls_token", "dist_token", "reg_token", "attn_pool.latent", *tables}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of storing them."""
