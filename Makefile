@@ -27,7 +27,7 @@ lint: setup
 	$(BIN)/ruff format --check vitkit tests benchmarks
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
