@@ -112,7 +112,14 @@ def test_every_notebook_is_checked_and_stored_without_outputs():
         assert "VITKIT_QUICK" in code[0].source and "VITKIT_NOTEBOOK_RESULTS" in code[0].source, name
 
 
+# The two longest notebooks (two minutes each on a slow 2-core host, about half the default run's
+# time there) run with `pytest -m slow`; the others in every run.
+SLOW = {"04_finetuning", "05_explaining_predictions"}
+
+
 @pytest.mark.notebooks
-@pytest.mark.parametrize("name", sorted(CHECKS))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(CHECKS)]
+)
 def test_notebook_runs_in_quick_mode_and_shows_what_it_says(name, tmp_path, monkeypatch):
     CHECKS[name](run_notebook(name, tmp_path, monkeypatch))
