@@ -76,15 +76,24 @@ class RelativePositionBias(nn.Module):
         return rearrange(self.table[self.index], "i j h -> h i j")
 
     def set_grid_size(self, grid_size: tuple[int, int]) -> None:
-        """Resample the table to another grid (bicubic over the offsets, as timm resizes BEiT's)."""
-        from timm.layers import resize_rel_pos_bias_table
-
+        """Resample the table to another grid (:func:`resample_relative_position_table`)."""
         grid_size = (int(grid_size[0]), int(grid_size[1]))
         if grid_size == self.grid_size:
             return
-        shape = (relative_position_table_size(grid_size), self.table.shape[1])
-        old = self.table.detach()
-        table = resize_rel_pos_bias_table(old, grid_size, shape, old_window_size=self.grid_size)
-        self.table = nn.Parameter(table.contiguous(), requires_grad=self.table.requires_grad)
+        table = resample_relative_position_table(self.table.detach(), grid_size, self.grid_size)
+        self.table = nn.Parameter(table, requires_grad=self.table.requires_grad)
         self.grid_size = grid_size
         self.index = relative_position_index(grid_size, self.class_token).to(self.index.device)
+
+
+def resample_relative_position_table(
+    table: torch.Tensor, grid_size: tuple[int, int], old_grid_size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """A bias table (offsets + 3, heads) for another grid: bicubic over the offsets, the class-token
+    entries kept (timm's ``resize_rel_pos_bias_table``, as it resizes BEiT's). ``old_grid_size``:
+    the table's grid; None: the square one its size gives."""
+    from timm.layers import resize_rel_pos_bias_table
+
+    shape = (relative_position_table_size(grid_size), table.shape[1])
+    resized = resize_rel_pos_bias_table(table, tuple(grid_size), shape, old_window_size=old_grid_size)
+    return resized.contiguous()

@@ -36,6 +36,7 @@ from torch import nn
 from vitkit.models import VisionTransformer, list_models, model_config
 from vitkit.models._utils import to_2tuple
 from vitkit.models.block import ACTIVATIONS
+from vitkit.models.relative_position import relative_position_table_size
 
 from . import preprocessing as prep
 from .convert import (
@@ -307,7 +308,8 @@ def infer_vit_options(
         options["rel_pos_bias"] = True
         options["num_heads"] = int(table.shape[1])  # one bias per head
         side = (math.isqrt(int(table.shape[0]) - 3) + 1) // 2
-        if "img_size" not in known and "patch_size" in options and (2 * side - 1) ** 2 + 3 == table.shape[0]:
+        square = relative_position_table_size((side, side)) == table.shape[0]
+        if "img_size" not in known and "patch_size" in options and square:
             options["img_size"] = (side * options["patch_size"][0], side * options["patch_size"][1])
     if "attn_pool.latent" in state:  # an attention pool is the only pooling that has weights
         options["global_pool"] = "map"

@@ -26,6 +26,7 @@ from torch import nn
 from vitkit.models import VisionTransformer, list_models
 from vitkit.models._utils import to_2tuple
 from vitkit.models.position import resample_position_embedding
+from vitkit.models.relative_position import resample_relative_position_table
 
 from .checkpoint import Checkpoint, read_checkpoint
 from .convert import StateDict
@@ -211,10 +212,8 @@ _LIBRARIES = {"hf": "transformers", "clip": "transformers", "siglip": "transform
 def _resample_relative_position_tables(
     state: StateDict, own: StateDict, model: nn.Module, ckpt_options: Mapping[str, Any], report: LoadReport
 ) -> None:
-    """BEiT's relative position tables, resampled to the model's grid (bicubic over the offsets, with
-    timm's ``resize_rel_pos_bias_table``; the class-token entries kept)."""
-    from timm.layers import resize_rel_pos_bias_table
-
+    """BEiT's relative position tables, resampled to the model's grid
+    (:func:`~vitkit.models.relative_position.resample_relative_position_table`)."""
     keys = [k for k in state if re.fullmatch(r"blocks\.\d+\.attn\.rel_pos_bias\.table", k)]
     resized = [
         k
@@ -226,9 +225,7 @@ def _resample_relative_position_tables(
     old_grid = _checkpoint_grid(ckpt_options)  # None: a square grid, as the table's size says
     new_grid = tuple(model.grid_size)
     for key in resized:
-        state[key] = resize_rel_pos_bias_table(
-            state[key], new_grid, tuple(own[key].shape), old_window_size=old_grid
-        )
+        state[key] = resample_relative_position_table(state[key], new_grid, old_grid)
     report.notes.append(
         f"relative position tables of {len(resized)} blocks resampled to the {new_grid} grid."
     )
