@@ -603,6 +603,24 @@ def test_lightnings_load_from_checkpoint_does_not_need_the_starting_weights_agai
         ImageClassifier.load_from_checkpoint(tmp_path / "final.ckpt", pretrained=str(start))
 
 
+def test_load_classifier_rebuilds_a_model_whose_architecture_came_from_its_starting_weights(tmp_path):
+    # model_name=None: the architecture was read off the starting weights (a hub repo, a folder),
+    # which load_classifier must not need again
+    from vitkit.models import create_model
+    from vitkit.weights import save
+
+    start = save(create_model("vit_tiny_patch4_32", **TINY, num_classes=4), tmp_path / "start.safetensors")
+    module = ImageClassifier(model_name=None, pretrained=str(start), classes=QuadrantData.classes)
+    trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=2)
+    trainer.fit(module, datamodule=QuadrantData(n=64))
+    trainer.save_checkpoint(tmp_path / "final.ckpt")
+    start.unlink()
+    restored = load_classifier(tmp_path / "final.ckpt")
+    assert restored.model.config["embed_dim"] == TINY["embed_dim"]
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(restored(x), module.eval()(x))
+
+
 def test_atomic_checkpoint_never_leaves_a_half_written_file(tmp_path, monkeypatch):
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"

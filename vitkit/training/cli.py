@@ -44,7 +44,7 @@ from .callbacks import (
     RunArtifacts,
     run_dir,
 )
-from .module import ImageClassifier
+from .module import ImageClassifier, _built_from_checkpoint
 from .recipes import recipe_path
 
 
@@ -184,9 +184,8 @@ def _model_from_the_checkpoint(config: Any, root: Path) -> None:
         config["ckpt_path"] = str(path)
     if not path.is_file() or not _is_vitkit_checkpoint(path):
         return
-    model["model_name"] = None
-    model["pretrained"] = str(path)
-    model["reset_head"] = False  # the checkpoint's head is the trained one
+    for key, value in _built_from_checkpoint(path).items():
+        model[key] = value
 
 
 def _is_vitkit_checkpoint(path: Path) -> bool:

@@ -560,13 +560,23 @@ def _global_batch_size(trainer: L.Trainer) -> int | None:
     return int(batch) * trainer.world_size * trainer.accumulate_grad_batches
 
 
+def _built_from_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
+    """:class:`ImageClassifier` arguments that build its model from one of its own checkpoints.
+
+    What the constructor would take from the starting weights (``pretrained``: a file that may
+    have moved, a download; or ``model_name`` as a hub name) is the architecture, the preprocessing
+    and the norms' epsilon; vitkit's checkpoints record all three, and the trained head.
+    """
+    return {"model_name": None, "pretrained": str(checkpoint), "reset_head": False}
+
+
 def load_classifier(checkpoint: str | Path, map_location: str = "cpu") -> ImageClassifier:
     """Load a trained :class:`ImageClassifier` from a vitkit ``.ckpt`` file (no pretrained re-download)."""
     ckpt = torch.load(checkpoint, map_location=map_location, weights_only=False)
     accepted = inspect.signature(ImageClassifier).parameters
     # LightningCLI adds its own entries (e.g. `_instantiator`) to the hyper-parameters
     hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in accepted}
-    hparams["pretrained"] = None  # the weights come from the checkpoint, not from the original source
+    hparams.update(_built_from_checkpoint(checkpoint))  # not from the starting weights' source
     hparams["teacher"] = None  # only training needs it
     module = ImageClassifier(**hparams)
     module.on_load_checkpoint(ckpt)
